@@ -196,3 +196,17 @@ class Response(_Row):
                 row[key] = json.loads(row[key])
         names = {f.name for f in dataclasses.fields(cls)}
         return cls(**{k: v for k, v in row.items() if k in names})
+
+
+@dataclass
+class AnnotationRecord:
+    """What a reviewer sees: a prompt with its candidate completions, plus acquisition metadata."""
+
+    prompt: Prompt
+    completions: list[Completion]
+    metadata: dict[str, Any] = field(default_factory=dict)  # acquisition scores, strategy, arm, ...
+    vector: list[float] | None = None  # prompt embedding, for similarity search
+
+    @property
+    def record_id(self) -> str:
+        return self.prompt.id
