@@ -33,7 +33,9 @@ round_app = typer.Typer(no_args_is_help=True, help="Run or inspect whole rounds.
 models_app = typer.Typer(no_args_is_help=True, help="Offline model cache (no hub access at run time).")
 app.add_typer(train_app, name="train")
 app.add_typer(round_app, name="round")
+argilla_app = typer.Typer(no_args_is_help=True, help="Local Argilla server for development and tests (127.0.0.1).")
 app.add_typer(models_app, name="models")
+app.add_typer(argilla_app, name="argilla")
 
 ConfigOpt = Annotated[Path, typer.Option("--config", "-c", help="Round config YAML (see configs/).")]
 RoundOpt = Annotated[int | None, typer.Option("--round", "-r", help="Round number (default: the latest).")]
@@ -203,6 +205,43 @@ def models_list() -> None:
         typer.echo(f"no models in {root}; run `curate models fetch`")
     for p in found:
         typer.echo(f"{model_info(p).get('name', p.name):<28} {p}")
+
+
+PortOpt = Annotated[int | None, typer.Option("--port", help="Server port (default 6900).")]
+DataDirOpt = Annotated[Path | None, typer.Option("--data-dir", help="Server data folder.")]
+
+
+def _argilla_server(command: str, port: int | None, data_dir: Path | None) -> None:
+    """Run scripts/argilla_server.py (stdlib only; it installs the server into its own venv on first use)."""
+    import importlib.util
+
+    script = Path(__file__).resolve().parent.parent / "scripts" / "argilla_server.py"
+    if not script.is_file():
+        raise CurateError(f"{script} not found: `curate argilla` works from a source checkout of this project")
+    spec = importlib.util.spec_from_file_location("curate_argilla_server", script)
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module  # dataclasses in the script look their module up
+    spec.loader.exec_module(module)
+    argv = [command] + (["--port", str(port)] if port else []) + (["--data-dir", str(data_dir)] if data_dir else [])
+    raise typer.Exit(module.main(argv))
+
+
+@argilla_app.command("up")
+def argilla_up(port: PortOpt = None, data_dir: DataDirOpt = None) -> None:
+    """Install (once) and start noida-db + argilla-server 2.8 on 127.0.0.1; wait until ready."""
+    _argilla_server("up", port, data_dir)
+
+
+@argilla_app.command("down")
+def argilla_down(port: PortOpt = None, data_dir: DataDirOpt = None) -> None:
+    """Stop the local server by PID (data is kept)."""
+    _argilla_server("down", port, data_dir)
+
+
+@argilla_app.command("status")
+def argilla_status(port: PortOpt = None, data_dir: DataDirOpt = None) -> None:
+    """Show whether the local server runs and answers."""
+    _argilla_server("status", port, data_dir)
 
 
 def main() -> None:
