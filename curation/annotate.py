@@ -68,6 +68,9 @@ class AnnotationConfig:
     completions_per_record: int = 4  # k: completion slots per record (the dataset's layout; fixed per round)
     models: list[str] = field(default_factory=list)  # only completions of these models (empty = all)
     shuffle: bool = True  # show a record's completions in a seeded random order (no position bias)
+    # backend argilla only: simulated reviewers (from `simulated:`) answer through the real server's API before
+    # each pull, as users of their own — for unattended demos and end-to-end tests of the Argilla path.
+    simulate_reviewers: bool = False
     argilla: ArgillaConfig = field(default_factory=ArgillaConfig)
     simulated: SimulatedConfig = field(default_factory=SimulatedConfig)
     aggregation: AggregationConfig = field(default_factory=AggregationConfig)
@@ -272,6 +275,13 @@ def _fetch_argilla(ann: AnnotationConfig, push_manifest: dict, records: list[Ann
     raw_path = out / "raw" / f"argilla-{_stamp()}.json"
     deadline = time.monotonic() + a.poll_timeout_s
     with ArgillaClient.from_config(a) as client:
+        if ann.simulate_reviewers:
+            from preference.argilla_reviewers import submit_simulated
+
+            counts = submit_simulated(client, info["dataset_id"], client.workspace_id(a.workspace), records,
+                                      SimulatedAnnotator(ann.simulated), k=ann.completions_per_record,
+                                      progress=progress)
+            write_json(out / "simulated_reviewers.json", counts)
         while True:
             raw = client.list_records(info["dataset_id"], include=("responses",))
             users = client.users()
