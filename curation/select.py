@@ -1,18 +1,395 @@
-"""`curate select`: acquisition strategies pick the next items for humans, beside a random arm."""
+"""`curate select`: acquisition strategies pick the next items for humans, beside a random arm.
+
+Reads the scoring step's `score/prompt_scores.parquet` (one row per prompt: prompt_id, slice, signal columns,
+embedding) and, for reward-based strategies, `score/completion_scores.parquet`. Writes `select/selected.parquet`,
+one row per chosen prompt:
+
+    prompt_id, slice, arm ("strategy" | "random"), strategy, score, rank, reason, <every signal>, embedding
+
+- `score` is the strategy's score of the item (higher = more informative; also filled for the random arm, so
+  arms can be compared), `rank` the 1-based pick order within its arm, `reason` a human-readable why (the
+  signal that stands out most, its value and its percentile in the pool).
+- The random arm: `round(k · random_share)` of the k items are drawn uniformly from the same eligible pool,
+  excluding the strategy's picks, so every round measures the strategy against random honestly.
+- Items selected in any earlier round (the `rnd.previous()` chain of `select/selected.parquet`) are excluded;
+  their embeddings count as covered for diversity strategies and near-duplicate filtering.
+- Error-based signals: pool prompts whose `source` starts with "failure:" or whose metadata names a failure
+  (`failure` / `failure_reason`: "harm_flagged", "human_disagreement", "low_ranked", ...), plus an optional
+  feedback file (jsonl of {"prompt_id": ..., "reason": ...}) give an `error_score` in [0, 1] (0 = none).
+- Reward signals (`reward_margin`, `reward_disagreement`) come from the fast Bradley–Terry ensemble
+  (`curation.ensemble`) fitted on the preference pairs of earlier rounds (any finished step's `pairs.parquet`
+  with `PreferencePair` rows), with completion embeddings from those rounds' `score/completion_scores.parquet`.
+"""
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+import hashlib
+import math
+from dataclasses import dataclass, field
+from pathlib import Path
 
-from preference.errors import NotBuiltYet
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.parquet as pq
+
+from curation.ensemble import BTEnsemble, EnsembleConfig, Pairs, prompt_reward_signals
+from curation.strategies import (
+    DropNearDuplicates,
+    Items,
+    Random,
+    SliceQuotas,
+    Strategy,
+    build_strategy,
+)
+from preference.errors import CurateError
+from preference.io import atomic_path, read_jsonl, read_rows
+
+LOWER_IS_INFORMATIVE = frozenset({"mean_logprob", "reward_margin"})
+REWARD_SIGNALS = frozenset({"reward_margin", "reward_disagreement"})
+# error_score of a failure reason (max over an item's reasons); unknown failure reasons get "failure".
+ERROR_WEIGHTS = {"harm": 1.0, "feedback": 1.0, "disagree": 0.9, "low_rank": 0.7, "failure": 0.5}
 
 
 @dataclass
 class SelectionConfig:
-    strategy: str = "hybrid"
-    k: int = 16
-    random_share: float = 0.15
+    strategy: str = "hybrid"  # a name (entropy, kcenter, ...), "weighted", "hybrid", or "A>B" (see strategies.py)
+    k: int = 16  # items per round (strategy arm + random arm)
+    random_share: float = 0.15  # share of k drawn at random from the same pool (the control arm)
+    weights: dict[str, float] = field(
+        default_factory=lambda: {"entropy": 1.0, "low_logprob": 1.0, "semantic_spread": 1.0}
+    )  # for "weighted" / "hybrid": strategy name -> weight (scores are rank-normalized before summing)
+    candidate_factor: float = 4.0  # "hybrid" / "A>B": A shortlists candidate_factor·k items, B picks k
+    slice_quotas: dict[str, int] = field(default_factory=dict)  # slice -> exact number of strategy-arm picks
+    budget: int | None = None  # total labelling budget over all rounds (items); null = unlimited
+    near_duplicate_threshold: float = 0.98  # cosine similarity of embeddings; 1.0 = only exact duplicates
+    feedback_file: Path | None = None  # jsonl of {"prompt_id", "reason"}: user-reported problems (error-based)
+    ensemble_members: int = 5  # bootstrap members of the reward ensemble (reward_* strategies)
+    seed: int | None = None  # null = the round config's seed
+
+    def __post_init__(self):
+        if self.k < 1:
+            raise ValueError(f"k must be ≥ 1, got {self.k}")
+        if not 0.0 <= self.random_share < 1.0:
+            raise ValueError(f"random_share must be in [0, 1), got {self.random_share}")
+        if self.candidate_factor < 1.0:
+            raise ValueError(f"candidate_factor must be ≥ 1, got {self.candidate_factor}")
+        if self.budget is not None and self.budget < 1:
+            raise ValueError(f"budget must be ≥ 1 or null, got {self.budget}")
+        if not 0.0 < self.near_duplicate_threshold <= 1.0:
+            raise ValueError(f"near_duplicate_threshold must be in (0, 1], got {self.near_duplicate_threshold}")
+        if self.ensemble_members < 1:
+            raise ValueError(f"ensemble_members must be ≥ 1, got {self.ensemble_members}")
+        for name, w in self.weights.items():
+            if w < 0:
+                raise ValueError(f"weights.{name} must be ≥ 0, got {w}")
+        for name, q in self.slice_quotas.items():
+            if q < 0:
+                raise ValueError(f"slice_quotas.{name} must be ≥ 0, got {q}")
+
+    def arm_sizes(self, k: int) -> tuple[int, int]:
+        """(strategy picks, random picks) for k items: the random arm is round(k · random_share)."""
+        n_random = int(math.floor(k * self.random_share + 0.5))
+        return k - n_random, n_random
+
+
+# ------------------------------------------------------------------------------------------------ reading
+def read_scores(path: Path) -> tuple[pa.Table, np.ndarray | None]:
+    """A scores parquet → (table without the embedding column, (N, D) float32 embeddings or None)."""
+    table = pq.read_table(path)
+    if table.num_rows == 0 and not table.column_names:  # an empty step output written without a schema
+        return table, None
+    if "prompt_id" not in table.column_names and "completion_id" not in table.column_names:
+        raise CurateError(f"{path}: no prompt_id/completion_id column (columns: {', '.join(table.column_names)})")
+    if "embedding" not in table.column_names:
+        return table, None
+    col = table.column("embedding").combine_chunks()
+    if col.null_count:
+        raise CurateError(f"{path}: {col.null_count} rows have no embedding; rerun `curate score`")
+    lengths = np.asarray(pc.list_value_length(col))
+    if len(lengths) and (lengths != lengths[0]).any():
+        raise CurateError(f"{path}: embeddings have different lengths ({sorted(set(lengths.tolist()))[:4]})")
+    dim = int(lengths[0]) if len(lengths) else 0
+    values = np.asarray(col.flatten(), dtype=np.float32)
+    return table.drop_columns(["embedding"]), values.reshape(len(lengths), dim)
+
+
+def signal_columns(table: pa.Table) -> list[str]:
+    skip = {"prompt_id", "completion_id", "slice", "model"}
+    return [
+        name for name, typ in zip(table.column_names, table.schema.types, strict=True)
+        if name not in skip and (pa.types.is_floating(typ) or pa.types.is_integer(typ))
+    ]
+
+
+def load_items(step_dir_file: Path) -> Items:
+    """`prompt_scores.parquet` → Items (ids, slices, every numeric column as a signal, embeddings)."""
+    table, embeddings = read_scores(step_dir_file)
+    if table.num_rows == 0:
+        raise CurateError(
+            f"{step_dir_file} holds no scored prompts; nothing to select — check that the pool and the generate "
+            "step produced completions, then rerun `curate score`"
+        )
+    ids = np.asarray(table.column("prompt_id").to_pylist(), dtype=object)
+    if len(set(ids.tolist())) != len(ids):
+        raise CurateError(f"{step_dir_file}: repeated prompt_id values; the scoring step must write one row per prompt")
+    slices = table.column("slice").to_pylist() if "slice" in table.column_names else None
+    signals = {
+        name: np.asarray(table.column(name).to_numpy(zero_copy_only=False), dtype=np.float64)
+        for name in signal_columns(table)
+    }
+    return Items(ids=ids, signals=signals, embeddings=embeddings, slices=slices)
+
+
+def earlier_rounds(rnd) -> list:
+    out, r = [], rnd.previous()
+    while r is not None:
+        out.append(r)
+        r = r.previous()
+    return out
+
+
+def previously_selected(rounds: list) -> tuple[set[str], np.ndarray | None]:
+    """Ids selected in earlier rounds and their embeddings (None when none were stored)."""
+    ids: set[str] = set()
+    embeddings = []
+    for r in rounds:
+        step = r.step("select")
+        if not step.done:
+            continue
+        table, emb = read_scores(step.file("selected.parquet"))
+        ids |= set(map(str, table.column("prompt_id").to_pylist()))
+        if emb is not None and emb.size:
+            embeddings.append(emb)
+    dims = {e.shape[1] for e in embeddings}
+    if len(dims) > 1:  # rounds scored with different embedders: keep only the latest dimension
+        latest = embeddings[0].shape[1]
+        embeddings = [e for e in embeddings if e.shape[1] == latest]
+    return ids, (np.concatenate(embeddings) if embeddings else None)
+
+
+def failure_reasons(rnd, feedback_file: Path | None) -> tuple[dict[str, list[str]], int]:
+    """prompt id → failure reasons, from the pool (source "failure:..." / metadata) and the feedback file.
+    Returns (reasons, number of feedback lines whose prompt id is unknown to the pool)."""
+    reasons: dict[str, list[str]] = {}
+    known: set[str] | None = None
+    if rnd.step("pool").done:
+        from curation.pool import load_prompts
+
+        prompts = load_prompts(rnd)
+        known = {p.id for p in prompts}
+        for p in prompts:
+            meta = p.metadata or {}
+            tags = [str(meta[key]) for key in ("failure", "failure_reason") if meta.get(key)]
+            if p.source.startswith("failure:") or tags:
+                reasons.setdefault(p.id, []).extend(tags or [p.source])
+    unmatched = 0
+    if feedback_file is not None:
+        path = Path(feedback_file)
+        if not path.is_file():
+            raise CurateError(f"selection.feedback_file {path} not found; give a jsonl of {{prompt_id, reason}} rows")
+        try:
+            rows = read_jsonl(path)
+        except ValueError as exc:
+            raise CurateError(f"selection.feedback_file: {exc}") from exc
+        for i, row in enumerate(rows, 1):
+            if not isinstance(row, dict) or not row.get("prompt_id"):
+                raise CurateError(f"{path}: row {i} has no prompt_id; each line must be {{\"prompt_id\", \"reason\"}}")
+            pid = str(row["prompt_id"])
+            if known is not None and pid not in known:
+                unmatched += 1
+            reasons.setdefault(pid, []).append(f"feedback: {row.get('reason', '')}".strip())
+    return reasons, unmatched
+
+
+def error_score(reasons: list[str]) -> float:
+    best = 0.0
+    for reason in reasons:
+        text = reason.lower().replace("-", "_").replace(" ", "_")
+        hits = [w for key, w in ERROR_WEIGHTS.items() if key in text]
+        best = max(best, max(hits) if hits else ERROR_WEIGHTS["failure"])
+    return best
+
+
+def earlier_pairs(rounds: list) -> tuple[Pairs | None, int]:
+    """Preference pairs of earlier rounds with the embeddings of their answers (from those rounds' scores)."""
+    chosen, rejected, missing = [], [], 0
+    for r in rounds:
+        if not r.step("score").done:
+            continue
+        table, emb = read_scores(r.step("score").file("completion_scores.parquet"))
+        if emb is None:
+            continue
+        index = {cid: i for i, cid in enumerate(table.column("completion_id").to_pylist())}
+        for step_dir in sorted(p for p in r.path.iterdir() if p.is_dir()):
+            pairs_file = step_dir / "pairs.parquet"
+            if not (step_dir / "manifest.json").is_file() or not pairs_file.is_file():
+                continue
+            for row in read_rows(pairs_file):
+                a, b = index.get(row.get("chosen_id")), index.get(row.get("rejected_id"))
+                if a is None or b is None:
+                    missing += 1
+                    continue
+                chosen.append(emb[a])
+                rejected.append(emb[b])
+    if not chosen:
+        return None, missing
+    return Pairs(np.stack(chosen), np.stack(rejected)), missing
+
+
+def add_reward_signals(items: Items, rnd, rounds: list, members: int, seed: int) -> dict:
+    pairs, missing = earlier_pairs(rounds)
+    if pairs is None or len(pairs) < 2:
+        raise CurateError(
+            "reward-based strategies (reward_margin, reward_disagreement) need preference pairs from an earlier "
+            f"round (found {0 if pairs is None else len(pairs)}); use an uncertainty or diversity strategy in the "
+            "first round (e.g. strategy: hybrid)"
+        )
+    model = BTEnsemble(EnsembleConfig(members=members, seed=seed)).fit(pairs)
+    table, emb = read_scores(rnd.step("score").file("completion_scores.parquet"))
+    if emb is None:
+        raise CurateError("score/completion_scores.parquet has no embedding column; rerun `curate score`")
+    row_of = {pid: i for i, pid in enumerate(items.ids.tolist())}
+    prompt_ids = table.column("prompt_id").to_pylist()
+    keep = np.array([pid in row_of for pid in prompt_ids], dtype=bool)
+    index = np.array([row_of[pid] for pid, k in zip(prompt_ids, keep, strict=True) if k], dtype=np.int64)
+    signals = prompt_reward_signals(model, index, emb[keep], len(items))
+    items.signals.update(signals)
+    return {"pairs": len(pairs), "pairs_without_embeddings": missing}
+
+
+# ----------------------------------------------------------------------------------------------- explaining
+def percentile(values: np.ndarray, value: float) -> float:
+    return 100.0 * float(np.mean(values <= value)) if len(values) else float("nan")
+
+
+def explain(strategy: Strategy, items: Items, scores: np.ndarray, i: int, arm: str, errors: dict) -> str:
+    """Human-readable reason for item i: the arm, its score percentile and its most extreme input signal."""
+    parts = []
+    if arm == "random":
+        parts.append("random arm: uniform draw from the pool left after the strategy's picks")
+    value = scores[i] + 0.0  # no "-0"
+    parts.append(f"{strategy.name} score {value:.4g} (p{percentile(scores, scores[i]):.0f} of pool)")
+    best = None
+    for col in strategy.inputs:
+        if col not in items.signals:
+            continue
+        values = items.signals[col]
+        low = col in LOWER_IS_INFORMATIVE
+        pct = 100.0 * float(np.mean(values >= values[i])) if low else percentile(values, values[i])
+        if best is None or pct > best[2]:
+            best = (col, values[i], pct, low)
+    if best is not None:
+        col, value, pct, low = best
+        parts.append(f"{col}={value:.4g} ({'low' if low else 'high'}: p{pct:.0f} in the informative direction)")
+    if errors.get(items.ids[i]):
+        parts.append("error-based: " + "; ".join(errors[items.ids[i]])[:200])
+    return "; ".join(parts)
+
+
+# ---------------------------------------------------------------------------------------------------- step
+def file_digest(path: Path | None) -> str | None:
+    if path is None or not Path(path).is_file():
+        return None
+    return hashlib.sha256(Path(path).read_bytes()).hexdigest()[:16]
 
 
 def run_select(cfg, rnd, *, force: bool = False, progress: bool = True) -> dict:
-    raise NotBuiltYet("select")
+    sel: SelectionConfig = cfg.selection
+    seed = cfg.seed if sel.seed is None else sel.seed
+    score_step = rnd.step("score")
+    rounds = earlier_rounds(rnd)
+    inputs = (score_step,) + ((rnd.step("pool"),) if rnd.step("pool").done else ())
+    if rounds and rounds[0].step("select").done:
+        inputs += (rounds[0].step("select"),)
+    key = {"selection": sel, "seed": seed, "feedback_sha256": file_digest(sel.feedback_file)}
+    run = rnd.start_step("select", key, inputs=inputs, seeds={"seed": seed}, force=force)
+    if run is None:
+        return rnd.step("select").manifest()
+    with run:
+        strategy = build_strategy(sel.strategy, weights=sel.weights, candidate_factor=sel.candidate_factor)
+        pool = load_items(score_step.file("prompt_scores.parquet"))
+        labelled_ids, labelled_emb = previously_selected(rounds)
+        if labelled_emb is not None and pool.embeddings is not None and labelled_emb.shape[1] != pool.embeddings.shape[1]:
+            labelled_emb = None  # a different embedder than this round's: cannot compare distances
+        reasons, unmatched = failure_reasons(rnd, sel.feedback_file)
+        pool.signals["error_score"] = np.array([error_score(reasons.get(pid, [])) for pid in pool.ids])
+        if REWARD_SIGNALS & set(strategy.inputs):
+            run.extra["reward_ensemble"] = add_reward_signals(pool, rnd, rounds, sel.ensemble_members, seed)
+        eligible = np.flatnonzero([pid not in labelled_ids for pid in pool.ids]).astype(np.int64)
+        items = pool.subset(eligible)
+        items.labelled = labelled_emb
+        if len(items) == 0:
+            raise CurateError(
+                f"round {rnd.number}: no unlabelled prompts left ({len(pool)} scored, all selected in earlier "
+                "rounds); add prompts to the pool"
+            )
+        k = min(sel.k, len(items))
+        if sel.budget is not None:
+            remaining = sel.budget - len(labelled_ids)
+            if remaining <= 0:
+                raise CurateError(
+                    f"labelling budget exhausted: {len(labelled_ids)} items selected in earlier rounds, "
+                    f"selection.budget={sel.budget}; raise the budget or stop the loop"
+                )
+            k = min(k, remaining)
+        n_strategy, n_random = sel.arm_sizes(k)
+        wrapped: Strategy = strategy
+        if sel.near_duplicate_threshold < 1.0 and items.embeddings is not None:
+            wrapped = DropNearDuplicates(wrapped, sel.near_duplicate_threshold)
+        if sel.slice_quotas:
+            wrapped = SliceQuotas(wrapped, sel.slice_quotas)
+        strategy_rng, random_rng = (np.random.default_rng(s) for s in np.random.SeedSequence(seed).spawn(2))
+        scores = strategy.checked_score(items)
+        picks = wrapped.select(items, n_strategy, strategy_rng)
+        rest = np.setdiff1d(np.arange(len(items)), picks)
+        random_picks = rest[Random().select(items.subset(rest), n_random, random_rng)]
+        rows = []
+        for arm, name, chosen in (("strategy", strategy.name, picks), ("random", "random", random_picks)):
+            for rank, i in enumerate(chosen, 1):
+                row = {
+                    "prompt_id": str(items.ids[i]),
+                    "slice": str(items.slices[i]),
+                    "arm": arm,
+                    "strategy": name,
+                    "score": float(scores[i]),
+                    "rank": rank,
+                    "reason": explain(strategy, items, scores, i, arm, reasons),
+                }
+                row.update({col: float(v[i]) for col, v in items.signals.items()})
+                if items.embeddings is not None:
+                    row["embedding"] = items.embeddings[i].tolist()
+                rows.append(row)
+        write_selected(run.path / "selected.parquet", rows, list(items.signals), items.embeddings is not None)
+        run.counts.update(
+            scored=len(pool),
+            excluded_labelled=len(pool) - len(items),
+            selected=len(rows),
+            strategy_arm=len(picks),
+            random_arm=len(random_picks),
+            error_items=int((items.signals["error_score"] > 0).sum()),
+        )
+        if unmatched:
+            run.counts["feedback_unmatched"] = unmatched
+        run.extra["strategy"] = strategy.name
+        if "error_score" in strategy.inputs and not (items.signals["error_score"] > 0).any():
+            run.extra["note"] = "error-based strategy, but no failure or feedback items in the pool: picks are random"
+        if len(picks) < n_strategy:
+            run.extra["note"] = (
+                f"the strategy arm found {len(picks)} of {n_strategy} items (near-duplicates or quotas left too few)"
+            )
+    return rnd.step("select").manifest()
+
+
+def write_selected(path: Path, rows: list[dict], signals: list[str], with_embedding: bool) -> None:
+    fields = [
+        pa.field("prompt_id", pa.string()), pa.field("slice", pa.string()), pa.field("arm", pa.string()),
+        pa.field("strategy", pa.string()), pa.field("score", pa.float64()), pa.field("rank", pa.int64()),
+        pa.field("reason", pa.string()),
+    ]
+    fields += [pa.field(name, pa.float64()) for name in signals]
+    if with_embedding:
+        fields.append(pa.field("embedding", pa.list_(pa.float32())))
+    table = pa.Table.from_pylist(rows, schema=pa.schema(fields))
+    with atomic_path(path) as tmp:
+        pq.write_table(table, tmp)

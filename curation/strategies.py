@@ -1,0 +1,690 @@
+"""Acquisition strategies: which unlabelled items should humans look at next.
+
+Small classes on one base, small-text style. Every strategy has
+
+    score(items) -> np.ndarray          # (N,) float, HIGHER = MORE INFORMATIVE, never NaN
+    select(items, k, rng) -> np.ndarray # (min(k, N),) distinct int64 row indices, in pick order
+
+`items` is an `Items` table (one row per prompt: ids, slices, named signal columns, embeddings, plus the
+embeddings of already-labelled items as context). `rng` is an explicit `np.random.Generator`: the same seed
+gives the same picks; it breaks ties and drives the sampling strategies.
+
+Families (registry names in brackets):
+- uncertainty: high prompt perplexity [perplexity], high mean completion perplexity [completion_perplexity],
+  low mean logprob [low_logprob], high mean entropy [entropy], wide spread of the sampled answers
+  [semantic_spread], small reward margin between the top-2 completions under the current reward model
+  [reward_margin];
+- query-by-committee: committee log-likelihood disagreement [committee], vote entropy [vote_entropy],
+  disagreement of a reward-model ensemble [reward_disagreement];
+- diversity / representativeness: k-center greedy core-set [kcenter], k-means++ seeding [kmeans++],
+  sampling from the clusters least covered by labels [under_dense];
+- error-based: items from earlier rounds' failures and user feedback [error];
+- [random].
+Hybrids: `WeightedSum` (rank-normalized weighted sum) and `TopThenDiverse` (batch mode: top-M by one strategy's
+score, then k-center down to k). Constraints compose by wrapping: `SliceQuotas`, `ExcludeIds`,
+`DropNearDuplicates`, `Budget`. `build_strategy("hybrid", weights=...)` turns a config spec into a strategy.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, field
+
+import numpy as np
+from scipy.stats import rankdata
+
+from preference.errors import CurateError
+
+EMBEDDING = "embedding"  # pseudo-column name used in `Strategy.inputs`
+
+
+# --------------------------------------------------------------------------------------------------- items
+@dataclass
+class Items:
+    """The candidate pool as arrays, one row per item (prompt).
+
+    `signals` maps a column name (e.g. "mean_entropy") to a (N,) float array; `embeddings` is (N, D);
+    `labelled` is (M, D): embeddings of items already labelled (or already picked), which diversity strategies
+    treat as covered. Only `ids` is required; a strategy that needs a missing column raises CurateError.
+    """
+
+    ids: np.ndarray
+    signals: dict[str, np.ndarray] = field(default_factory=dict)
+    embeddings: np.ndarray | None = None
+    slices: np.ndarray | None = None
+    labelled: np.ndarray | None = None
+
+    def __post_init__(self):
+        self.ids = np.asarray(self.ids, dtype=object).reshape(-1)
+        n = len(self.ids)
+        self.signals = {k: np.asarray(v, dtype=np.float64).reshape(-1) for k, v in self.signals.items()}
+        for name, values in self.signals.items():
+            if len(values) != n:
+                raise CurateError(f"signal {name!r} has {len(values)} values for {n} items; expected one per item")
+        if self.embeddings is not None:
+            self.embeddings = np.asarray(self.embeddings, dtype=np.float32)
+            if self.embeddings.ndim != 2 or len(self.embeddings) != n:
+                raise CurateError(f"embeddings have shape {self.embeddings.shape}; expected ({n}, dim)")
+        if self.slices is None:
+            self.slices = np.full(n, "default", dtype=object)
+        self.slices = np.asarray(self.slices, dtype=object).reshape(-1)
+        if len(self.slices) != n:
+            raise CurateError(f"{len(self.slices)} slice names for {n} items; expected one per item")
+        if self.labelled is not None:
+            self.labelled = np.asarray(self.labelled, dtype=np.float32)
+            if self.labelled.size == 0:
+                self.labelled = None
+            elif self.labelled.ndim != 2:
+                raise CurateError(f"labelled embeddings have shape {self.labelled.shape}; expected (M, dim)")
+
+    def __len__(self) -> int:
+        return len(self.ids)
+
+    def signal(self, name: str) -> np.ndarray:
+        """Column `name`, checked to be finite (NaN/inf → CurateError naming the items)."""
+        if name not in self.signals:
+            have = ", ".join(sorted(self.signals)) or "none"
+            raise CurateError(
+                f"this strategy needs the signal {name!r}, which the scored pool does not have (columns: {have}); "
+                "choose a strategy whose signals the scoring step produced, or rerun `curate score`"
+            )
+        return check_finite(self.signals[name], f"signal {name!r}", self.ids)
+
+    def embedding_matrix(self) -> np.ndarray:
+        if self.embeddings is None:
+            raise CurateError(
+                "this strategy needs item embeddings, but the pool has none; rerun `curate score` (it writes an "
+                "`embedding` column) or choose a signal-based strategy"
+            )
+        return check_finite(self.embeddings, "embeddings", self.ids)
+
+    def labelled_matrix(self) -> np.ndarray | None:
+        if self.labelled is None or len(self.labelled) == 0:
+            return None
+        return check_finite(self.labelled, "labelled embeddings", None)
+
+    def subset(self, idx: np.ndarray, covered: np.ndarray | None = None) -> Items:
+        """Rows `idx`; the embeddings of rows `covered` (if any) are added to the labelled context."""
+        idx = np.asarray(idx, dtype=np.int64)
+        labelled = self.labelled
+        if covered is not None and len(covered) and self.embeddings is not None:
+            extra = self.embeddings[np.asarray(covered, dtype=np.int64)]
+            labelled = extra if labelled is None else np.concatenate([labelled, extra])
+        return Items(
+            ids=self.ids[idx],
+            signals={k: v[idx] for k, v in self.signals.items()},
+            embeddings=None if self.embeddings is None else self.embeddings[idx],
+            slices=self.slices[idx],
+            labelled=labelled,
+        )
+
+
+def check_finite(values: np.ndarray, what: str, ids: np.ndarray | None) -> np.ndarray:
+    """Return `values`, or raise CurateError naming the first items whose values are NaN/inf."""
+    bad = ~np.isfinite(values)
+    if bad.ndim > 1:
+        bad = bad.any(axis=tuple(range(1, bad.ndim)))
+    if bad.any():
+        where = ""
+        if ids is not None:
+            first = ", ".join(map(str, ids[bad][:3]))
+            where = f" (e.g. items {first})"
+        raise CurateError(
+            f"{what} has {int(bad.sum())} NaN/inf value(s){where}; the scoring step left them empty — fix or "
+            "rerun `curate score`, or choose a strategy that does not use this signal"
+        )
+    return values
+
+
+def check_k(items: Items, k: int) -> int:
+    if isinstance(k, bool) or not isinstance(k, (int, np.integer)) or k < 0:
+        raise CurateError(f"k must be a non-negative integer (number of items to pick), got {k!r}")
+    return min(int(k), len(items))
+
+
+def top_k(scores: np.ndarray, k: int, rng: np.random.Generator) -> np.ndarray:
+    """Indices of the k highest scores, best first; exact ties are broken by `rng`."""
+    if k <= 0 or len(scores) == 0:
+        return np.zeros(0, dtype=np.int64)
+    tie = rng.random(len(scores))
+    if k < len(scores):
+        # argpartition first (O(N)), then sort the shortlist; include every item tied with the k-th score.
+        kth = np.partition(-scores, k - 1)[k - 1]
+        cand = np.flatnonzero(-scores <= kth)
+    else:
+        cand = np.arange(len(scores))
+    order = np.lexsort((tie[cand], -scores[cand]))
+    return cand[order[:k]].astype(np.int64)
+
+
+def rank_normalize(scores: np.ndarray) -> np.ndarray:
+    """Scores → percentiles in (0, 1] (ties share their average rank); makes signals of any scale summable."""
+    if len(scores) == 0:
+        return scores.astype(np.float64)
+    return rankdata(scores, method="average") / len(scores)
+
+
+# ---------------------------------------------------------------------------------------------------- base
+class Strategy:
+    """Base class. Subclasses implement `score`; the default `select` takes the top-k scores."""
+
+    name: str = "strategy"
+    family: str = ""
+    inputs: tuple[str, ...] = ()  # signal columns (and EMBEDDING) this strategy reads
+
+    def score(self, items: Items) -> np.ndarray:
+        raise NotImplementedError
+
+    def checked_score(self, items: Items) -> np.ndarray:
+        scores = np.asarray(self.score(items), dtype=np.float64)
+        if scores.shape != (len(items),):
+            raise RuntimeError(f"{self.name}.score returned shape {scores.shape}, expected ({len(items)},)")
+        return check_finite(scores, f"{self.name} scores", items.ids)
+
+    def select(self, items: Items, k: int, rng: np.random.Generator) -> np.ndarray:
+        k = check_k(items, k)
+        if k == 0:
+            return np.zeros(0, dtype=np.int64)
+        return top_k(self.checked_score(items), k, rng)
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}({self.name!r})"
+
+
+class SignalStrategy(Strategy):
+    """Score = one signal column, signed so that higher = more informative."""
+
+    column: str = ""
+    higher_is_informative: bool = True
+
+    def __init__(self, column: str | None = None):
+        self.column = column or self.column
+        self.inputs = (self.column,)
+
+    def score(self, items: Items) -> np.ndarray:
+        values = items.signal(self.column)
+        return values if self.higher_is_informative else -values
+
+
+# ---------------------------------------------------------------------------------------------- uncertainty
+class Perplexity(SignalStrategy):
+    """High perplexity of the prompt under the generator (column `prompt_perplexity`): unfamiliar inputs."""
+
+    name, family, column = "perplexity", "uncertainty", "prompt_perplexity"
+
+
+class CompletionPerplexity(SignalStrategy):
+    """High mean perplexity of the sampled completions (`mean_completion_perplexity`)."""
+
+    name, family, column = "completion_perplexity", "uncertainty", "mean_completion_perplexity"
+
+
+class LowLogprob(SignalStrategy):
+    """Low mean token logprob of the completions (`mean_logprob`; LOWER logprob = more uncertain)."""
+
+    name, family, column, higher_is_informative = "low_logprob", "uncertainty", "mean_logprob", False
+
+
+class Entropy(SignalStrategy):
+    """High mean per-token entropy of the completions (`mean_entropy`)."""
+
+    name, family, column = "entropy", "uncertainty", "mean_entropy"
+
+
+class SemanticSpread(SignalStrategy):
+    """Wide spread of the sampled answers in embedding space (`semantic_spread`): the model is undecided."""
+
+    name, family, column = "semantic_spread", "uncertainty", "semantic_spread"
+
+
+class RewardMargin(SignalStrategy):
+    """Small reward margin between the top-2 completions under the current reward model (`reward_margin`,
+    from `curation.ensemble.prompt_reward_signals`): the reward model cannot tell the best two apart."""
+
+    name, family, column, higher_is_informative = "reward_margin", "uncertainty", "reward_margin", False
+
+
+# -------------------------------------------------------------------------------------- query-by-committee
+class CommitteeDisagreement(SignalStrategy):
+    """Committee log-likelihood disagreement (`committee_disagreement`): the generator models disagree."""
+
+    name, family, column = "committee", "committee", "committee_disagreement"
+
+
+class VoteEntropy(SignalStrategy):
+    """Entropy of the committee's votes for the best completion (`vote_entropy`)."""
+
+    name, family, column = "vote_entropy", "committee", "vote_entropy"
+
+
+class RewardDisagreement(SignalStrategy):
+    """Disagreement of a reward-model ensemble on the top-2 completions (`reward_disagreement`)."""
+
+    name, family, column = "reward_disagreement", "committee", "reward_disagreement"
+
+
+# ------------------------------------------------------------------------------------------------- errors
+class ErrorBased(SignalStrategy):
+    """Items from earlier rounds' failures (`error_score`: harm-flagged, low-ranked policy outputs, human
+    disagreement with the model's suggestion, feedback files; 0 = no known error). Ties are broken at random."""
+
+    name, family, column = "error", "error", "error_score"
+
+
+# ----------------------------------------------------------------------------------------------- random
+class Random(Strategy):
+    """Uniform sample without replacement. Scores are all 0 (no item is more informative than another)."""
+
+    name, family, inputs = "random", "random", ()
+
+    def score(self, items: Items) -> np.ndarray:
+        return np.zeros(len(items))
+
+    def select(self, items: Items, k: int, rng: np.random.Generator) -> np.ndarray:
+        k = check_k(items, k)
+        return rng.choice(len(items), size=k, replace=False).astype(np.int64)
+
+
+# ------------------------------------------------------------------------------------------------ diversity
+def _sq_norms(x: np.ndarray) -> np.ndarray:
+    return np.einsum("ij,ij->i", x, x)
+
+
+def min_sq_dist(x: np.ndarray, centers: np.ndarray, block: int = 1 << 22) -> np.ndarray:
+    """(N,) squared Euclidean distance of each row of `x` to its nearest row of `centers`.
+
+    Blocked BLAS: |x|² − 2·x·c + |c|², computed over tiles of at most `block` entries so memory stays small."""
+    x_sq = _sq_norms(x)
+    c_sq = _sq_norms(centers)
+    out = np.full(len(x), np.inf, dtype=np.float32)
+    c_step = max(1, min(len(centers), block // 1024))
+    r_step = max(1, block // c_step)
+    for c0 in range(0, len(centers), c_step):
+        c = centers[c0 : c0 + c_step]
+        for r0 in range(0, len(x), r_step):
+            tile = c_sq[None, c0 : c0 + c_step] - 2.0 * (x[r0 : r0 + r_step] @ c.T)
+            np.minimum(out[r0 : r0 + r_step], tile.min(axis=1), out=out[r0 : r0 + r_step])
+    return np.maximum(out + x_sq, 0.0)
+
+
+def coverage_sq_dist(items: Items) -> np.ndarray:
+    """Squared distance of each item to what is already covered: the nearest labelled item, or, when nothing
+    is labelled yet, the pool centroid (so the first pick is the most atypical item)."""
+    x = items.embedding_matrix()
+    labelled = items.labelled_matrix()
+    if labelled is None:
+        labelled = x.mean(axis=0, keepdims=True)
+    if labelled.shape[1] != x.shape[1]:
+        raise CurateError(f"labelled embeddings have dim {labelled.shape[1]}, pool embeddings {x.shape[1]}")
+    return min_sq_dist(x, labelled)
+
+
+class KCenterGreedy(Strategy):
+    """Core-set by k-center greedy (Sener & Savarese 2018): repeatedly pick the item farthest (Euclidean, in
+    embedding space) from everything labelled or picked so far. Score = distance to the nearest labelled item
+    (or the pool centroid when nothing is labelled): higher = less covered = more informative."""
+
+    name, family, inputs = "kcenter", "diversity", (EMBEDDING,)
+
+    def score(self, items: Items) -> np.ndarray:
+        if len(items) == 0:
+            return np.zeros(0)
+        return np.sqrt(coverage_sq_dist(items)).astype(np.float64)
+
+    def select(self, items: Items, k: int, rng: np.random.Generator) -> np.ndarray:
+        k = check_k(items, k)
+        if k == 0:
+            return np.zeros(0, dtype=np.int64)
+        x = items.embedding_matrix()
+        x_sq = _sq_norms(x)
+        min_d = coverage_sq_dist(items)
+        buf = np.empty_like(min_d)
+        picks = np.empty(k, dtype=np.int64)
+        for t in range(k):
+            i = int(np.argmax(min_d))  # deterministic: exact ties go to the lowest index
+            picks[t] = i
+            np.dot(x, x[i], out=buf)  # in-place |x|² − 2·x·c + |c|²: one pass of BLAS per pick
+            buf *= -2.0
+            buf += x_sq
+            buf += x_sq[i]
+            np.minimum(min_d, buf, out=min_d)
+            min_d[i] = -np.inf  # picked: never again (min() keeps it at −inf)
+        return picks
+
+
+class KMeansPlusPlus(Strategy):
+    """k-means++ seeding as a sampler: each pick is drawn with probability ∝ squared distance to the nearest
+    labelled-or-picked item (diverse, but drawn in proportion to coverage gaps rather than outliers first).
+    Score = distance to the nearest labelled item (or the centroid): higher = less covered."""
+
+    name, family, inputs = "kmeans++", "diversity", (EMBEDDING,)
+
+    def score(self, items: Items) -> np.ndarray:
+        if len(items) == 0:
+            return np.zeros(0)
+        return np.sqrt(coverage_sq_dist(items)).astype(np.float64)
+
+    def select(self, items: Items, k: int, rng: np.random.Generator) -> np.ndarray:
+        k = check_k(items, k)
+        if k == 0:
+            return np.zeros(0, dtype=np.int64)
+        x = items.embedding_matrix()
+        x_sq = _sq_norms(x)
+        min_d = coverage_sq_dist(items).astype(np.float64)
+        taken = np.zeros(len(items), dtype=bool)
+        picks = np.empty(k, dtype=np.int64)
+        for t in range(k):
+            w = np.where(taken, 0.0, np.maximum(min_d, 0.0))
+            total = w.sum()
+            p = w / total if total > 0 else (~taken) / (~taken).sum()
+            i = int(rng.choice(len(items), p=p))
+            picks[t], taken[i] = i, True
+            np.minimum(min_d, x_sq - 2.0 * (x @ x[i]) + x_sq[i], out=min_d)
+        return picks
+
+
+def kmeans(x: np.ndarray, n_clusters: int, *, seed: int = 0, iterations: int = 10) -> np.ndarray:
+    """Plain Lloyd k-means (k-means++ init, fixed seed) → (N,) cluster labels. Vectorized; for grouping only."""
+    n_clusters = max(1, min(n_clusters, len(x)))
+    rng = np.random.default_rng(seed)
+    init = KMeansPlusPlus().select(Items(ids=np.arange(len(x)), embeddings=x), n_clusters, rng)
+    centers = x[init].copy()
+    labels = np.zeros(len(x), dtype=np.int64)
+    for _ in range(iterations):
+        d = _sq_norms(x)[:, None] - 2.0 * (x @ centers.T) + _sq_norms(centers)[None, :]
+        labels = d.argmin(axis=1)
+        counts = np.bincount(labels, minlength=n_clusters)
+        sums = np.zeros_like(centers)
+        np.add.at(sums, labels, x)
+        nonempty = counts > 0
+        centers[nonempty] = sums[nonempty] / counts[nonempty, None]
+    return labels
+
+
+class UnderDenseClusters(Strategy):
+    """Sample from the clusters (k-means in embedding space) whose labelled density — labelled items per pool
+    item — is lowest. Picks go one at a time to the least-covered cluster (ties by `rng`), a random member each,
+    so a batch spreads over regions in proportion to how little they have been labelled.
+    Score = −(labelled items near the cluster) / (cluster size): higher = less covered region."""
+
+    name, family, inputs = "under_dense", "diversity", (EMBEDDING,)
+
+    def __init__(self, n_clusters: int = 16, seed: int = 0):
+        self.n_clusters = n_clusters
+        self.seed = seed
+
+    def _clusters(self, items: Items) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        x = items.embedding_matrix()
+        labels = kmeans(x, self.n_clusters, seed=self.seed)
+        n_c = labels.max() + 1
+        size = np.bincount(labels, minlength=n_c).astype(np.float64)
+        covered = np.zeros(n_c)
+        labelled = items.labelled_matrix()
+        if labelled is not None:
+            centers = np.stack([x[labels == c].mean(axis=0) if size[c] else x[0] for c in range(n_c)])
+            nearest = (_sq_norms(labelled)[:, None] - 2.0 * (labelled @ centers.T) + _sq_norms(centers)).argmin(1)
+            covered = np.bincount(nearest, minlength=n_c).astype(np.float64)
+        return labels, size, covered
+
+    def score(self, items: Items) -> np.ndarray:
+        if len(items) == 0:
+            return np.zeros(0)
+        labels, size, covered = self._clusters(items)
+        return -(covered / np.maximum(size, 1.0))[labels]
+
+    def select(self, items: Items, k: int, rng: np.random.Generator) -> np.ndarray:
+        k = check_k(items, k)
+        if k == 0:
+            return np.zeros(0, dtype=np.int64)
+        labels, size, covered = self._clusters(items)
+        members = [list(rng.permutation(np.flatnonzero(labels == c))) for c in range(len(size))]
+        picks = []
+        for _ in range(k):
+            density = np.array([(covered[c] + 1.0) / size[c] if members[c] else np.inf for c in range(len(size))])
+            best = np.flatnonzero(density == density.min())
+            c = int(rng.choice(best))
+            picks.append(members[c].pop())
+            covered[c] += 1.0
+        return np.asarray(picks, dtype=np.int64)
+
+
+# -------------------------------------------------------------------------------------------------- hybrids
+class WeightedSum(Strategy):
+    """Normalized weighted sum: each part's score is turned into percentiles (rank-normalized, so scales do not
+    matter), multiplied by its weight and summed. Higher = more informative."""
+
+    family = "hybrid"
+
+    def __init__(self, parts: Iterable[tuple[Strategy, float]]):
+        self.parts = [(s, float(w)) for s, w in parts]
+        if not self.parts:
+            raise CurateError("a weighted strategy needs at least one part, e.g. weights: {entropy: 1.0}")
+        for s, w in self.parts:
+            if not math.isfinite(w) or w < 0:
+                raise CurateError(f"weight of {s.name!r} must be a finite number ≥ 0, got {w}")
+        self.name = "weighted(" + ",".join(f"{s.name}={w:g}" for s, w in self.parts) + ")"
+        self.inputs = tuple(dict.fromkeys(i for s, _ in self.parts for i in s.inputs))
+
+    def part_scores(self, items: Items) -> dict[str, np.ndarray]:
+        """Each part's rank-normalized score (percentile in (0, 1]), by part name."""
+        return {s.name: rank_normalize(s.checked_score(items)) for s, _ in self.parts}
+
+    def score(self, items: Items) -> np.ndarray:
+        total = np.zeros(len(items))
+        for (_, w), normed in zip(self.parts, self.part_scores(items).values(), strict=True):
+            total += w * normed
+        return total
+
+
+class TopThenDiverse(Strategy):
+    """Batch mode "uncertainty then diversity": the top M = ceil(factor·k) items by `first`, then `diverse`
+    (k-center greedy by default) picks k of them, so a batch is informative and not redundant."""
+
+    family = "hybrid"
+
+    def __init__(self, first: Strategy, factor: float = 4.0, diverse: Strategy | None = None):
+        if not factor >= 1.0:
+            raise CurateError(f"candidate factor must be ≥ 1 (top M = factor·k candidates), got {factor}")
+        self.first = first
+        self.factor = factor
+        self.diverse = diverse or KCenterGreedy()
+        self.name = f"{first.name}>{self.diverse.name}"
+        self.inputs = tuple(dict.fromkeys((*first.inputs, *self.diverse.inputs)))
+
+    def score(self, items: Items) -> np.ndarray:
+        return self.first.score(items)
+
+    def select(self, items: Items, k: int, rng: np.random.Generator) -> np.ndarray:
+        k = check_k(items, k)
+        if k == 0:
+            return np.zeros(0, dtype=np.int64)
+        m = min(len(items), max(k, math.ceil(self.factor * k)))
+        candidates = self.first.select(items, m, rng)
+        picks = self.diverse.select(items.subset(candidates), k, rng)
+        return candidates[picks]
+
+
+# ------------------------------------------------------------------------------------------------- wrappers
+class Wrapper(Strategy):
+    """A strategy around another one: same scores, constrained selection."""
+
+    def __init__(self, base: Strategy):
+        self.base = base
+        self.name = base.name
+        self.family = base.family
+        self.inputs = base.inputs
+
+    def score(self, items: Items) -> np.ndarray:
+        return self.base.score(items)
+
+    def _select_within(self, items: Items, allowed: np.ndarray, k: int, rng, covered=None) -> np.ndarray:
+        """Let the base pick k among rows `allowed` (int indices) and map the picks back to `items` rows."""
+        if k <= 0 or len(allowed) == 0:
+            return np.zeros(0, dtype=np.int64)
+        return allowed[self.base.select(items.subset(allowed, covered), k, rng)]
+
+
+class ExcludeIds(Wrapper):
+    """Never pick items whose id is in `ids` (e.g. labelled in earlier rounds)."""
+
+    def __init__(self, base: Strategy, ids: Iterable[str]):
+        super().__init__(base)
+        self.ids = set(map(str, ids))
+
+    def select(self, items: Items, k: int, rng: np.random.Generator) -> np.ndarray:
+        k = check_k(items, k)
+        allowed = np.flatnonzero([str(i) not in self.ids for i in items.ids]).astype(np.int64)
+        return self._select_within(items, allowed, k, rng)
+
+
+class SliceQuotas(Wrapper):
+    """Pick exactly `quotas[slice]` items from each named slice (or all it has), then fill the rest of k from
+    any slice (unless `fill=False`). Earlier slices' picks count as covered for diversity strategies."""
+
+    def __init__(self, base: Strategy, quotas: dict[str, int], fill: bool = True):
+        super().__init__(base)
+        for name, q in quotas.items():
+            if isinstance(q, bool) or not isinstance(q, (int, np.integer)) or q < 0:
+                raise CurateError(f"slice quota for {name!r} must be an integer ≥ 0, got {q!r}")
+        self.quotas = dict(quotas)
+        self.fill = fill
+
+    def select(self, items: Items, k: int, rng: np.random.Generator) -> np.ndarray:
+        k = check_k(items, k)
+        if sum(self.quotas.values()) > k:
+            raise CurateError(
+                f"slice quotas add up to {sum(self.quotas.values())} ({self.quotas}) but only {k} items are picked "
+                "by the strategy arm; lower the quotas or raise selection.k"
+            )
+        picks: list[np.ndarray] = []
+        for name in sorted(self.quotas):
+            allowed = np.flatnonzero(items.slices == name).astype(np.int64)
+            done = np.concatenate(picks) if picks else None
+            picks.append(self._select_within(items, allowed, self.quotas[name], rng, covered=done))
+        chosen = np.concatenate(picks) if picks else np.zeros(0, dtype=np.int64)
+        if self.fill and len(chosen) < k:
+            rest = np.setdiff1d(np.arange(len(items)), chosen)
+            chosen = np.concatenate([chosen, self._select_within(items, rest, k - len(chosen), rng, chosen)])
+        return chosen.astype(np.int64)
+
+
+class DropNearDuplicates(Wrapper):
+    """Skip items whose embedding has cosine similarity ≥ `threshold` with a labelled item or with an item
+    already picked in this batch; the base strategy is asked again until k items are found or none are left."""
+
+    def __init__(self, base: Strategy, threshold: float = 0.98):
+        super().__init__(base)
+        if not 0.0 < threshold <= 1.0:
+            raise CurateError(f"near-duplicate threshold must be in (0, 1] (cosine similarity), got {threshold}")
+        self.threshold = threshold
+
+    @staticmethod
+    def _unit(x: np.ndarray) -> np.ndarray:
+        return x / np.maximum(np.linalg.norm(x, axis=1, keepdims=True), 1e-12)
+
+    def select(self, items: Items, k: int, rng: np.random.Generator) -> np.ndarray:
+        k = check_k(items, k)
+        if k == 0:
+            return np.zeros(0, dtype=np.int64)
+        x = items.embedding_matrix()
+        labelled = items.labelled_matrix()
+        reference = self._unit(labelled) if labelled is not None else np.zeros((0, x.shape[1]), np.float32)
+        # Lazy: only the items the base strategy proposes are checked (against labelled + accepted), so the
+        # cost is O(proposals × (M + k)), not O(N × M).
+        checked = np.zeros(len(items), dtype=bool)
+        chosen: list[int] = []
+        while len(chosen) < k:
+            allowed = np.flatnonzero(~checked).astype(np.int64)
+            batch = self._select_within(items, allowed, k - len(chosen), rng, np.asarray(chosen, dtype=np.int64))
+            if len(batch) == 0:
+                break
+            for i in batch:
+                checked[i] = True
+                unit = self._unit(x[i : i + 1])[0]
+                if len(reference) and float((reference @ unit).max()) >= self.threshold:
+                    continue  # a near-duplicate of a labelled item or of an item accepted in this batch
+                chosen.append(int(i))
+                reference = np.concatenate([reference, unit[None]])
+        return np.asarray(chosen, dtype=np.int64)
+
+
+class Budget(Wrapper):
+    """Never pick more than `budget - used` items (a labelling budget across rounds)."""
+
+    def __init__(self, base: Strategy, budget: int, used: int = 0):
+        super().__init__(base)
+        self.budget, self.used = int(budget), int(used)
+
+    @property
+    def remaining(self) -> int:
+        return max(0, self.budget - self.used)
+
+    def select(self, items: Items, k: int, rng: np.random.Generator) -> np.ndarray:
+        return self.base.select(items, min(check_k(items, k), self.remaining), rng)
+
+
+# ------------------------------------------------------------------------------------------------- registry
+STRATEGIES: dict[str, Callable[[], Strategy]] = {
+    "random": Random,
+    "perplexity": Perplexity,
+    "completion_perplexity": CompletionPerplexity,
+    "low_logprob": LowLogprob,
+    "entropy": Entropy,
+    "semantic_spread": SemanticSpread,
+    "reward_margin": RewardMargin,
+    "committee": CommitteeDisagreement,
+    "vote_entropy": VoteEntropy,
+    "reward_disagreement": RewardDisagreement,
+    "kcenter": KCenterGreedy,
+    "kmeans++": KMeansPlusPlus,
+    "under_dense": UnderDenseClusters,
+    "error": ErrorBased,
+}
+COMPOSITES = ("weighted", "hybrid", "<first>><diverse>")
+
+
+def make(name: str) -> Strategy:
+    """One registered strategy by name."""
+    name = name.strip()
+    if name not in STRATEGIES:
+        raise CurateError(
+            f"unknown strategy {name!r}; expected one of {', '.join(STRATEGIES)} or a composite "
+            f"({', '.join(COMPOSITES)})"
+        )
+    return STRATEGIES[name]()
+
+
+def weighted(weights: dict[str, float]) -> WeightedSum:
+    if not weights:
+        raise CurateError("the weighted/hybrid strategy needs selection.weights, e.g. {entropy: 1, committee: 1}")
+    return WeightedSum([(make(name), w) for name, w in weights.items()])
+
+
+def build_strategy(spec: str, *, weights: dict[str, float] | None = None, candidate_factor: float = 4.0) -> Strategy:
+    """Config spec → strategy.
+
+    - a registered name: `entropy`, `kcenter`, `random`, ... (see STRATEGIES);
+    - `weighted`: normalized weighted sum of the strategies named in `weights`;
+    - `hybrid`: `weighted` then k-center (top candidate_factor·k by the weighted score, k-center down to k);
+    - `A>B`: top candidate_factor·k by A, then B picks k of them (e.g. `entropy>kcenter`, `weighted>kmeans++`).
+    """
+    spec = spec.strip()
+
+    def one(name: str) -> Strategy:
+        return weighted(weights or {}) if name.strip() == "weighted" else make(name)
+
+    if spec == "hybrid":
+        return TopThenDiverse(weighted(weights or {}), candidate_factor, KCenterGreedy())
+    if ">" in spec:
+        first, _, second = spec.partition(">")
+        return TopThenDiverse(one(first), candidate_factor, one(second))
+    return one(spec)
+
+
+def all_strategies() -> list[Strategy]:
+    """One instance of every registered strategy and of each composite kind (for conformance tests)."""
+    out = [factory() for factory in STRATEGIES.values()]
+    out.append(build_strategy("weighted", weights={"entropy": 1.0, "committee": 0.5}))
+    out.append(build_strategy("hybrid", weights={"entropy": 1.0, "low_logprob": 1.0}))
+    return out
