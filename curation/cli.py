@@ -136,11 +136,11 @@ def validate(configs: Annotated[list[Path], typer.Argument(help="Config files to
 
 
 @app.command()
-def status(config: ConfigOpt) -> None:
+def status(config: ConfigOpt, set_: SetOpt = None) -> None:
     """Show every round's steps and where each stands."""
     from preference.store import Project
 
-    cfg = load(config, None)
+    cfg = load(config, set_)
     project = Project(cfg.project)
     rows = project.status()
     if not rows:
@@ -154,30 +154,46 @@ def status(config: ConfigOpt) -> None:
 
 
 @round_app.command("status")
-def round_status(config: ConfigOpt) -> None:
+def round_status(config: ConfigOpt, set_: SetOpt = None) -> None:
     """Show where each round stands (same as `curate status`)."""
-    status(config)
+    status(config, set_)
 
 
 @round_app.command("new")
-def round_new(config: ConfigOpt) -> None:
+def round_new(config: ConfigOpt, set_: SetOpt = None) -> None:
     """Start the next round (its pool carries over the previous one's, minus labelled, plus failures)."""
     from preference.store import Project
 
-    cfg = load(config, None)
+    cfg = load(config, set_)
     rnd = Project(cfg.project).new_round()
     typer.echo(f"round {rnd.number}: {rnd.path}")
 
 
 @round_app.command("run")
 def round_run(
-    config: ConfigOpt, round_: RoundOpt = None, force: ForceOpt = False, set_: SetOpt = None, quiet: QuietOpt = False
+    config: ConfigOpt, round_: RoundOpt = None, force: ForceOpt = False, set_: SetOpt = None, quiet: QuietOpt = False,
+    next_: Annotated[bool, typer.Option("--next", help="Start the next round if the latest has finished.")] = False,
 ) -> None:
-    """Run every step of a round in order, skipping finished ones (resumable after a kill)."""
+    """Run every step of a round in order, skipping finished ones (resumable after a kill).
+
+    Without --round it continues the latest round; with --next it starts a new round once the latest finished
+    (the new round's pool is the previous one's minus labelled items plus its failures)."""
     from curation.round import run_round
+    from preference.store import Project
 
     cfg = load(config, set_)
-    rnd = open_round(cfg, round_)
+    if next_:
+        if round_ is not None:
+            raise CurateError("--next and --round exclude each other")
+        project = Project(cfg.project)
+        latest = project.round(create=True)
+        if latest.step("report").done:
+            latest = project.new_round()
+        else:
+            typer.echo(f"round {latest.number} has not finished yet; continuing it first")
+        rnd = latest
+    else:
+        rnd = open_round(cfg, round_)
     outcome = run_round(cfg, rnd, force=force, progress=not quiet, echo=typer.echo)
     if outcome.startswith("not-built"):
         raise typer.Exit(3)

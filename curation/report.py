@@ -159,7 +159,7 @@ def _log_history(step_dir: Path) -> list[dict]:
 def section_training(rnd) -> Section:
     figs, lines = [], []
     plt = _plt()
-    for step in ("train-reward", "train-dpo"):
+    for step in ("train_reward", "train_dpo"):
         s = rnd.step(step)
         if not s.done:
             lines.append(f"{step}: has not run")
@@ -265,10 +265,15 @@ def summary_text(rnd, sections: list[Section]) -> str:
 
 
 def run_report(cfg, rnd, *, force: bool = False, progress: bool = True) -> dict:
-    """Write `report/report.html` and `report/summary.txt` for the round. Always rebuilt (cheap)."""
+    """Write `report/report.html` and `report/summary.txt` for the round.
+
+    Rebuilt whenever a step it reads has changed (or finished since), so it can be produced mid-round."""
     sections = build_sections(rnd)
     inputs = tuple(rnd.step(n) for n in ("pool", "select", "pull", "evaluate", "gate") if rnd.step(n).done)
-    run = rnd.start_step("report", {"sections": [s.title for s in sections]}, inputs=inputs, force=True)
+    run = rnd.start_step("report", {"sections": [s.title for s in sections]}, inputs=inputs, force=force,
+                         rebuild=True)
+    if run is None:
+        return rnd.step("report").manifest()
     with run:
         write_text(run.path / "report.html", render_html(rnd, sections))
         text = summary_text(rnd, sections)

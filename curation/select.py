@@ -11,8 +11,9 @@ one row per chosen prompt:
   signal that stands out most, its value and its percentile in the pool).
 - The random arm: `round(k · random_share)` of the k items are drawn uniformly from the same eligible pool,
   excluding the strategy's picks, so every round measures the strategy against random honestly.
-- Items selected in any earlier round (the `rnd.previous()` chain of `select/selected.parquet`) are excluded;
-  their embeddings count as covered for diversity strategies and near-duplicate filtering.
+- Items selected in any earlier round (the `rnd.previous()` chain of `select/selected.parquet`) are excluded,
+  unless they came back as failures or feedback (error-based candidates); their embeddings count as covered for
+  diversity strategies and near-duplicate filtering.
 - Error-based signals: pool prompts whose `source` starts with "failure:" or whose metadata names a failure
   (`failure` / `failure_reason`: "harm_flagged", "human_disagreement", "low_ranked", ...), plus an optional
   feedback file (jsonl of {"prompt_id": ..., "reason": ...}) give an `error_score` in [0, 1] (0 = none).
@@ -316,7 +317,8 @@ def run_select(cfg, rnd, *, force: bool = False, progress: bool = True) -> dict:
         pool.signals["error_score"] = np.array([error_score(reasons.get(pid, [])) for pid in pool.ids])
         if REWARD_SIGNALS & set(strategy.inputs):
             run.extra["reward_ensemble"] = add_reward_signals(pool, rnd, rounds, sel.ensemble_members, seed)
-        eligible = np.flatnonzero([pid not in labelled_ids for pid in pool.ids]).astype(np.int64)
+        # Labelled items leave the pool, except those sent back as failures / feedback (error-based candidates).
+        eligible = np.flatnonzero([pid not in labelled_ids or pid in reasons for pid in pool.ids]).astype(np.int64)
         items = pool.subset(eligible)
         items.labelled = labelled_emb
         if len(items) == 0:

@@ -20,6 +20,11 @@ DEFAULTS = {
     "VLLM_ENABLE_V1_MULTIPROCESSING": "0",
     "VLLM_NO_USAGE_STATS": "1",
     "DO_NOT_TRACK": "1",
+    # Library chatter (load reports, deprecation notes) hides our own progress and errors; set these to
+    # "info"/"INFO" to see it again.
+    "TRANSFORMERS_VERBOSITY": "error",
+    "VLLM_LOGGING_LEVEL": "WARNING",
+    "TRANSFORMERS_NO_ADVISORY_WARNINGS": "1",
 }
 
 

@@ -183,11 +183,13 @@ class Round:
         inputs: tuple[Step, ...] = (),
         seeds: dict[str, int] | None = None,
         force: bool = False,
+        rebuild: bool = False,
     ) -> StepRun | None:
         """Begin step `name`, or return None when it already finished with this config and these inputs.
 
         `inputs` are upstream steps whose manifests this step consumes; they must be finished, and their
         manifests are part of this step's key, so redoing an upstream step makes this one stale.
+        `rebuild`: a stale finished step is redone instead of refused (for derived, cheap steps like reports).
         """
         step = self.step(name)
         for up in inputs:
@@ -201,13 +203,13 @@ class Round:
             previous = step.manifest()
             if previous.get("key") == key and not force:
                 return None
-            if not force:
+            if not force and not rebuild:
                 raise CurateError(
                     f"round {self.number}: step {name!r} already finished with a different config or inputs "
                     f"(key {previous.get('key')} vs {key}); start a new round, or pass --force to redo it "
                     "(its outputs are replaced)"
                 )
-        if force and step.path.exists():
+        if (force or rebuild) and step.path.exists():
             shutil.rmtree(step.path)
         return StepRun(step, key=key, config=config, inputs=inputs, seeds=seeds or {})
 

@@ -36,16 +36,19 @@ def test_report_embeds_plots_and_reads_artifacts(tmp_path):
     _step(rnd, "pull", {"agreement.json": {"kendall_tau": 0.41, "krippendorff_alpha": 0.3},
                         "annotators.json": {"ann-1": {"submitted": 2}},
                         "pairs.parquet": [{"prompt_id": "p1", "margin": 2.0, "rejected_harmful": True}]})
-    _step(rnd, "train-reward", {"log_history.json": {"log_history": [{"step": 1, "loss": 0.7},
+    _step(rnd, "train_reward", {"log_history.json": {"log_history": [{"step": 1, "loss": 0.7},
                                                                      {"step": 2, "loss": 0.6}]}})
     manifest = run_report(cfg, rnd, progress=False)
     html = (rnd.step("report").path / "report.html").read_text()
     assert manifest["counts"]["figures"] == 2  # score histograms + reward loss curve
     assert len(re.findall(r"data:image/png;base64,", html)) == 2
     for text in ("uncertainty", "random arm", "kendall_tau: 0.410", "pairs: 1 from 1 prompts",
-                 "strategy arm 1, random arm 1", "train-dpo: has not run"):
+                 "strategy arm 1, random arm 1", "train_dpo: has not run"):
         assert text in html, text
     summary = (rnd.step("report").path / "summary.txt").read_text()
     assert "Labels used so far" in summary
-    # rebuilt on every call (cheap), never stale
-    assert run_report(cfg, rnd, progress=False)["finished_at"] >= manifest["finished_at"]
+    # unchanged inputs: kept; a changed upstream step: rebuilt, never stale
+    assert run_report(cfg, rnd, progress=False) == manifest
+    _step(rnd, "evaluate", {"metrics.json": {"reward": {"accuracy": 0.61}}})
+    rebuilt = run_report(cfg, rnd, progress=False)
+    assert rebuilt["key"] != manifest["key"] and "reward.accuracy" in (rnd.step("report").path / "report.html").read_text()
