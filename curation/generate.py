@@ -1,21 +1,290 @@
-"""`curate generate`: n sampled completions per prompt from one or more generator models."""
+"""`curate generate`: n sampled completions per prompt from one or more generator models.
+
+For every prompt of the round's pool and every model in `generation.models`, the prompt is rendered with the
+model's chat template and `n` completions are sampled (`temperature`, `top_p`, `max_tokens`, per-prompt seeds
+derived from `seed`). Output: `generate/completions.parquet`, rows of `preference.schema.Completion` with the
+generator's mean token logprob (higher = more confident), an entropy proxy (exact mean next-token entropy on the
+transformers backend; -mean logprob of the sampled tokens on vLLM), `num_tokens` and `finish_reason`.
+
+Policies (stated, and counted in the manifest):
+- Empty prompts (no token after rendering, or user turns that are only whitespace) are REJECTED: skipped,
+  listed in `generate/rejected.jsonl` with the reason, counted as `rejected_empty`. The step does not fail.
+- Prompts too long for the model (prompt tokens + `max_tokens` > `max_model_len`): `prompt_too_long: reject`
+  (default) skips them the same way (`rejected_too_long`); `truncate` keeps the LAST
+  `max_model_len - max_tokens` tokens (the most recent turns and the assistant opener survive; the start of the
+  conversation is cut) and counts them as `truncated`.
+- `include_references: true` also adds the prompt's `metadata.reference_chosen` / `reference_rejected` answers
+  (HH pools) as completions with model `reference:chosen` / `reference:rejected`, scored (mean logprob) under
+  the first generator model; finish_reason `reference`.
+
+Resumable: prompts are processed in shards of `batch_size` prompts, each written to the step's `parts/` as soon
+as it is done; a rerun after a crash reuses finished shards. Cached: each (model weights, rendered prompt,
+sampling params, seed) result is stored in `cache_dir` (default `$CURATE_CACHE/generations`), so an identical
+request in a later round or run is not recomputed.
+"""
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Literal
 
-from preference.errors import NotBuiltYet
+from tqdm.auto import tqdm
+
+from curation.backends import (
+    Backend,
+    BackendSettings,
+    Generation,
+    Sampling,
+    check_sampling,
+    fit_request,
+    load_backend,
+)
+from preference.config import config_hash
+from preference.errors import CurateError
+from preference.io import read_json, read_rows, write_json, write_jsonl, write_rows
+from preference.schema import Completion, Prompt, stable_id
+
+REFERENCE_KEYS = {"reference:chosen": "reference_chosen", "reference:rejected": "reference_rejected"}
 
 
 @dataclass
 class GenerationConfig:
-    backend: str = "vllm"  # "vllm" | "transformers" | "dummy"
-    models: list[str] = field(default_factory=lambda: ["smollm2-135m-instruct"])
-    n: int = 4
-    temperature: float = 0.8
+    backend: Literal["vllm", "transformers", "dummy"] = "vllm"
+    models: list[str] = field(default_factory=lambda: ["smollm2-135m-instruct"])  # built-in names or HF folders
+    n: int = 4  # completions per prompt and model
+    temperature: float = 0.8  # 0 = greedy
     top_p: float = 0.95
-    max_tokens: int = 128
+    max_tokens: int = 128  # new tokens per completion
+    seed: int = 0
+    batch_size: int = 16  # prompts per backend call and per resumable shard
+    dtype: Literal["auto", "bfloat16", "float32"] = "auto"  # auto = the model's own dtype
+    max_model_len: int | None = None  # None = the model's max_position_embeddings
+    kv_cache_space_gib: float = 1.0
+    tensor_parallel_size: int = 1
+    data_parallel_size: int = 1
+    include_references: bool = False
+    prompt_too_long: Literal["truncate", "reject"] = "reject"
+    cache: bool = True
+    cache_dir: Path | None = None  # None = $CURATE_CACHE/generations
+
+    def __post_init__(self):
+        check_sampling(n=self.n, temperature=self.temperature, top_p=self.top_p, max_tokens=self.max_tokens,
+                       seed=self.seed)
+        if not self.models:
+            raise ValueError("models is empty; list at least one generator, e.g. [smollm2-135m-instruct]")
+        for key in ("batch_size", "tensor_parallel_size", "data_parallel_size"):
+            if getattr(self, key) < 1:
+                raise ValueError(f"{key} must be ≥ 1, got {getattr(self, key)}")
+        if self.kv_cache_space_gib <= 0:
+            raise ValueError(f"kv_cache_space_gib must be > 0, got {self.kv_cache_space_gib}")
+        if self.max_model_len is not None and self.max_model_len <= self.max_tokens:
+            raise ValueError(f"max_model_len ({self.max_model_len}) must be larger than max_tokens ({self.max_tokens})")
+
+    @property
+    def sampling(self) -> Sampling:
+        return Sampling(n=self.n, temperature=self.temperature, top_p=self.top_p, max_tokens=self.max_tokens,
+                        seed=self.seed)
+
+    @property
+    def settings(self) -> BackendSettings:
+        return BackendSettings(
+            dtype=self.dtype, max_model_len=self.max_model_len, kv_cache_space_gib=self.kv_cache_space_gib,
+            tensor_parallel_size=self.tensor_parallel_size, data_parallel_size=self.data_parallel_size,
+        )
 
 
+# -------------------------------------------------------------------------------------------------- cache
+class GenerationCache:
+    """One JSON file per (backend, model weights, prompt tokens, sampling params incl. seed)."""
+
+    def __init__(self, root: Path | None):
+        self.root = root
+        self.hits = 0
+        self.misses = 0
+
+    @staticmethod
+    def key(backend: Backend, prompt_ids: list[int], sampling: Sampling) -> str:
+        return stable_id(backend.kind, backend.fingerprint(), prompt_ids, sampling.key(), length=32)
+
+    def _path(self, key: str) -> Path | None:
+        return self.root / key[:2] / f"{key}.json" if self.root is not None else None
+
+    def get(self, key: str) -> list[Generation] | None:
+        path = self._path(key)
+        if path is None or not path.is_file():
+            self.misses += 1
+            return None
+        self.hits += 1
+        return [Generation.from_json(g) for g in read_json(path)]
+
+    def put(self, key: str, gens: list[Generation]) -> None:
+        path = self._path(key)
+        if path is not None:
+            write_json(path, [g.to_json() for g in gens])
+
+
+def default_cache_dir() -> Path:
+    from training.models import cache_dir
+
+    return cache_dir() / "generations"
+
+
+# ------------------------------------------------------------------------------------------------ helpers
+def prepare_prompt(backend: Backend, prompt: Prompt, cfg: GenerationConfig) -> tuple[list[int] | None, str]:
+    """(token ids, "") or (None, reason) for a prompt, applying the empty / too-long policies."""
+    if not any(m["content"].strip() for m in prompt.messages if m["role"] == "user"):
+        return None, "empty"
+    ids = backend.encode(backend.render_chat(prompt.messages))
+    if not ids:
+        return None, "empty"
+    budget = backend.max_model_len - cfg.max_tokens
+    if budget < 1:
+        raise CurateError(
+            f"generation.max_tokens={cfg.max_tokens} leaves no room for a prompt in the model context of "
+            f"{backend.max_model_len} tokens; lower max_tokens or raise max_model_len"
+        )
+    if len(ids) > budget:
+        if cfg.prompt_too_long == "reject":
+            return None, "too_long"
+        return ids[-budget:], "truncated"
+    return ids, ""
+
+
+def completion_row(prompt: Prompt, model: str, index: int, gen: Generation, params_key: str) -> dict:
+    entropy = gen.entropy if gen.entropy is not None else -gen.mean_logprob
+    return Completion(
+        id=Completion.make_id(prompt.id, model, index, params_key), prompt_id=prompt.id, model=model,
+        text=gen.text, sample_index=index, num_tokens=len(gen.token_ids), mean_logprob=gen.mean_logprob,
+        entropy=float(entropy), finish_reason=gen.finish_reason, seed=gen.seed,
+    ).to_row()
+
+
+def _shard_path(parts: Path, kind: str, model: str, prompt_ids: list[str], params_key: str) -> Path:
+    return parts / f"{kind}-{stable_id(model, prompt_ids, params_key, length=20)}.parquet"
+
+
+def generate_for_model(
+    backend: Backend, model: str, prompts: list[Prompt], cfg: GenerationConfig, parts: Path,
+    cache: GenerationCache, bar, stats: dict, rejected: list[dict],
+) -> list[dict]:
+    """Completion rows of one model for all prompts, shard by shard (finished shards are reused)."""
+    sampling = cfg.sampling
+    params_key = config_hash(sampling.key())
+    rows: list[dict] = []
+    for start in range(0, len(prompts), cfg.batch_size):
+        chunk = prompts[start : start + cfg.batch_size]
+        prepared = []
+        for p in chunk:
+            ids, reason = prepare_prompt(backend, p, cfg)
+            if ids is None:
+                rejected.append({"prompt_id": p.id, "model": model, "reason": reason})
+                stats[f"rejected_{reason}"] = stats.get(f"rejected_{reason}", 0) + 1
+                continue
+            if reason == "truncated":
+                stats["truncated"] = stats.get("truncated", 0) + 1
+            prepared.append((p, ids))
+        shard = _shard_path(parts, "gen", f"{backend.kind}:{backend.fingerprint()}", [p.id for p, _ in prepared],
+                            params_key)
+        if shard.is_file():
+            stats["shards_reused"] = stats.get("shards_reused", 0) + 1
+            rows += read_rows(shard)
+            bar.update(len(chunk))
+            continue
+        keys = [cache.key(backend, ids, sampling) for _, ids in prepared]
+        found = {k: g for k in keys if (g := cache.get(k)) is not None}
+        todo = [(k, ids) for k, (_, ids) in zip(keys, prepared, strict=True) if k not in found]
+        if todo:
+            for (k, _), gens in zip(todo, backend.generate([ids for _, ids in todo], sampling), strict=True):
+                cache.put(k, gens)
+                found[k] = gens
+        shard_rows = [
+            completion_row(p, model, i, g, params_key)
+            for (p, _), k in zip(prepared, keys, strict=True)
+            for i, g in enumerate(found[k])
+        ]
+        write_rows(shard, shard_rows)
+        rows += shard_rows
+        bar.update(len(chunk))
+    return rows
+
+
+def reference_rows(backend: Backend, prompts: list[Prompt], parts: Path, params_key: str) -> list[dict]:
+    """HH reference answers as completions, with their mean logprob under `backend`'s model."""
+    items = [
+        (p, model, p.metadata[key])
+        for p in prompts
+        for model, key in REFERENCE_KEYS.items()
+        if isinstance(p.metadata.get(key), str) and p.metadata[key].strip()
+    ]
+    shard = _shard_path(parts, "ref", backend.fingerprint(), [f"{p.id}/{m}" for p, m, _ in items], params_key)
+    if shard.is_file():
+        return read_rows(shard)
+    rows = []
+    requests, kept = [], []
+    for p, model, text in items:
+        ctx, cont, _ = fit_request(backend.encode(backend.render_chat(p.messages)),
+                                   backend.encode(text) + [backend.eos_token_id], backend.max_model_len)
+        requests.append((ctx, cont))
+        kept.append((p, model, text, len(cont)))
+    lls = backend.loglikelihood(requests) if requests else []
+    for (p, model, text, n_tok), ll in zip(kept, lls, strict=True):
+        mean = sum(ll) / len(ll)
+        rows.append(Completion(
+            id=Completion.make_id(p.id, model, 0, "reference"), prompt_id=p.id, model=model, text=text,
+            sample_index=0, num_tokens=n_tok, mean_logprob=mean, entropy=-mean, finish_reason="reference",
+        ).to_row())
+    write_rows(shard, rows)
+    return rows
+
+
+# --------------------------------------------------------------------------------------------------- step
 def run_generate(cfg, rnd, *, force: bool = False, progress: bool = True) -> dict:
-    raise NotBuiltYet("generate")
+    """Round step `generate` (see the module docstring)."""
+    from curation.pool import load_prompts
+
+    gen: GenerationConfig = cfg.generation
+    pool = rnd.step("pool")
+    run = rnd.start_step("generate", gen, inputs=(pool,), seeds={"seed": cfg.seed, "generation.seed": gen.seed},
+                         force=force)
+    if run is None:
+        return rnd.step("generate").manifest()
+    with run:
+        prompts = load_prompts(rnd)
+        cache_root = (gen.cache_dir or default_cache_dir()) if gen.cache else None
+        cache = GenerationCache(Path(cache_root) if cache_root else None)
+        stats: dict[str, int] = {}
+        rejected: list[dict] = []
+        rows: list[dict] = []
+        params_key = config_hash(gen.sampling.key())
+        with tqdm(total=len(prompts) * len(gen.models), desc="generate", unit="prompt", disable=not progress) as bar:
+            for index, model in enumerate(gen.models):
+                with load_backend(gen.backend, model, gen.settings) as backend:
+                    rows += generate_for_model(backend, model, prompts, gen, run.parts_dir, cache, bar, stats,
+                                               rejected)
+                    if gen.include_references and index == 0:
+                        rows += reference_rows(backend, prompts, run.parts_dir, params_key)
+        unique: dict[str, dict] = {}
+        for row in rows:
+            unique.setdefault(row["id"], row)
+        rows = list(unique.values())
+        write_rows(run.path / "completions.parquet", rows)
+        write_jsonl(run.path / "rejected.jsonl", rejected)
+        run.counts.update({
+            "prompts": len(prompts), "completions": len(rows), "models": len(gen.models),
+            "prompts_with_completions": len({r["prompt_id"] for r in rows}),
+            "references": sum(r["model"] in REFERENCE_KEYS for r in rows),
+            "rejected_empty": 0, "rejected_too_long": 0, "truncated": 0, "shards_reused": 0,
+            **stats, "cache_hits": cache.hits, "cache_misses": cache.misses,
+        })
+        for model in gen.models:
+            run.counts[f"completions::{model}"] = sum(r["model"] == model for r in rows)
+    return rnd.step("generate").manifest()
+
+
+def load_completions(rnd) -> list[Completion]:
+    """The completions of a round's finished `generate` step."""
+    return [Completion.from_row(r) for r in read_rows(rnd.step("generate").file("completions.parquet"))]
+
+
+__all__ = ["GenerationCache", "GenerationConfig", "load_completions", "prepare_prompt", "run_generate"]

@@ -179,12 +179,19 @@ def replace_path(obj: T, dotted: str, value: Any) -> T:
     if head not in names:
         raise ConfigError(f"--set {dotted}: unknown key {head!r}; known keys: {', '.join(sorted(names))}")
     if rest:
-        return dataclasses.replace(obj, **{head: replace_path(getattr(obj, head), rest, value)})
+        return _replace(obj, dotted, **{head: replace_path(getattr(obj, head), rest, value)})
     hints = get_type_hints(type(obj))
     parsed = yaml.safe_load(value) if isinstance(value, str) else value
     if hints[head] is str and not isinstance(parsed, str):
         parsed = value
-    return dataclasses.replace(obj, **{head: _convert(hints[head], parsed, dotted)})
+    return _replace(obj, dotted, **{head: _convert(hints[head], parsed, dotted)})
+
+
+def _replace(obj: T, dotted: str, **changes: Any) -> T:
+    try:
+        return dataclasses.replace(obj, **changes)
+    except (ValueError, TypeError) as exc:  # __post_init__ range checks
+        raise ConfigError(f"--set {dotted}: {exc}") from exc
 
 
 __all__ = [

@@ -92,3 +92,5 @@ def test_replace_path_and_hash():
         replace_path(cfg, "nope", "1")
     with pytest.raises(ConfigError, match="expected int"):
         replace_path(cfg, "n", "abc")
+    with pytest.raises(ConfigError, match="--set n: n must be ≥ 0, got -1"):
+        replace_path(cfg, "n", "-1")

