@@ -21,6 +21,11 @@ Resumable: prompts are processed in shards of `batch_size` prompts, each written
 as it is done; a rerun after a crash reuses finished shards. Cached: each (model weights, rendered prompt,
 sampling params, seed) result is stored in `cache_dir` (default `$CURATE_CACHE/generations`), so an identical
 request in a later round or run is not recomputed.
+
+Scale-out: `tensor_parallel_size` / `data_parallel_size` go to vLLM as they are (several GPUs of one node).
+`sharding: {backend: ray, num_shards: N, address: auto, num_gpus_per_shard: 1}` splits the pool into N shards and
+generates each as a Ray task on the cluster (each task loads its own backend on its node; parts and cache folders
+must then be on a filesystem every node sees). The output is identical to an unsharded run: seeds are per prompt.
 """
 
 from __future__ import annotations
@@ -31,6 +36,7 @@ from typing import Literal
 
 from tqdm.auto import tqdm
 
+from curation.sharded import ShardingConfig, map_shards
 from curation.backends import (
     Backend,
     BackendSettings,
@@ -40,7 +46,7 @@ from curation.backends import (
     fit_request,
     load_backend,
 )
-from preference.config import config_hash
+from preference.config import config_hash, from_dict, to_dict
 from preference.errors import CurateError
 from preference.io import read_json, read_rows, write_json, write_jsonl, write_rows
 from preference.schema import Completion, Prompt, stable_id
@@ -67,6 +73,7 @@ class GenerationConfig:
     prompt_too_long: Literal["truncate", "reject"] = "reject"
     cache: bool = True
     cache_dir: Path | None = None  # None = $CURATE_CACHE/generations
+    sharding: ShardingConfig = field(default_factory=ShardingConfig)  # Ray: generate pool shards on a cluster
 
     def __post_init__(self):
         check_sampling(n=self.n, temperature=self.temperature, top_p=self.top_p, max_tokens=self.max_tokens,
@@ -257,13 +264,30 @@ def run_generate(cfg, rnd, *, force: bool = False, progress: bool = True) -> dic
         rejected: list[dict] = []
         rows: list[dict] = []
         params_key = config_hash(gen.sampling.key())
-        with tqdm(total=len(prompts) * len(gen.models), desc="generate", unit="prompt", disable=not progress) as bar:
+        if gen.sharding.backend == "none":
+            with tqdm(total=len(prompts) * len(gen.models), desc="generate", unit="prompt",
+                      disable=not progress) as bar:
+                for index, model in enumerate(gen.models):
+                    with load_backend(gen.backend, model, gen.settings) as backend:
+                        rows += generate_for_model(backend, model, prompts, gen, run.parts_dir, cache, bar, stats,
+                                                   rejected)
+                        if gen.include_references and index == 0:
+                            rows += reference_rows(backend, prompts, run.parts_dir, params_key)
+        else:
             for index, model in enumerate(gen.models):
-                with load_backend(gen.backend, model, gen.settings) as backend:
-                    rows += generate_for_model(backend, model, prompts, gen, run.parts_dir, cache, bar, stats,
-                                               rejected)
-                    if gen.include_references and index == 0:
-                        rows += reference_rows(backend, prompts, run.parts_dir, params_key)
+                results = map_shards(
+                    generate_shard, [p.to_row() for p in prompts], gen.sharding, config=to_dict(gen), model=model,
+                    parts=str(run.parts_dir), cache_root=str(cache_root) if cache_root else None,
+                    references=gen.include_references and index == 0,
+                )
+                for result in results:
+                    cache.hits += result["stats"].pop("cache_hits")
+                    cache.misses += result["stats"].pop("cache_misses")
+                    rows += result["rows"]
+                    rejected += result["rejected"]
+                    for key, value in result["stats"].items():
+                        stats[key] = stats.get(key, 0) + value
+            run.counts["shards"] = gen.sharding.num_shards
         unique: dict[str, dict] = {}
         for row in rows:
             unique.setdefault(row["id"], row)
@@ -280,6 +304,22 @@ def run_generate(cfg, rnd, *, force: bool = False, progress: bool = True) -> dic
         for model in gen.models:
             run.counts[f"completions::{model}"] = sum(r["model"] == model for r in rows)
     return rnd.step("generate").manifest()
+
+
+def generate_shard(prompt_rows: list[dict], *, config: dict, model: str, parts: str, cache_root: str | None,
+                   references: bool) -> dict:
+    """One shard of `run_generate` (a Ray task): its own backend, the same resumable parts and cache."""
+    gen = from_dict(GenerationConfig, config)
+    prompts = [Prompt.from_row(r) for r in prompt_rows]
+    cache = GenerationCache(Path(cache_root) if cache_root else None)
+    stats: dict[str, int] = {}
+    rejected: list[dict] = []
+    with tqdm(total=len(prompts), disable=True) as bar, load_backend(gen.backend, model, gen.settings) as backend:
+        rows = generate_for_model(backend, model, prompts, gen, Path(parts), cache, bar, stats, rejected)
+        if references:
+            rows += reference_rows(backend, prompts, Path(parts), config_hash(gen.sampling.key()))
+    stats["cache_hits"], stats["cache_misses"] = cache.hits, cache.misses
+    return {"rows": rows, "stats": stats, "rejected": rejected}
 
 
 def load_completions(rnd) -> list[Completion]:

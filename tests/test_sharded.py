@@ -35,3 +35,31 @@ def test_single_node_ray_gives_identical_results():
     local = map_shards(stable_id, items, ShardingConfig(num_shards=3))
     remote = map_shards(stable_id, items, ShardingConfig(backend="ray", address="local", num_shards=3))
     assert remote == local and len(set(local)) == 3
+
+
+@pytest.mark.slow
+def test_generate_sharded_on_ray_matches_local(tmp_path, hh_sample):
+    """`generation.sharding.backend: ray` on a single-node Ray gives the same completions as a local run."""
+    pytest.importorskip("ray", reason="Ray is an optional extra: pip install -e '.[ray]'")
+    from curation.config import RoundConfig
+    from curation.generate import GenerationConfig, run_generate
+    from curation.pool import PoolConfig, PoolSource, run_pool
+    from preference.io import read_rows
+    from preference.store import Project
+
+    out = {}
+    for name, sharding in (("local", ShardingConfig()),
+                           ("ray", ShardingConfig(backend="ray", address="local", num_shards=2))):
+        cfg = RoundConfig(
+            project=tmp_path / name,
+            pool=PoolConfig(sources=[PoolSource(path=hh_sample, limit=10)]),
+            generation=GenerationConfig(backend="dummy", models=["dummy"], n=2, batch_size=3, cache=False,
+                                        include_references=True, sharding=sharding),
+        )
+        rnd = Project(cfg.project).round(create=True)
+        run_pool(cfg, rnd, progress=False)
+        manifest = run_generate(cfg, rnd, progress=False)
+        out[name] = (sorted(read_rows(rnd.step("generate").file("completions.parquet")), key=lambda r: r["id"]),
+                     manifest["counts"])
+    assert out["ray"][0] == out["local"][0] and len(out["ray"][0]) == 10 * 2 + 20
+    assert out["ray"][1]["shards"] == 2 and out["ray"][1]["completions"] == out["local"][1]["completions"]
