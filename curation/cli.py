@@ -142,7 +142,11 @@ def status(config: ConfigOpt, set_: SetOpt = None) -> None:
 
     cfg = load(config, set_)
     project = Project(cfg.project)
-    rows = project.status()
+    from curation.round import STEPS
+
+    order = {name: i for i, (name, _) in enumerate(STEPS)}
+    order["failures"] = order["gate"] + 0.5
+    rows = sorted(project.status(), key=lambda r: (r["round"], order.get(r["step"], len(order)), r["step"]))
     if not rows:
         typer.echo(f"{project.root}: no rounds yet; start with `curate pool -c {config}`")
         return
