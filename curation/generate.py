@@ -36,7 +36,6 @@ from typing import Literal
 
 from tqdm.auto import tqdm
 
-from curation.sharded import ShardingConfig, map_shards
 from curation.backends import (
     Backend,
     BackendSettings,
@@ -46,6 +45,7 @@ from curation.backends import (
     fit_request,
     load_backend,
 )
+from curation.sharded import ShardingConfig, map_shards
 from preference.config import config_hash, from_dict, to_dict
 from preference.errors import CurateError
 from preference.io import read_json, read_rows, write_json, write_jsonl, write_rows

@@ -26,6 +26,7 @@ class Section:
     lines: list[str]
     figures: list[bytes]
     table: list[dict[str, Any]] | None = None
+    pre: str | None = None  # preformatted text (e.g. the evaluation tables with CIs)
 
 
 def _png(fig) -> bytes:
@@ -88,9 +89,10 @@ def section_scores(rnd) -> Section:
         values = np.array([r[col] for r in rows], dtype=float)
         picked = np.array([r[col] for r in rows if r["prompt_id"] in selected], dtype=float)
         finite = values[np.isfinite(values)]
-        ax.hist(finite, bins=20, color="#9ab", label="pool")
+        bins = np.histogram_bin_edges(finite, bins=20) if finite.size else 20
+        ax.hist(finite, bins=bins, color="#9ab", label="pool")
         if picked.size:
-            ax.hist(picked[np.isfinite(picked)], bins=20, color="#d62", alpha=0.8, label="selected")
+            ax.hist(picked[np.isfinite(picked)], bins=bins, color="#d62", alpha=0.8, label="selected")
         ax.set_title(col, fontsize=9)
         if finite.size:
             lines.append(f"{col}: median {np.median(finite):.3g} (IQR {np.percentile(finite, 25):.3g}–"
@@ -175,30 +177,27 @@ def section_training(rnd) -> Section:
     return Section("Training", lines, figs)
 
 
-def _flatten(prefix: str, obj: Any, out: dict[str, Any]) -> None:
-    if isinstance(obj, dict):
-        for k, v in obj.items():
-            _flatten(f"{prefix}.{k}" if prefix else str(k), v, out)
-    elif isinstance(obj, (int, float, str, bool)) or obj is None:
-        out[prefix] = obj
-
-
 def section_evaluation(rnd) -> Section:
-    lines = []
-    table = []
-    for step in ("evaluate", "gate"):
-        s = rnd.step(step)
-        if not s.done:
-            lines.append(f"{step}: has not run")
-            continue
-        for path in sorted(s.path.glob("*.json")):
-            if path.name == "manifest.json":
-                continue
-            flat: dict[str, Any] = {}
-            _flatten("", read_json(path), flat)
-            table += [{"file": f"{step}/{path.name}", "metric": k, "value": v} for k, v in list(flat.items())[:60]]
-        lines.append(f"{step}: " + ", ".join(f"{k}={v}" for k, v in s.manifest().get("counts", {}).items()))
-    return Section("Evaluation vs champion", lines, [], table or None)
+    """The evaluation tables (accuracy with bootstrap CIs per slice) and the gate's decision vs the champion."""
+    lines: list[str] = []
+    text = None
+    evaluate, gate = rnd.step("evaluate"), rnd.step("gate")
+    if evaluate.done and (evaluate.path / "metrics.txt").is_file():
+        text = (evaluate.path / "metrics.txt").read_text()
+    elif not evaluate.done:
+        lines.append("evaluate: has not run")
+    decision = _json(rnd, "gate", "decision.json")
+    if decision:
+        verdict = "PROMOTED" if decision.get("promote") else "not promoted"
+        lines.append(f"gate: candidate {decision.get('version')} {verdict} "
+                     f"({'; '.join(decision.get('reasons') or [])}); champion now {decision.get('champion')}")
+        for metric, c in (decision.get("comparisons") or {}).items():
+            champ = "—" if c.get("champion") is None else f"{c['champion']:.3f}"
+            delta = "" if c.get("delta") is None else f", delta {c['delta']:+.3f}"
+            lines.append(f"{metric}: candidate {c.get('candidate', float('nan')):.3f} vs champion {champ}{delta}")
+    elif not gate.done:
+        lines.append("gate: has not run")
+    return Section("Evaluation vs champion", lines, [], pre=text)
 
 
 def section_labels(rnd) -> Section:
@@ -242,6 +241,8 @@ def render_html(rnd, sections: list[Section]) -> str:
         for fig in s.figures:
             parts.append(f"<img alt='{html.escape(s.title)}' src='data:image/png;base64,"
                          f"{base64.b64encode(fig).decode()}'>")
+        if s.pre:
+            parts.append(f"<pre>{html.escape(s.pre)}</pre>")
         if s.table:
             cols = list(dict.fromkeys(k for row in s.table for k in row))
             parts.append("<table><tr>" + "".join(f"<th>{html.escape(c)}</th>" for c in cols) + "</tr>")
@@ -261,6 +262,8 @@ def summary_text(rnd, sections: list[Section]) -> str:
     for s in sections:
         out.append(f"  {s.title}")
         out += [f"    {line}" for line in s.lines]
+        if s.pre:
+            out += [f"    {line}" for line in s.pre.splitlines()]
     return "\n".join(out)
 
 

@@ -50,5 +50,13 @@ def test_report_embeds_plots_and_reads_artifacts(tmp_path):
     # unchanged inputs: kept; a changed upstream step: rebuilt, never stale
     assert run_report(cfg, rnd, progress=False) == manifest
     _step(rnd, "evaluate", {"metrics.json": {"reward": {"accuracy": 0.61}}})
+    (rnd.step("evaluate").path / "metrics.txt").write_text("all  60  0.617  [0.483, 0.733]\n")
+    _step(rnd, "gate", {"decision.json": {"promote": False, "version": "v0002", "champion": "v0001",
+                                          "reasons": ["reward.accuracy: +0.010 ≤ min_improvement 0.02"],
+                                          "comparisons": {"reward.accuracy": {"candidate": 0.617, "champion": 0.607,
+                                                                              "delta": 0.01}}}})
     rebuilt = run_report(cfg, rnd, progress=False)
-    assert rebuilt["key"] != manifest["key"] and "reward.accuracy" in (rnd.step("report").path / "report.html").read_text()
+    html = (rnd.step("report").path / "report.html").read_text()
+    assert rebuilt["key"] != manifest["key"]
+    assert "[0.483, 0.733]" in html and "candidate v0002 not promoted" in html
+    assert "reward.accuracy: candidate 0.617 vs champion 0.607, delta +0.010" in html
