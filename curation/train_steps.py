@@ -85,7 +85,7 @@ def _done_and_active(step) -> bool:
 # ---------------------------------------------------------------------------------------------- train steps
 def run_train_reward(cfg, rnd, *, force: bool = False, progress: bool = True) -> dict:
     """Train the LoRA reward model (or ensemble) on the round's pairs plus replay → train_reward/model."""
-    from training.reward import train_reward_model
+    from training.launch import run_training
 
     pull = rnd.step("pull")
     config = {"reward": cfg.reward, **_heldout_key(cfg), "replay_inputs": _replay_keys(rnd, cfg.reward.replay.rounds)}
@@ -94,7 +94,7 @@ def run_train_reward(cfg, rnd, *, force: bool = False, progress: bool = True) ->
         return rnd.step("train_reward").manifest()
     with run:
         pairs, counts, lineage = _training_set(cfg, rnd, cfg.reward)
-        stats = train_reward_model(pairs, cfg.reward, run.parts_dir / "train", seed=cfg.seed, progress=progress)
+        stats = run_training("reward", pairs, cfg.reward, run.parts_dir / "train", seed=cfg.seed, progress=progress)
         _move_model(run.parts_dir / "train" / "model", run.path / "model")
         write_json(run.path / "lineage.json", {"rounds": lineage, "counts": counts})
         write_json(run.path / "train_stats.json", stats)
@@ -105,7 +105,7 @@ def run_train_reward(cfg, rnd, *, force: bool = False, progress: bool = True) ->
 
 def run_train_dpo(cfg, rnd, *, force: bool = False, progress: bool = True) -> dict:
     """DPO/LoRA on the policy with the round's pairs plus replay → train_dpo/model (skipped when disabled)."""
-    from training.dpo import train_dpo
+    from training.launch import run_training
 
     pull = rnd.step("pull")
     config = {"dpo": cfg.dpo, **_heldout_key(cfg), "replay_inputs": _replay_keys(rnd, cfg.dpo.replay.rounds)}
@@ -118,7 +118,7 @@ def run_train_dpo(cfg, rnd, *, force: bool = False, progress: bool = True) -> di
             run.counts["trained"] = 0
         else:
             pairs, counts, lineage = _training_set(cfg, rnd, cfg.dpo)
-            stats = train_dpo(pairs, cfg.dpo, run.parts_dir / "train", seed=cfg.seed, progress=progress)
+            stats = run_training("dpo", pairs, cfg.dpo, run.parts_dir / "train", seed=cfg.seed, progress=progress)
             _move_model(run.parts_dir / "train" / "model", run.path / "model")
             write_json(run.path / "lineage.json", {"rounds": lineage, "counts": counts})
             write_json(run.path / "train_stats.json", stats)

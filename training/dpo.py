@@ -53,7 +53,8 @@ class DPOTrainConfig:
     max_prompt_length: int = 192  # tokens; the prompt keeps its latest turns
     max_completion_length: int = 128  # tokens; answers keep their start
     bf16: bool | None = None  # null = bf16 autocast when supported
-    threads: int = 2
+    threads: int = 2  # torch CPU threads (per process)
+    num_processes: int = 1  # > 1: data-parallel under `accelerate launch` (training/launch.py)
     save_steps: int = 10
     logging_steps: int = 5
     max_train_pairs: int | None = None
@@ -61,7 +62,7 @@ class DPOTrainConfig:
     trl: dict[str, Any] = field(default_factory=dict)  # extra trl.DPOConfig fields, validated by name
 
     def __post_init__(self):
-        for name in ("lora_r", "lora_alpha", "batch_size", "grad_accum", "threads", "save_steps",
+        for name in ("lora_r", "lora_alpha", "batch_size", "grad_accum", "threads", "num_processes", "save_steps",
                      "max_prompt_length", "max_completion_length"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be ≥ 1, got {getattr(self, name)}")
@@ -126,12 +127,14 @@ def train_dpo(
     t0 = time.monotonic()
     result = trainer.train(resume_from_checkpoint=resume)
     seconds = time.monotonic() - t0
-    staging = work_dir / "model.partial"
-    shutil.rmtree(staging, ignore_errors=True)
-    trainer.model.save_pretrained(staging)
-    write_json(staging / MODEL_CARD, {"kind": "policy", "base_model": cfg.base_model, "base_path": str(base)})
-    shutil.rmtree(work_dir / "model", ignore_errors=True)
-    staging.rename(work_dir / "model")
+    if trainer.is_world_process_zero():  # under accelerate launch only the main process writes
+        staging = work_dir / "model.partial"
+        shutil.rmtree(staging, ignore_errors=True)
+        trainer.model.save_pretrained(staging)
+        write_json(staging / MODEL_CARD, {"kind": "policy", "base_model": cfg.base_model, "base_path": str(base)})
+        shutil.rmtree(work_dir / "model", ignore_errors=True)
+        staging.rename(work_dir / "model")
+    trainer.accelerator.wait_for_everyone()
     steps = trainer.state.global_step
     pairs_done = (steps - (trainer_step(resume) or 0)) * cfg.batch_size * cfg.grad_accum
     logs = [h for h in trainer.state.log_history if "loss" in h]

@@ -60,7 +60,8 @@ class RewardTrainConfig:
     center_rewards_coefficient: float | None = None
     ensemble: int = 1  # K LoRA heads; K > 1 trains each on a bootstrap resample
     bf16: bool | None = None  # null = bf16 autocast when the CPU/GPU supports it
-    threads: int = 2  # torch CPU threads
+    threads: int = 2  # torch CPU threads (per process)
+    num_processes: int = 1  # > 1: data-parallel under `accelerate launch` (training/launch.py)
     save_steps: int = 20  # checkpoint every N optimizer steps (resume point)
     logging_steps: int = 10
     score_batch_size: int = 8
@@ -71,7 +72,7 @@ class RewardTrainConfig:
     def __post_init__(self):
         positive = {"lora_r": self.lora_r, "lora_alpha": self.lora_alpha, "batch_size": self.batch_size,
                     "grad_accum": self.grad_accum, "max_length": self.max_length, "ensemble": self.ensemble,
-                    "threads": self.threads, "save_steps": self.save_steps, "score_batch_size": self.score_batch_size}
+                    "threads": self.threads, "num_processes": self.num_processes, "save_steps": self.save_steps, "score_batch_size": self.score_batch_size}
         for name, value in positive.items():
             if value < 1:
                 raise ValueError(f"{name} must be ≥ 1, got {value}")
@@ -84,6 +85,19 @@ class RewardTrainConfig:
 
 
 # ---------------------------------------------------------------------------------------------------- helpers
+def main_process() -> bool:
+    """True unless this is a non-main process of an `accelerate launch` run (which must not write files)."""
+    from accelerate import PartialState
+
+    return PartialState().is_main_process
+
+
+def wait_for_everyone() -> None:
+    from accelerate import PartialState
+
+    PartialState().wait_for_everyone()
+
+
 def bf16_supported() -> bool:
     """True when bf16 autocast is fast here (CUDA with bf16, or a CPU with AVX512-BF16/AMX)."""
     import torch
@@ -196,9 +210,12 @@ def train_reward_model(
             base, tokenizer, {c: [v[i] for i in index] for c, v in cols.items()}, cfg, member_dir,
             seed=seed + k, progress=progress,
         )
-        write_json(member_dir / "stats.json", member_stats)
+        if main_process():
+            write_json(member_dir / "stats.json", member_stats)
         stats["members"].append(member_stats)
-    save_reward_model(work_dir, work_dir / "model", cfg, base)
+    if main_process():
+        save_reward_model(work_dir, work_dir / "model", cfg, base)
+    wait_for_everyone()
     stats["seconds"] = round(time.monotonic() - t0, 1)
     return stats
 
@@ -236,9 +253,11 @@ def _train_member(base, tokenizer, cols, cfg, member_dir: Path, *, seed: int, pr
     result = trainer.train(resume_from_checkpoint=resume)
     seconds = time.monotonic() - t0
     losses = [h["loss"] for h in trainer.state.log_history if "loss" in h]
-    trainer.model.save_pretrained(member_dir / "adapter.partial")
-    shutil.rmtree(member_dir / "adapter", ignore_errors=True)
-    (member_dir / "adapter.partial").rename(member_dir / "adapter")
+    if trainer.is_world_process_zero():  # under accelerate launch only the main process writes
+        trainer.model.save_pretrained(member_dir / "adapter.partial")
+        shutil.rmtree(member_dir / "adapter", ignore_errors=True)
+        (member_dir / "adapter.partial").rename(member_dir / "adapter")
+    trainer.accelerator.wait_for_everyone()
     steps_done = trainer.state.global_step
     n_trained = (steps_done - (trainer_step(resume) or 0)) * cfg.batch_size * cfg.grad_accum
     return {
