@@ -33,9 +33,11 @@ round_app = typer.Typer(no_args_is_help=True, help="Run or inspect whole rounds.
 models_app = typer.Typer(no_args_is_help=True, help="Offline model cache (no hub access at run time).")
 app.add_typer(train_app, name="train")
 app.add_typer(round_app, name="round")
+registry_app = typer.Typer(no_args_is_help=True, help="The project's model registry: versions, promote, rollback.")
 argilla_app = typer.Typer(no_args_is_help=True, help="Local Argilla server for development and tests (127.0.0.1).")
 app.add_typer(models_app, name="models")
 app.add_typer(argilla_app, name="argilla")
+app.add_typer(registry_app, name="registry")
 
 ConfigOpt = Annotated[Path, typer.Option("--config", "-c", help="Round config YAML (see configs/).")]
 RoundOpt = Annotated[int | None, typer.Option("--round", "-r", help="Round number (default: the latest).")]
@@ -225,6 +227,34 @@ def models_list() -> None:
         typer.echo(f"no models in {root}; run `curate models fetch`")
     for p in found:
         typer.echo(f"{model_info(p).get('name', p.name):<28} {p}")
+
+
+@registry_app.command("list")
+def registry_list(config: ConfigOpt, set_: SetOpt = None,
+                  metric: Annotated[str, typer.Option(help="Metric column to show.")] = "reward.accuracy") -> None:
+    """List registered model versions with a metric; * marks the champion."""
+    from training.registry import format_versions, registry_root
+
+    typer.echo(format_versions(registry_root(load(config, set_)), metric))
+
+
+@registry_app.command("promote")
+def registry_promote(version: Annotated[str, typer.Argument(help="Version id, e.g. v0002.")], config: ConfigOpt,
+                     set_: SetOpt = None) -> None:
+    """Make a version the champion by hand (the gate does this automatically when metrics improve)."""
+    from training.registry import promote, registry_root
+
+    promote(registry_root(load(config, set_)), version)
+    typer.echo(f"champion: {version}")
+
+
+@registry_app.command("rollback")
+def registry_rollback(config: ConfigOpt, set_: SetOpt = None) -> None:
+    """Restore the previous champion."""
+    from training.registry import registry_root, rollback
+
+    champion = rollback(registry_root(load(config, set_)))
+    typer.echo(f"champion: {champion or 'none'}")
 
 
 PortOpt = Annotated[int | None, typer.Option("--port", help="Server port (default 6900).")]

@@ -58,6 +58,8 @@ def test_round_end_to_end_then_next_round(tmp_path):
     # status lists every step as done
     status = curate("round", "status", "-c", TINY, "--set", f"project={project}").stdout
     assert all(f" {s} " in status for s in STEPS) and "failed" not in status
+    registry = curate("registry", "list", "-c", TINY, "--set", f"project={project}").stdout
+    assert "v0001" in registry and registry.rstrip().endswith("*")  # promoted by the gate (no champion before)
     # the next round: labelled prompts leave the pool, the gate's failures come back
     curate("round", "run", "-c", TINY, "--set", f"project={project}", "--next", "-q")
     r2 = project / "round-0002"
