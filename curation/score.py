@@ -60,6 +60,8 @@ import pyarrow.parquet as pq
 from tqdm.auto import tqdm
 
 from curation.backends import Backend, BackendSettings, fit_request, load_backend
+from curation.sharded import ShardingConfig, map_shards
+from preference.config import from_dict, to_dict
 from preference.errors import CurateError
 from preference.io import atomic_path, read_rows, write_json, write_rows
 from preference.schema import Completion, Prompt, stable_id
@@ -80,6 +82,7 @@ class ScoringConfig:
     batch_size: int = 256  # requests per backend call and per resumable shard
     micro_batch_size: int = 8  # transformers: sequences per forward pass
     embed_max_tokens: int = 512
+    sharding: ShardingConfig = field(default_factory=ShardingConfig)  # Ray: score pool shards on a cluster
 
     def __post_init__(self):
         if not self.committee:
@@ -335,6 +338,34 @@ def compute_scores(
 
 
 # --------------------------------------------------------------------------------------------------- step
+def score_prompts(sc: ScoringConfig, prompts: dict[str, Prompt], completions: list[Completion], parts: Path,
+                  bar=None) -> tuple[dict[str, dict[str, tuple[float, int]]], dict[str, np.ndarray], int]:
+    """Log-likelihoods under every committee member, and embeddings, for these prompts and completions."""
+    lls: dict[str, dict[str, tuple[float, int]]] = {}
+    truncated = 0
+    for spec in sc.committee:
+        with load_backend(sc.backend, resolve_member(spec, sc.backend), sc.settings) as backend:
+            items = build_requests(backend, prompts, completions)
+            lls[member_name(spec)], t = score_requests(backend, items, parts, sc.batch_size, bar)
+            truncated += t
+    embed_spec = sc.embedding_model or sc.committee[0]
+    embed_kind = "dummy" if sc.backend == "dummy" else "transformers"
+    with load_backend(embed_kind, resolve_member(embed_spec, sc.backend), sc.settings) as backend:
+        texts = [(f"c/{c.id}", c.text) for c in completions] + [(f"p/{p}", q.text) for p, q in prompts.items()]
+        emb = embed_texts(backend, texts, parts, sc.batch_size, bar)
+    return lls, emb, truncated
+
+
+def score_shard(work: list[tuple[dict, list[dict]]], *, config: dict, parts: str) -> dict:
+    """One shard of `run_score` (a Ray task): (prompt row, its completion rows) items, plain values back."""
+    sc = from_dict(ScoringConfig, config)
+    prompts = {row["id"]: Prompt.from_row(row) for row, _ in work}
+    completions = [Completion.from_row(c) for _, rows in work for c in rows]
+    lls, emb, truncated = score_prompts(sc, prompts, completions, Path(parts))
+    return {"lls": {name: {k: list(v) for k, v in part.items()} for name, part in lls.items()},
+            "embeddings": {k: v.tolist() for k, v in emb.items()}, "truncated": truncated}
+
+
 def run_score(cfg, rnd, *, force: bool = False, progress: bool = True) -> dict:
     """Round step `score` (see the module docstring)."""
     from curation.generate import load_completions
@@ -354,20 +385,23 @@ def run_score(cfg, rnd, *, force: bool = False, progress: bool = True) -> dict:
                               "redo `curate generate --force`")
         prompts = {pid: all_prompts[pid] for pid in dict.fromkeys(c.prompt_id for c in completions)}
         members = [member_name(s) for s in sc.committee]
-        lls: dict[str, dict[str, tuple[float, int]]] = {}
-        truncated = 0
-        n_items = len(completions) + len(prompts)
-        with tqdm(total=n_items * (len(members) + 1), desc="score", unit="item", disable=not progress) as bar:
-            for spec, name in zip(sc.committee, members, strict=True):
-                with load_backend(sc.backend, resolve_member(spec, sc.backend), sc.settings) as backend:
-                    items = build_requests(backend, prompts, completions)
-                    lls[name], t = score_requests(backend, items, run.parts_dir, sc.batch_size, bar)
-                    truncated += t
-            embed_spec = sc.embedding_model or sc.committee[0]
-            embed_kind = "dummy" if sc.backend == "dummy" else "transformers"
-            with load_backend(embed_kind, resolve_member(embed_spec, sc.backend), sc.settings) as backend:
-                texts = [(f"c/{c.id}", c.text) for c in completions] + [(f"p/{p}", q.text) for p, q in prompts.items()]
-                emb = embed_texts(backend, texts, run.parts_dir, sc.batch_size, bar)
+        embed_spec = sc.embedding_model or sc.committee[0]
+        if sc.sharding.backend == "none":
+            n_items = len(completions) + len(prompts)
+            with tqdm(total=n_items * (len(members) + 1), desc="score", unit="item", disable=not progress) as bar:
+                lls, emb, truncated = score_prompts(sc, prompts, completions, run.parts_dir, bar)
+        else:
+            by_prompt: dict[str, list[dict]] = defaultdict(list)
+            for c in completions:
+                by_prompt[c.prompt_id].append(c.to_row())
+            work = [(p.to_row(), by_prompt[pid]) for pid, p in prompts.items()]
+            lls, emb, truncated = {name: {} for name in members}, {}, 0
+            for result in map_shards(score_shard, work, sc.sharding, config=to_dict(sc), parts=str(run.parts_dir)):
+                for name, part in result["lls"].items():
+                    lls[name].update({k: (v[0], int(v[1])) for k, v in part.items()})
+                emb.update({k: np.asarray(v, dtype=np.float32) for k, v in result["embeddings"].items()})
+                truncated += result["truncated"]
+            run.counts["shards"] = sc.sharding.num_shards
         comp_rows, prompt_rows = compute_scores(prompts, completions, members, lls, emb)
         if comp_rows:
             _write_with_embeddings(run.path / "completion_scores.parquet", comp_rows)

@@ -63,3 +63,34 @@ def test_generate_sharded_on_ray_matches_local(tmp_path, hh_sample):
                      manifest["counts"])
     assert out["ray"][0] == out["local"][0] and len(out["ray"][0]) == 10 * 2 + 20
     assert out["ray"][1]["shards"] == 2 and out["ray"][1]["completions"] == out["local"][1]["completions"]
+
+
+@pytest.mark.slow
+def test_score_sharded_on_ray_matches_local(tmp_path, hh_sample):
+    """`scoring.sharding.backend: ray` gives the same scores as a local run (dummy backend, single-node Ray)."""
+    pytest.importorskip("ray", reason="Ray is an optional extra: pip install -e '.[ray]'")
+    from curation.config import RoundConfig
+    from curation.generate import GenerationConfig, run_generate
+    from curation.pool import PoolConfig, PoolSource, run_pool
+    from curation.score import ScoringConfig, run_score
+    from preference.io import read_rows
+    from preference.store import Project
+
+    out = {}
+    for name, sharding in (("local", ShardingConfig()),
+                           ("ray", ShardingConfig(backend="ray", address="local", num_shards=3))):
+        cfg = RoundConfig(
+            project=tmp_path / name,
+            pool=PoolConfig(sources=[PoolSource(path=hh_sample, limit=9)]),
+            generation=GenerationConfig(backend="dummy", models=["dummy"], n=2, cache=False),
+            scoring=ScoringConfig(backend="dummy", committee=["dummy-a", "dummy-b"], sharding=sharding),
+        )
+        rnd = Project(cfg.project).round(create=True)
+        run_pool(cfg, rnd, progress=False)
+        run_generate(cfg, rnd, progress=False)
+        manifest = run_score(cfg, rnd, progress=False)
+        out[name] = {f: sorted(read_rows(rnd.step("score").file(f)), key=lambda r: str(r.get("completion_id") or
+                                                                                      r["prompt_id"]))
+                     for f in ("completion_scores.parquet", "prompt_scores.parquet")}
+        assert manifest["counts"]["prompts"] == 9
+    assert out["ray"] == out["local"]
