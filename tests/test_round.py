@@ -139,3 +139,25 @@ def test_crash_during_push_resumes_without_duplicate_records(tmp_path, monkeypat
     pushed = [r["record_id"] for r in read_jsonl(rnd.step("push").file("records.jsonl"))]
     assert sorted(ids) == sorted(pushed) and len(set(ids)) == len(ids) == 8
     assert manifest["counts"]["updated"] == 2 and manifest["counts"]["created"] == 6  # first batch reused
+
+
+@pytest.mark.argilla
+def test_round_end_to_end_on_real_argilla(tmp_path, argilla_server):  # noqa: F811
+    """`curate round run` with reviews going through the real Argilla server (simulated reviewers over REST)."""
+    project = tmp_path / "argilla-round"  # the dataset is named after it: unique on the shared test server
+    args = ["round", "run", "-c", TINY, "--set", f"project={project}", "--set", "annotation.backend=argilla",
+            "--set", "annotation.simulate_reviewers=true", "-q"]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "ARGILLA_API_URL": argilla_server.url,
+           "ARGILLA_API_KEY": argilla_server.api_key}
+    out = subprocess.run(curate_cmd(*args), capture_output=True, text=True, cwd=ROOT, env=env)
+    assert out.returncode == 0, out.stderr[-3000:]
+    r1 = project / "round-0001"
+    for step in STEPS:
+        assert (r1 / step / "manifest.json").is_file(), step
+    responses = read_jsonl(r1 / "pull" / "responses.jsonl")
+    assert responses and all(r["source"].startswith("argilla:") for r in responses)
+    assert {r["annotator"] for r in responses} == {"sim-0", "sim-1"}
+    assert read_rows(r1 / "pull" / "pairs.parquet")
+    # a rerun does not push again (no duplicate records) and skips every finished step
+    again = subprocess.run(curate_cmd(*args), capture_output=True, text=True, cwd=ROOT, env=env)
+    assert again.returncode == 0 and again.stdout.count("skipped (finished earlier)") == len(STEPS)
