@@ -13,7 +13,6 @@ Bad input exits with code 2 and one line saying what is wrong; a step that has n
 
 from __future__ import annotations
 
-import os
 import sys
 from collections.abc import Callable
 from pathlib import Path
@@ -295,7 +294,6 @@ def argilla_status(port: PortOpt = None, data_dir: DataDirOpt = None) -> None:
 
 
 def main() -> None:
-    os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
     try:
         app()
     except NotBuiltYet as exc:
