@@ -80,39 +80,34 @@ def run_step(name: str, fn: Callable, config: Path, round_: int | None, force: b
     typer.echo(f"round {rnd.number} {name}: done ({counts}) → {rnd.path / manifest.get('step', name)}")
 
 
-def _step_command(name: str, import_path: str, help_text: str, parent: typer.Typer = app):
+def _step_command(step: str, help_text: str, parent: typer.Typer = app):
+    """A CLI command for round step `step` (its function comes from `curation.round.STEPS`)."""
+    name = step.replace("_", " ")  # train_reward → `curate train reward`
+
     def command(
         config: ConfigOpt, round_: RoundOpt = None, force: ForceOpt = False, set_: SetOpt = None, quiet: QuietOpt = False
     ) -> None:
-        from curation.round import step_function
+        from curation.round import STEPS, step_function
 
-        run_step(name, step_function(import_path), config, round_, force, set_, quiet)
+        run_step(name, step_function(dict(STEPS)[step]), config, round_, force, set_, quiet)
 
     command.__doc__ = help_text
     parent.command(name.split()[-1], help=help_text)(command)
 
 
-_step_command("pool", "curation.pool.run_pool",
-              "Ingest the prompt pool (round 1) or carry it over from the previous round, with dedup.")
-_step_command("generate", "curation.generate.run_generate",
-              "Sample n completions per prompt with the generator model(s) (vLLM or transformers).")
-_step_command("score", "curation.score.run_score",
-              "Score completions: perplexities, committee disagreement, embeddings.")
-_step_command("select", "curation.select.run_select",
-              "Pick the top-k items with the acquisition strategy, beside a random arm.")
-_step_command("push", "curation.annotate.run_push", "Send the selected items to reviewers (Argilla or simulated).")
-_step_command("pull", "curation.annotate.run_pull",
-              "Fetch reviewers' answers, measure agreement, build preference pairs.")
-_step_command("evaluate", "curation.train_steps.run_evaluate",
-              "Evaluate the trained models on held-out pairs, per slice, with bootstrap CIs.")
-_step_command("gate", "curation.train_steps.run_gate",
-              "Promote the candidate model only if it beats the champion; send failures back to the pool.")
-_step_command("report", "curation.report.run_report",
-              "Write the round's HTML report (plots embedded) and print a terminal summary.")
-_step_command("train reward", "curation.train_steps.run_train_reward",
-              "Train a LoRA reward model (TRL RewardTrainer) on this round's pairs plus replay.", train_app)
-_step_command("train dpo", "curation.train_steps.run_train_dpo",
-              "DPO/LoRA fine-tune of the policy (TRL DPOTrainer) on this round's pairs plus replay.", train_app)
+_step_command("pool", "Ingest the prompt pool (round 1) or carry it over from the previous round, with dedup.")
+_step_command("generate", "Sample n completions per prompt with the generator model(s) (vLLM or transformers).")
+_step_command("score", "Score completions: perplexities, committee disagreement, embeddings.")
+_step_command("select", "Pick the top-k items with the acquisition strategy, beside a random arm.")
+_step_command("push", "Send the selected items to reviewers (Argilla or simulated).")
+_step_command("pull", "Fetch reviewers' answers, measure agreement, build preference pairs.")
+_step_command("evaluate", "Evaluate the trained models on held-out pairs, per slice, with bootstrap CIs.")
+_step_command("gate", "Promote the candidate model only if it beats the champion; send failures back to the pool.")
+_step_command("report", "Write the round's HTML report (plots embedded) and print a terminal summary.")
+_step_command("train_reward", "Train a LoRA reward model (TRL RewardTrainer) on this round's pairs plus replay.",
+              train_app)
+_step_command("train_dpo", "DPO/LoRA fine-tune of the policy (TRL DPOTrainer) on this round's pairs plus replay.",
+              train_app)
 
 
 @app.command()

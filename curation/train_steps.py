@@ -83,48 +83,39 @@ def _done_and_active(step) -> bool:
 
 
 # ---------------------------------------------------------------------------------------------- train steps
-def run_train_reward(cfg, rnd, *, force: bool = False, progress: bool = True) -> dict:
-    """Train the LoRA reward model (or ensemble) on the round's pairs plus replay → train_reward/model."""
+def _run_train(kind: str, cfg, rnd, *, force: bool, progress: bool) -> dict:
+    """Step `train_<kind>`: train on the round's pairs plus replay → train_<kind>/model (skipped when disabled)."""
     from training.launch import run_training
 
-    pull = rnd.step("pull")
-    config = {"reward": cfg.reward, **_heldout_key(cfg), "replay_inputs": _replay_keys(rnd, cfg.reward.replay.rounds)}
-    run = rnd.start_step("train_reward", config, inputs=(pull,), seeds={"seed": cfg.seed}, force=force)
+    section, name = getattr(cfg, kind), f"train_{kind}"
+    config = {kind: section, **_heldout_key(cfg), "replay_inputs": _replay_keys(rnd, section.replay.rounds)}
+    run = rnd.start_step(name, config, inputs=(rnd.step("pull"),), seeds={"seed": cfg.seed}, force=force)
     if run is None:
-        return rnd.step("train_reward").manifest()
+        return rnd.step(name).manifest()
     with run:
-        pairs, counts, lineage = _training_set(cfg, rnd, cfg.reward)
-        stats = run_training("reward", pairs, cfg.reward, run.parts_dir / "train", seed=cfg.seed, progress=progress)
-        _move_model(run.parts_dir / "train" / "model", run.path / "model")
-        write_json(run.path / "lineage.json", {"rounds": lineage, "counts": counts})
-        write_json(run.path / "train_stats.json", stats)
-        run.counts.update(counts)
-        run.extra["train"] = {k: v for k, v in stats["members"][0].items() if k != "losses"}
-    return rnd.step("train_reward").manifest()
-
-
-def run_train_dpo(cfg, rnd, *, force: bool = False, progress: bool = True) -> dict:
-    """DPO/LoRA on the policy with the round's pairs plus replay → train_dpo/model (skipped when disabled)."""
-    from training.launch import run_training
-
-    pull = rnd.step("pull")
-    config = {"dpo": cfg.dpo, **_heldout_key(cfg), "replay_inputs": _replay_keys(rnd, cfg.dpo.replay.rounds)}
-    run = rnd.start_step("train_dpo", config, inputs=(pull,), seeds={"seed": cfg.seed}, force=force)
-    if run is None:
-        return rnd.step("train_dpo").manifest()
-    with run:
-        if not cfg.dpo.enabled:
+        if not getattr(section, "enabled", True):
             run.extra["skipped"] = True
             run.counts["trained"] = 0
         else:
-            pairs, counts, lineage = _training_set(cfg, rnd, cfg.dpo)
-            stats = run_training("dpo", pairs, cfg.dpo, run.parts_dir / "train", seed=cfg.seed, progress=progress)
+            pairs, counts, lineage = _training_set(cfg, rnd, section)
+            stats = run_training(kind, pairs, section, run.parts_dir / "train", seed=cfg.seed, progress=progress)
             _move_model(run.parts_dir / "train" / "model", run.path / "model")
             write_json(run.path / "lineage.json", {"rounds": lineage, "counts": counts})
             write_json(run.path / "train_stats.json", stats)
             run.counts.update(counts)
-            run.extra["train"] = {k: v for k, v in stats.items() if k not in ("losses", "reward_accuracies")}
-    return rnd.step("train_dpo").manifest()
+            summary = stats["members"][0] if kind == "reward" else stats
+            run.extra["train"] = {k: v for k, v in summary.items() if k not in ("losses", "reward_accuracies")}
+    return rnd.step(name).manifest()
+
+
+def run_train_reward(cfg, rnd, *, force: bool = False, progress: bool = True) -> dict:
+    """Train the LoRA reward model (or ensemble) on the round's pairs plus replay → train_reward/model."""
+    return _run_train("reward", cfg, rnd, force=force, progress=progress)
+
+
+def run_train_dpo(cfg, rnd, *, force: bool = False, progress: bool = True) -> dict:
+    """DPO/LoRA on the policy with the round's pairs plus replay → train_dpo/model (skipped when disabled)."""
+    return _run_train("dpo", cfg, rnd, force=force, progress=progress)
 
 
 # --------------------------------------------------------------------------------------------------- evaluate

@@ -26,7 +26,16 @@ from preference.errors import CurateError
 from preference.io import read_json, write_json
 from preference.schema import PreferencePair
 from training.data import ReplayConfig, answer_text, truncate_conversation, truncate_text
-from training.reward import DEFAULT_TARGETS, bf16_supported, last_checkpoint, lora_config, trainer_step, trl_args
+from training.reward import (
+    DEFAULT_TARGETS,
+    bf16_supported,
+    last_checkpoint,
+    load_tokenizer,
+    lora_config,
+    prepare_training,
+    trainer_step,
+    trl_args,
+)
 
 MODEL_CARD = "curate-policy.json"
 
@@ -93,15 +102,9 @@ def train_dpo(
     from transformers import AutoModelForCausalLM, set_seed
     from trl import DPOConfig, DPOTrainer
 
-    from training.models import resolve_model
-
     if not pairs:
         raise CurateError("no preference pairs to train DPO on; run `curate pull` first")
-    base = resolve_model(cfg.base_model)
-    work_dir = Path(work_dir)
-    work_dir.mkdir(parents=True, exist_ok=True)
-    torch.set_num_threads(cfg.threads)
-    tokenizer = _tokenizer(base)
+    base, work_dir, tokenizer = prepare_training(cfg, work_dir)
     use_bf16 = bf16_supported() if cfg.bf16 is None else cfg.bf16
     set_seed(seed)
     model = AutoModelForCausalLM.from_pretrained(base, dtype=torch.float32)
@@ -147,15 +150,6 @@ def train_dpo(
     }
 
 
-def _tokenizer(base: Path):
-    from transformers import AutoTokenizer
-
-    tok = AutoTokenizer.from_pretrained(base)
-    if tok.pad_token is None:
-        tok.pad_token = tok.eos_token
-    return tok
-
-
 class Policy:
     """A causal LM, optionally with a LoRA adapter (`reference()` disables it)."""
 
@@ -186,7 +180,7 @@ class Policy:
             model = AutoModelForCausalLM.from_pretrained(base, dtype=getattr(torch, dtype))
             has_adapter = False
         model.eval()
-        return cls(model, _tokenizer(base), has_adapter)
+        return cls(model, load_tokenizer(base), has_adapter)
 
     @contextlib.contextmanager
     def reference(self):

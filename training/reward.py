@@ -148,7 +148,22 @@ def _load_seqcls(base: Path, dtype):
     return AutoModelForSequenceClassification.from_pretrained(base, num_labels=1, dtype=dtype)
 
 
-def _tokenizer(base: Path):
+def prepare_training(cfg, work_dir: str | Path) -> tuple[Path, Path, Any]:
+    """Shared start of both trainers: resolve the base model, make the work folder, set threads, load the
+    tokenizer. Returns (base model folder, work folder, tokenizer)."""
+    import torch
+
+    from training.models import resolve_model
+
+    base = resolve_model(cfg.base_model)
+    work_dir = Path(work_dir)
+    work_dir.mkdir(parents=True, exist_ok=True)
+    torch.set_num_threads(cfg.threads)
+    return base, work_dir, load_tokenizer(base)
+
+
+def load_tokenizer(base: Path):
+    """The base model's tokenizer, with pad = eos when it has no pad token."""
     from transformers import AutoTokenizer
 
     tok = AutoTokenizer.from_pretrained(base)
@@ -184,17 +199,9 @@ def train_reward_model(
     Resumable: finished members (`work_dir/member-k/adapter`) are kept, a member in progress resumes from its
     last checkpoint. Returns training stats (loss curve per member, pairs/s, seconds).
     """
-    import torch
-
     if not pairs:
         raise CurateError("no preference pairs to train the reward model on; run `curate pull` first")
-    from training.models import resolve_model
-
-    base = resolve_model(cfg.base_model)
-    work_dir = Path(work_dir)
-    work_dir.mkdir(parents=True, exist_ok=True)
-    torch.set_num_threads(cfg.threads)
-    tokenizer = _tokenizer(base)
+    base, work_dir, tokenizer = prepare_training(cfg, work_dir)
     cols = tokenize_pairs(tokenizer, pairs, cfg.max_length, cfg.use_margin)
     stats: dict[str, Any] = {"members": [], "pairs": len(pairs)}
     t0 = time.monotonic()
@@ -309,7 +316,7 @@ class RewardModel:
         card = read_json(folder / MODEL_CARD)
         base_path = Path(card["base_path"])
         base = base_path if (base_path / "config.json").is_file() else resolve_model(card["base_model"])
-        tokenizer = _tokenizer(base)
+        tokenizer = load_tokenizer(base)
         model = _load_seqcls(base, getattr(torch, dtype))
         model.config.pad_token_id = tokenizer.pad_token_id
         members = [f"member-{k}" for k in range(card["members"])]
