@@ -53,9 +53,9 @@ from preference.argilla import (
     review_spec,
     upsert_records,
 )
-from preference.config import to_dict
-from preference.errors import CurateError, WaitingForReviewers
-from preference.io import read_jsonl, read_rows, write_json, write_jsonl, write_rows
+from preference.plumbing.config import to_dict
+from preference.plumbing.errors import CurateError, WaitingForReviewers
+from preference.plumbing.io import read_jsonl, read_rows, write_json, write_jsonl, write_rows
 from preference.schema import AnnotationRecord, Completion, Prompt, Response, stable_id
 from preference.simulated import SimulatedAnnotator, SimulatedConfig
 

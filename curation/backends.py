@@ -44,7 +44,7 @@ from typing import Literal
 
 import numpy as np
 
-from preference.errors import CurateError
+from preference.plumbing.errors import CurateError
 from preference.schema import prompt_text
 
 logger = logging.getLogger(__name__)

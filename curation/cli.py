@@ -8,7 +8,7 @@
     curate round run -c ... ; curate status -c ...
 
 Every step writes into the project's round store and is skipped when it already finished with the same config.
-Bad input exits with code 2 and one line saying what is wrong; a step that has not been built exits with 3.
+Bad input exits with code 2 and one line saying what is wrong.
 """
 
 from __future__ import annotations
@@ -20,8 +20,7 @@ from typing import Annotated
 
 import typer
 
-import preference  # noqa: F401  (environment defaults before anything imports torch)
-from preference.errors import CurateError, NotBuiltYet
+from preference.plumbing.errors import CurateError
 
 app = typer.Typer(
     add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
@@ -54,7 +53,7 @@ def fail(message: str, code: int = 2) -> None:
 
 def load(config: Path, overrides: list[str] | None):
     from curation.config import load_config
-    from preference.config import replace_path
+    from preference.plumbing.config import replace_path
 
     cfg = load_config(config)
     for item in overrides or []:
@@ -67,7 +66,7 @@ def load(config: Path, overrides: list[str] | None):
 
 def open_round(cfg, number: int | None):
     """The round a step command works on: `--round N` (must exist), else the latest (round 1 is created)."""
-    from preference.store import Project
+    from preference.plumbing.store import Project
 
     return Project(cfg.project).round(number, create=number is None)
 
@@ -102,7 +101,8 @@ _step_command("select", "Pick the top-k items with the acquisition strategy, bes
 _step_command("push", "Send the selected items to reviewers (Argilla or simulated).")
 _step_command("pull", "Fetch reviewers' answers, measure agreement, build preference pairs.")
 _step_command("evaluate", "Evaluate the trained models on held-out pairs, per slice, with bootstrap CIs.")
-_step_command("gate", "Promote the candidate model only if it beats the champion; send failures back to the pool.")
+_step_command("gate", "Promote the candidate model only if it beats the champion.")
+_step_command("failures", "Send the pairs the reward model still gets wrong back to the next round's pool.")
 _step_command("report", "Write the round's HTML report (plots embedded) and print a terminal summary.")
 _step_command("train_reward", "Train a LoRA reward model (TRL RewardTrainer) on this round's pairs plus replay.",
               train_app)
@@ -134,14 +134,13 @@ def validate(configs: Annotated[list[Path], typer.Argument(help="Config files to
 @app.command()
 def status(config: ConfigOpt, set_: SetOpt = None) -> None:
     """Show every round's steps and where each stands."""
-    from preference.store import Project
+    from preference.plumbing.store import Project
 
     cfg = load(config, set_)
     project = Project(cfg.project)
     from curation.round import STEPS
 
     order = {name: i for i, (name, _) in enumerate(STEPS)}
-    order["failures"] = order["gate"] + 0.5
     rows = sorted(project.status(), key=lambda r: (r["round"], order.get(r["step"], len(order)), r["step"]))
     if not rows:
         typer.echo(f"{project.root}: no rounds yet; start with `curate pool -c {config}`")
@@ -162,7 +161,7 @@ def round_status(config: ConfigOpt, set_: SetOpt = None) -> None:
 @round_app.command("new")
 def round_new(config: ConfigOpt, set_: SetOpt = None) -> None:
     """Start the next round (its pool carries over the previous one's, minus labelled, plus failures)."""
-    from preference.store import Project
+    from preference.plumbing.store import Project
 
     cfg = load(config, set_)
     rnd = Project(cfg.project).new_round()
@@ -179,7 +178,7 @@ def round_run(
     Without --round it continues the latest round; with --next it starts a new round once the latest finished
     (the new round's pool is the previous one's minus labelled items plus its failures)."""
     from curation.round import run_round
-    from preference.store import Project
+    from preference.plumbing.store import Project
 
     cfg = load(config, set_)
     if next_:
@@ -194,9 +193,7 @@ def round_run(
         rnd = latest
     else:
         rnd = open_round(cfg, round_)
-    outcome = run_round(cfg, rnd, force=force, progress=not quiet, echo=typer.echo)
-    if outcome.startswith("not-built"):
-        raise typer.Exit(3)
+    run_round(cfg, rnd, force=force, progress=not quiet, echo=typer.echo)
 
 
 @models_app.command("fetch")
@@ -289,11 +286,11 @@ def argilla_status(port: PortOpt = None, data_dir: DataDirOpt = None) -> None:
 
 
 def main() -> None:
+    from preference.plumbing.env import apply_env_defaults
+
+    apply_env_defaults()  # before anything imports torch
     try:
         app()
-    except NotBuiltYet as exc:
-        typer.echo(f"{exc.step}: not built yet", err=True)
-        sys.exit(3)
     except CurateError as exc:
         typer.echo(f"error: {exc}", err=True)
         sys.exit(2)

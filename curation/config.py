@@ -14,7 +14,7 @@ from curation.generate import GenerationConfig
 from curation.pool import PoolConfig
 from curation.score import ScoringConfig
 from curation.select import SelectionConfig
-from preference.config import load_yaml
+from preference.plumbing.config import load_yaml
 from training.dpo import DPOTrainConfig
 from training.evaluate import EvalConfig
 from training.registry import GateConfig

@@ -12,8 +12,8 @@ mean reward, and per pair the margin and the ensemble disagreement (spread acros
 
 Plugging in another reward model: anything with the two methods of `RewardModel` works in the same place —
 `fit(pairs) -> self` and `reward(features) -> (K, N) array` (K = 1 for a single model, so its disagreement is
-0). For the TRL reward model, wrap `training.reward`'s scorer so that `features` are the texts of
-prompt+answer (an object array) and `reward` returns its scalar scores as a (1, N) array.
+0). The TRL reward model (`training.reward.RewardModel.member_rewards`) gives the same (K, N) array of rewards
+for conversations; `prompt_reward_signals` takes such an array, whatever produced it.
 """
 
 from __future__ import annotations
@@ -23,7 +23,7 @@ from typing import Protocol, runtime_checkable
 
 import numpy as np
 
-from preference.errors import CurateError
+from preference.plumbing.errors import CurateError
 
 
 @dataclass
@@ -138,9 +138,6 @@ class BTEnsemble:
             raise CurateError(f"features have shape {x.shape}; the ensemble was fitted on dim {self.weights.shape[1]}")
         return self.weights @ ((x - self.mean) / self.scale).T
 
-    def mean_reward(self, features: np.ndarray) -> np.ndarray:
-        return self.reward(features).mean(axis=0)
-
     def compare(self, a: np.ndarray, b: np.ndarray) -> PairStats:
         diff = self.reward(a) - self.reward(b)
         return PairStats(
@@ -155,13 +152,12 @@ class BTEnsemble:
         return float(np.mean((margin > 0) + 0.5 * (margin == 0))) if len(margin) else float("nan")
 
 
-def prompt_reward_signals(
-    model: RewardModel, prompt_index: np.ndarray, features: np.ndarray, n_prompts: int
-) -> dict[str, np.ndarray]:
+def prompt_reward_signals(rewards: np.ndarray, prompt_index: np.ndarray, n_prompts: int) -> dict[str, np.ndarray]:
     """Per-prompt reward signals from the rewards of its completions.
 
-    `prompt_index[j]` is the prompt row (0..n_prompts-1) of completion j, `features[j]` its features. Returns
-    (n_prompts,) arrays:
+    `rewards` is (K, C): member k's reward of completion j (higher = better; K = 1 for a single model), e.g.
+    `model.reward(features)` of any `RewardModel`; `prompt_index[j]` is the prompt row (0..n_prompts-1) of
+    completion j. Returns (n_prompts,) arrays:
     - `reward_margin`: mean-reward gap between the prompt's top-2 completions (small = the model cannot tell
       them apart = informative);
     - `reward_disagreement`: std across members of that top-2 gap (high = members disagree);
@@ -169,9 +165,9 @@ def prompt_reward_signals(
     Prompts with fewer than two completions get NaN margin/disagreement (strategies then refuse them clearly).
     """
     prompt_index = np.asarray(prompt_index, dtype=np.int64)
-    rewards = np.asarray(model.reward(features), dtype=np.float64)  # (K, C)
+    rewards = np.asarray(rewards, dtype=np.float64)
     if rewards.ndim != 2 or rewards.shape[1] != len(prompt_index):
-        raise CurateError(f"reward model returned shape {rewards.shape}; expected (K, {len(prompt_index)})")
+        raise CurateError(f"rewards have shape {rewards.shape}; expected (members, {len(prompt_index)} completions)")
     mean = rewards.mean(axis=0)
     order = np.lexsort((-mean, prompt_index))  # by prompt, best completion first
     sorted_prompts = prompt_index[order]

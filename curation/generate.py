@@ -46,9 +46,9 @@ from curation.backends import (
     load_backend,
 )
 from curation.sharded import ShardingConfig, map_shards
-from preference.config import config_hash, from_dict, to_dict
-from preference.errors import CurateError
-from preference.io import read_json, read_rows, write_json, write_jsonl, write_rows
+from preference.plumbing.config import config_hash, from_dict, to_dict
+from preference.plumbing.errors import CurateError
+from preference.plumbing.io import read_json, read_rows, write_json, write_jsonl, write_rows
 from preference.schema import Completion, Prompt, stable_id
 
 REFERENCE_KEYS = {"reference:chosen": "reference_chosen", "reference:rejected": "reference_rejected"}

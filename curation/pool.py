@@ -27,9 +27,9 @@ from typing import Any, Literal
 
 import numpy as np
 
-from preference.errors import CurateError
-from preference.io import open_text, read_rows, write_jsonl, write_rows
-from preference.schema import Prompt, prompt_text, split_hh_transcript, stable_id, validate_messages
+from preference.plumbing.errors import CurateError
+from preference.plumbing.io import open_text, read_rows, write_jsonl, write_rows
+from preference.schema import Prompt, parse_hh, prompt_text, stable_id, validate_messages
 
 FORMATS = ("auto", "jsonl", "parquet", "hf", "hh")
 
@@ -118,14 +118,9 @@ def row_to_prompt(row: Any, *, default_slice: str, source: str, hh: bool = False
         raise ValueError(f"expected a JSON object, got {type(row).__name__}")
     metadata: dict[str, str] = {}
     if hh or ("chosen" in row and "prompt" not in row and "messages" not in row):
-        if "chosen" not in row:
-            raise ValueError("HH row without a 'chosen' transcript")
-        messages, chosen = split_hh_transcript(row["chosen"])
+        messages, chosen, rejected = parse_hh(row)
         metadata["reference_chosen"] = chosen
-        if "rejected" in row:
-            rej_messages, rejected = split_hh_transcript(row["rejected"])
-            if rej_messages != messages:
-                raise ValueError("'chosen' and 'rejected' transcripts have different prompts")
+        if rejected is not None:
             metadata["reference_rejected"] = rejected
     elif "messages" in row:
         messages = validate_messages(row["messages"])

@@ -17,7 +17,7 @@ from typing import Any
 
 import numpy as np
 
-from preference.io import read_json, read_rows, write_text
+from preference.plumbing.io import read_json, read_rows, write_text
 
 
 @dataclass
@@ -203,15 +203,12 @@ def section_evaluation(rnd) -> Section:
 def section_labels(rnd) -> Section:
     """Labels used so far, by arm, across this and earlier rounds."""
     per_round = []
-    r = rnd
-    while r is not None:
+    for r in reversed([rnd, *rnd.earlier()]):
         rows = _rows(r, "select", "selected.parquet") or []
         arms = {"strategy": 0, "random": 0}
         for row in rows:
             arms[row.get("arm", "strategy")] = arms.get(row.get("arm", "strategy"), 0) + 1
         per_round.append({"round": r.number, **arms})
-        r = r.previous()
-    per_round.reverse()
     total = {k: sum(x.get(k, 0) for x in per_round) for k in ("strategy", "random")}
     lines = [f"labels requested so far: strategy arm {total['strategy']}, random arm {total['random']}"]
     return Section("Labels used so far", lines, [], per_round)

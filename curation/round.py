@@ -12,7 +12,7 @@ import importlib
 import time
 from collections.abc import Callable
 
-from preference.errors import NotBuiltYet, WaitingForReviewers
+from preference.plumbing.errors import WaitingForReviewers
 
 STEPS: list[tuple[str, str]] = [
     ("pool", "curation.pool.run_pool"),
@@ -25,6 +25,7 @@ STEPS: list[tuple[str, str]] = [
     ("train_dpo", "curation.train_steps.run_train_dpo"),
     ("evaluate", "curation.train_steps.run_evaluate"),
     ("gate", "curation.train_steps.run_gate"),
+    ("failures", "curation.train_steps.run_failures"),
     ("report", "curation.report.run_report"),
 ]
 
@@ -35,7 +36,7 @@ def step_function(import_path: str) -> Callable:
 
 
 def run_round(cfg, rnd, *, force: bool = False, progress: bool = True, echo=print) -> str:
-    """Run the round's remaining steps. Returns "done", "waiting" (for reviewers) or "not-built:<step>"."""
+    """Run the round's remaining steps. Returns "done" or "waiting" (for reviewers)."""
     echo(f"round {rnd.number} → {rnd.path}")
     for name, path in STEPS:
         step = rnd.step(name)
@@ -43,9 +44,6 @@ def run_round(cfg, rnd, *, force: bool = False, progress: bool = True, echo=prin
         t0 = time.monotonic()
         try:
             manifest = step_function(path)(cfg, rnd, force=force, progress=progress)
-        except NotBuiltYet as exc:
-            echo(f"  {name:<13} not built yet ({exc.step}); the round stops here")
-            return f"not-built:{name}"
         except WaitingForReviewers as exc:
             echo(f"  {name:<13} waiting for reviewers: {exc}")
             echo("  rerun `curate round run` once reviewers have answered; finished steps are kept")

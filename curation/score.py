@@ -61,9 +61,9 @@ from tqdm.auto import tqdm
 
 from curation.backends import Backend, BackendSettings, fit_request, load_backend
 from curation.sharded import ShardingConfig, map_shards
-from preference.config import from_dict, to_dict
-from preference.errors import CurateError
-from preference.io import atomic_path, read_rows, write_json, write_rows
+from preference.plumbing.config import from_dict, to_dict
+from preference.plumbing.errors import CurateError
+from preference.plumbing.io import atomic_path, read_rows, write_json, write_rows
 from preference.schema import Completion, Prompt, stable_id
 
 DEFAULT_COMMITTEE = ["smollm2-135m-instruct", "smollm2-135m-instruct:noise=0.02:seed=1"]

@@ -11,7 +11,7 @@ one row per chosen prompt:
   signal that stands out most, its value and its percentile in the pool).
 - The random arm: `round(k · random_share)` of the k items are drawn uniformly from the same eligible pool,
   excluding the strategy's picks, so every round measures the strategy against random honestly.
-- Items selected in any earlier round (the `rnd.previous()` chain of `select/selected.parquet`) are excluded,
+- Items selected in any earlier round (`rnd.earlier()`: `select/selected.parquet`) are excluded,
   unless they came back as failures or feedback (error-based candidates); their embeddings count as covered for
   diversity strategies and near-duplicate filtering.
 - Error-based signals: pool prompts whose `source` starts with "failure:" or whose metadata names a failure
@@ -43,8 +43,8 @@ from curation.strategies import (
     Strategy,
     build_strategy,
 )
-from preference.errors import CurateError
-from preference.io import atomic_path, read_jsonl, read_rows
+from preference.plumbing.errors import CurateError
+from preference.plumbing.io import atomic_path, read_jsonl, read_rows
 
 LOWER_IS_INFORMATIVE = frozenset({"mean_logprob", "reward_margin"})
 REWARD_SIGNALS = frozenset({"reward_margin", "reward_disagreement"})
@@ -140,14 +140,6 @@ def load_items(step_dir_file: Path) -> Items:
         for name in signal_columns(table)
     }
     return Items(ids=ids, signals=signals, embeddings=embeddings, slices=slices)
-
-
-def earlier_rounds(rnd) -> list:
-    out, r = [], rnd.previous()
-    while r is not None:
-        out.append(r)
-        r = r.previous()
-    return out
 
 
 def previously_selected(rounds: list) -> tuple[set[str], np.ndarray | None]:
@@ -254,7 +246,7 @@ def add_reward_signals(items: Items, rnd, rounds: list, members: int, seed: int)
     prompt_ids = table.column("prompt_id").to_pylist()
     keep = np.array([pid in row_of for pid in prompt_ids], dtype=bool)
     index = np.array([row_of[pid] for pid, k in zip(prompt_ids, keep, strict=True) if k], dtype=np.int64)
-    signals = prompt_reward_signals(model, index, emb[keep], len(items))
+    signals = prompt_reward_signals(model.reward(emb[keep]), index, len(items))
     items.signals.update(signals)
     return {"pairs": len(pairs), "pairs_without_embeddings": missing}
 
@@ -299,7 +291,7 @@ def run_select(cfg, rnd, *, force: bool = False, progress: bool = True) -> dict:
     sel: SelectionConfig = cfg.selection
     seed = cfg.seed if sel.seed is None else sel.seed
     score_step = rnd.step("score")
-    rounds = earlier_rounds(rnd)
+    rounds = list(rnd.earlier())
     inputs = (score_step,) + ((rnd.step("pool"),) if rnd.step("pool").done else ())
     if rounds and rounds[0].step("select").done:
         inputs += (rounds[0].step("select"),)
@@ -374,12 +366,14 @@ def run_select(cfg, rnd, *, force: bool = False, progress: bool = True) -> dict:
         if unmatched:
             run.counts["feedback_unmatched"] = unmatched
         run.extra["strategy"] = strategy.name
+        notes = []
         if "error_score" in strategy.inputs and not (items.signals["error_score"] > 0).any():
-            run.extra["note"] = "error-based strategy, but no failure or feedback items in the pool: picks are random"
+            notes.append("error-based strategy, but no failure or feedback items in the pool: picks are random")
         if len(picks) < n_strategy:
-            run.extra["note"] = (
-                f"the strategy arm found {len(picks)} of {n_strategy} items (near-duplicates or quotas left too few)"
-            )
+            notes.append(f"the strategy arm found {len(picks)} of {n_strategy} items (near-duplicates or quotas "
+                         "left too few)")
+        if notes:
+            run.extra["note"] = "; ".join(notes)
     return rnd.step("select").manifest()
 
 

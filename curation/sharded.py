@@ -18,7 +18,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any, Literal, TypeVar
 
-from preference.errors import CurateError
+from preference.plumbing.errors import CurateError
 
 T = TypeVar("T")
 

@@ -34,7 +34,7 @@ from dataclasses import dataclass, field
 import numpy as np
 from scipy.stats import rankdata
 
-from preference.errors import CurateError
+from preference.plumbing.errors import CurateError
 
 EMBEDDING = "embedding"  # pseudo-column name used in `Strategy.inputs`
 

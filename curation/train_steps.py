@@ -4,8 +4,8 @@
     train_dpo      same data → train_dpo/model (LoRA adapter on the policy), lineage.json
     evaluate       held-out set (evaluation.heldout) → evaluate/metrics.json, metrics.txt, pair_scores.parquet
     gate           registers the round's models, promotes them only if they beat the champion → gate/decision.json
-    failures       (written by `run_gate`) the round's pairs the reward model still orders wrongly, as pool
-                   prompts with source "failure:round-N" → failures/prompts.parquet (read by the next pool step)
+    failures       the round's pairs the reward model still orders wrongly, as pool prompts with source
+                   "failure:round-N" → failures/prompts.parquet (read by the next round's pool step)
 
 Held-out prompts are removed from every training set (`training.data.drop_heldout_prompts`), so the held-out
 evaluation stays clean even when the pool is drawn from the same file.
@@ -19,9 +19,9 @@ from pathlib import Path
 
 import numpy as np
 
-from preference.config import to_dict
-from preference.errors import CurateError
-from preference.io import read_json, read_rows, write_json, write_rows, write_text
+from preference.plumbing.config import to_dict
+from preference.plumbing.errors import CurateError
+from preference.plumbing.io import read_json, read_rows, write_json, write_rows, write_text
 from preference.schema import PreferencePair, Prompt
 
 FAILURE_REASON = "reward model prefers the rejected answer"
@@ -61,12 +61,8 @@ def _training_set(cfg, rnd, section) -> tuple:
 
 def _replay_keys(rnd, rounds: int | None) -> dict[str, str]:
     """Manifest keys of earlier rounds' finished pull steps (part of a training step's key)."""
-    keys, prev, age = {}, rnd.previous(), 1
-    while prev is not None and (rounds is None or age <= rounds):
-        if prev.step("pull").done:
-            keys[f"round-{prev.number}"] = prev.step("pull").manifest()["key"]
-        prev, age = prev.previous(), age + 1
-    return keys
+    return {f"round-{prev.number}": prev.step("pull").manifest()["key"]
+            for prev in rnd.earlier(rounds) if prev.step("pull").done}
 
 
 def _heldout_key(cfg) -> dict:
@@ -215,7 +211,6 @@ def run_gate(cfg, rnd, *, force: bool = False, progress: bool = True) -> dict:
                                                      "champion": registry.champion()})
             run.counts.update({"promoted": int(decision.promote)})
             run.extra.update({"version": version, "promoted": decision.promote, "reasons": decision.reasons})
-    _write_failures(cfg, rnd, force=force)
     return rnd.step("gate").manifest()
 
 
@@ -240,20 +235,22 @@ def failure_prompts(pairs: list[PreferencePair], scores: list[dict], round_numbe
     return out[:limit] if limit is not None else out
 
 
-def _write_failures(cfg, rnd, *, force: bool) -> None:
+def run_failures(cfg, rnd, *, force: bool = False, progress: bool = True) -> dict:
+    """The round's pairs the reward model still orders wrongly → failures/prompts.parquet (next round's pool)."""
     from training.data import load_round_pairs
 
     evaluate = rnd.step("evaluate")
     run = rnd.start_step("failures", {"max_failures": cfg.gate.max_failures}, inputs=(evaluate,),
                          seeds={"seed": cfg.seed}, force=force)
     if run is None:
-        return
+        return rnd.step("failures").manifest()
     with run:
         scores = read_rows(evaluate.file("pair_scores.parquet"))
         prompts = failure_prompts(load_round_pairs(rnd), scores, rnd.number, cfg.gate.max_failures)
         write_rows(run.path / "prompts.parquet", [p.to_row() for p in prompts], schema=_prompt_schema() if not prompts else None)
         run.counts.update({"failures": len(prompts),
                            "train_pairs_scored": sum(1 for s in scores if s["split"] == "train")})
+    return rnd.step("failures").manifest()
 
 
 def _prompt_schema():
@@ -265,4 +262,4 @@ def _prompt_schema():
                       ("metadata", pa.string())])
 
 
-__all__ = ["run_train_reward", "run_train_dpo", "run_evaluate", "run_gate", "failure_prompts", "heldout_pairs"]
+__all__ = ["run_train_reward", "run_train_dpo", "run_evaluate", "run_gate", "run_failures", "failure_prompts", "heldout_pairs"]

@@ -1,5 +1,5 @@
-"""Preference data: records, completions, pairs, the Argilla adapter, agreement and aggregation."""
+"""Preference data: records, completions, pairs, the Argilla adapter, agreement and aggregation.
 
-from preference._env import apply_env_defaults
-
-apply_env_defaults()
+General plumbing (errors, typed configs, io, the round store, environment defaults) is in `preference.plumbing`.
+Importing this package changes nothing in the process: entry points apply `plumbing.env.apply_env_defaults()`.
+"""

@@ -39,7 +39,7 @@ from urllib.parse import urlparse
 
 import httpx
 
-from preference.errors import CurateError
+from preference.plumbing.errors import CurateError
 from preference.schema import AnnotationRecord, Response
 from preference.simulated import HARM_LABELS
 

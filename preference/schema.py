@@ -164,6 +164,36 @@ def split_hh_transcript(transcript: str) -> tuple[list[dict[str, str]], str]:
     return validate_messages(turns), answer
 
 
+def parse_hh(row: Any) -> tuple[list[dict[str, str]], str, str | None]:
+    """One Anthropic HH row `{"chosen": transcript, "rejected": transcript}` → (prompt messages, chosen answer,
+    rejected answer or None when the row has no `rejected`). The one HH parser: pools, held-out sets, simulated
+    reviewers and benchmarks all read HH rows through it (or `parse_hh_pair`).
+
+    Raises ValueError with the reason for a missing or malformed transcript, or when the two transcripts have
+    different prompts.
+    """
+    if not isinstance(row, dict) or "chosen" not in row:
+        keys = ", ".join(sorted(map(str, row))) if isinstance(row, dict) else type(row).__name__
+        raise ValueError(f"expected an HH row with a 'chosen' (and 'rejected') transcript, got {keys or 'no keys'}")
+    messages, chosen = split_hh_transcript(row["chosen"])
+    if "rejected" not in row:
+        return messages, chosen, None
+    rejected_messages, rejected = split_hh_transcript(row["rejected"])
+    if rejected_messages != messages:
+        raise ValueError("'chosen' and 'rejected' transcripts have different prompts")
+    return messages, chosen, rejected
+
+
+def parse_hh_pair(row: Any) -> tuple[list[dict[str, str]], str, str]:
+    """`parse_hh` for a comparison: also a ValueError when `rejected` is missing or gives the same answer."""
+    messages, chosen, rejected = parse_hh(row)
+    if rejected is None:
+        raise ValueError("HH row without a 'rejected' transcript; a preference pair needs both answers")
+    if chosen.strip() == rejected.strip():
+        raise ValueError("'chosen' and 'rejected' give the same answer; nothing to compare")
+    return messages, chosen, rejected
+
+
 @dataclass
 class Response(_Row):
     """One reviewer's answer on one record (a prompt with its candidate completions), backend-neutral.

@@ -34,9 +34,9 @@ from pathlib import Path
 
 import numpy as np
 
-from preference.errors import CurateError
-from preference.io import read_jsonl
-from preference.schema import AnnotationRecord, Completion, Response, split_hh_transcript, stable_id
+from preference.plumbing.errors import CurateError
+from preference.plumbing.io import read_jsonl
+from preference.schema import AnnotationRecord, Completion, Response, parse_hh_pair, stable_id
 
 REFERENCE_CHOSEN = "reference:chosen"
 REFERENCE_REJECTED = "reference:rejected"
@@ -99,16 +99,13 @@ def load_labelled(path: Path) -> list[tuple[list[dict[str, str]], str, str]]:
     pairs = []
     for row in read_jsonl(path):
         try:
-            prompt = row.get("prompt")
+            prompt = row.get("prompt") if isinstance(row, dict) else None
             if prompt is None:
-                messages, chosen = split_hh_transcript(row["chosen"])
-                rej_messages, rejected = split_hh_transcript(row["rejected"])
-                if rej_messages != messages:
-                    continue
+                messages, chosen, rejected = parse_hh_pair(row)
             else:
                 messages = [{"role": "user", "content": prompt}] if isinstance(prompt, str) else prompt
                 chosen, rejected = row["chosen"], row["rejected"]
-        except (KeyError, ValueError, TypeError):
+        except (KeyError, ValueError):
             continue
         if isinstance(chosen, str) and isinstance(rejected, str) and chosen.strip() != rejected.strip():
             pairs.append((messages, chosen, rejected))

@@ -58,12 +58,15 @@ import numpy as np
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-import preference  # noqa: E402,F401  (environment defaults before torch)
+from preference.plumbing.env import apply_env_defaults  # noqa: E402
+
+apply_env_defaults()  # before torch is imported
+
 from curation.ensemble import BTEnsemble, EnsembleConfig, Pairs, prompt_reward_signals  # noqa: E402
 from curation.strategies import Items, build_strategy  # noqa: E402
-from preference.errors import CurateError  # noqa: E402
-from preference.io import read_jsonl  # noqa: E402
-from preference.schema import AnnotationRecord, Completion, Prompt, prompt_text, split_hh_transcript  # noqa: E402
+from preference.plumbing.errors import CurateError  # noqa: E402
+from preference.plumbing.io import read_jsonl  # noqa: E402
+from preference.schema import AnnotationRecord, Completion, Prompt, parse_hh_pair, prompt_text  # noqa: E402
 from preference.simulated import REFERENCE_CHOSEN, REFERENCE_REJECTED, SimulatedAnnotator, SimulatedConfig  # noqa: E402
 
 DATA = ROOT / "data" / "hh-harmless-dev.jsonl.gz"
@@ -79,12 +82,10 @@ def load_hh(path: Path) -> list[dict]:
     out = []
     for row in read_jsonl(path):
         try:
-            messages, chosen = split_hh_transcript(row["chosen"])
-            rej_messages, rejected = split_hh_transcript(row["rejected"])
-        except ValueError:  # malformed transcript (e.g. two Assistant turns in a row): not a usable pair
+            messages, chosen, rejected = parse_hh_pair(row)
+        except ValueError:  # malformed, or not a comparison of two answers to one prompt: not a usable pair
             continue
-        if messages == rej_messages and chosen != rejected:
-            out.append({"prompt": messages, "chosen": chosen, "rejected": rejected})
+        out.append({"prompt": messages, "chosen": chosen, "rejected": rejected})
     return out
 
 
@@ -272,7 +273,7 @@ class Bench:
     def items(self, model, rows: np.ndarray) -> Items:
         n = len(rows)
         feats = np.concatenate([self.reward_inputs("chosen", rows), self.reward_inputs("rejected", rows)])
-        signals = prompt_reward_signals(model, np.r_[np.arange(n), np.arange(n)], feats, n)
+        signals = prompt_reward_signals(model.reward(feats), np.r_[np.arange(n), np.arange(n)], n)
         emb = (self.feats["chosen_emb"][rows] + self.feats["rejected_emb"][rows]) / 2.0
         if "chosen_logprob" in self.feats:
             signals["mean_logprob"] = (self.feats["chosen_logprob"][rows] + self.feats["rejected_logprob"][rows]) / 2

@@ -21,8 +21,10 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-import preference  # noqa: E402,F401  (offline / OMP environment before torch)
-from preference.io import write_json  # noqa: E402
+from preference.plumbing.env import apply_env_defaults  # noqa: E402
+
+apply_env_defaults()  # before torch is imported
+from preference.plumbing.io import write_json  # noqa: E402
 from training.data import load_hh_pairs, split_heldout  # noqa: E402
 from training.evaluate import EvalConfig, format_table, pairwise_report  # noqa: E402
 from training.reward import RewardModel, RewardTrainConfig, train_reward_model  # noqa: E402

@@ -23,11 +23,14 @@ from pathlib import Path
 os.environ.setdefault("OMP_NUM_THREADS", "1")
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-import curation  # noqa: E402,F401  (offline / OMP environment before torch)
+from preference.plumbing.env import apply_env_defaults  # noqa: E402
+
+apply_env_defaults()  # before torch is imported
+
 from curation.backends import BackendSettings, Sampling, TransformersBackend, VLLMBackend  # noqa: E402
 from curation.score import score_requests  # noqa: E402
-from preference.io import read_jsonl  # noqa: E402
-from preference.schema import split_hh_transcript  # noqa: E402
+from preference.plumbing.io import read_jsonl  # noqa: E402
+from preference.schema import parse_hh_pair  # noqa: E402
 from training.models import SMOLLM2, resolve_model  # noqa: E402
 
 DATA = Path(__file__).resolve().parent.parent / "data" / "hh-harmless-sample.jsonl.gz"
@@ -59,8 +62,10 @@ def main() -> None:
 
     texts = []  # (messages, chosen answer, rejected answer)
     for row in read_jsonl(DATA):
-        msgs, chosen = split_hh_transcript(row["chosen"])
-        _, rejected = split_hh_transcript(row["rejected"])
+        try:
+            msgs, chosen, rejected = parse_hh_pair(row)
+        except ValueError:
+            continue
         if chosen and rejected and len(vl.encode(vl.render_chat(msgs))) <= 384:
             texts.append((msgs, chosen, rejected))
         if len(texts) == args.pairs:

@@ -1,13 +1,10 @@
-import os
+from preference.plumbing.env import apply_env_defaults
 
-os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
-os.environ.setdefault("HF_HUB_OFFLINE", "1")
+apply_env_defaults()  # the entry point of the test run: environment defaults before torch is imported
 
 from pathlib import Path  # noqa: E402
 
 import pytest  # noqa: E402
-
-import preference  # noqa: E402,F401
 
 ROOT = Path(__file__).resolve().parent.parent
 DATA = ROOT / "data"

@@ -128,10 +128,10 @@ def test_simulated_backend_push_pull_round_trip(tmp_path, hh_sample):
     """backend: simulated — push stores the records, pull asks the simulated annotator and builds pairs."""
     from curation.annotate import AnnotationConfig, load_records, run_pull, run_push
     from curation.config import RoundConfig
-    from preference.io import read_json, read_jsonl, read_rows, write_rows
+    from preference.plumbing.io import read_json, read_jsonl, read_rows, write_rows
+    from preference.plumbing.store import Project
     from preference.schema import split_hh_transcript
     from preference.simulated import SimulatedConfig, reference_completions
-    from preference.store import Project
 
     rnd = Project(tmp_path / "proj").round(1, create=True)
     prompts, comps = [], []

@@ -16,10 +16,10 @@ from curation.annotate import AnnotationConfig, load_records, run_pull, run_push
 from curation.config import RoundConfig
 from preference.aggregate import AggregationConfig
 from preference.argilla import ArgillaClient, ArgillaConfig, ArgillaError
-from preference.errors import CurateError
-from preference.io import read_json, read_jsonl, read_rows, write_rows
+from preference.plumbing.errors import CurateError
+from preference.plumbing.io import read_json, read_jsonl, read_rows, write_rows
+from preference.plumbing.store import Project
 from preference.schema import Completion, PreferencePair, Prompt, Response
-from preference.store import Project
 
 KEY_ENV = "CURATE_TEST_ARGILLA_KEY"
 

@@ -10,7 +10,7 @@ from curation.annotate import AnnotationConfig, load_records, run_pull, run_push
 from preference.aggregate import AggregationConfig
 from preference.argilla import ArgillaClient
 from preference.argilla_reviewers import submit_simulated
-from preference.io import read_json, read_jsonl, read_rows
+from preference.plumbing.io import read_json, read_jsonl, read_rows
 from preference.schema import Response
 from preference.simulated import SimulatedAnnotator, SimulatedConfig
 

@@ -7,8 +7,8 @@ import pytest
 
 from curation import backends as B
 from curation.backends import BackendSettings, DummyBackend, Sampling, TransformersBackend, load_backend
-from preference.errors import CurateError
-from preference.io import read_jsonl
+from preference.plumbing.errors import CurateError
+from preference.plumbing.io import read_jsonl
 from preference.schema import split_hh_transcript
 
 FP32 = BackendSettings(dtype="float32", batch_size=4)

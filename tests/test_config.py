@@ -5,7 +5,7 @@ from typing import Literal
 import pytest
 
 from curation.config import RoundConfig, load_config
-from preference.config import ConfigError, config_hash, from_dict, load_yaml, replace_path
+from preference.plumbing.config import ConfigError, config_hash, from_dict, load_yaml, replace_path
 
 CONFIGS = sorted((Path(__file__).resolve().parent.parent / "configs").glob("*.yaml"))
 

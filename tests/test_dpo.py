@@ -90,7 +90,7 @@ def test_pretruncation_keeps_every_pair(hh_pairs, tiny_model):
 
 
 def test_config_parses_and_maps_to_trl(tmp_path):
-    from preference.config import ConfigError, from_dict
+    from preference.plumbing.config import ConfigError, from_dict
 
     cfg = from_dict(DPOTrainConfig, {"beta": 0.2, "loss_type": ["sigmoid", "sft"], "trl": {"max_grad_norm": 0.3}})
     assert cfg.beta == 0.2 and cfg.loss_type == ["sigmoid", "sft"]

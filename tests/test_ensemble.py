@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 
 from curation.ensemble import BTEnsemble, EnsembleConfig, Pairs, RewardModel, prompt_reward_signals
-from preference.errors import CurateError
+from preference.plumbing.errors import CurateError
 
 
 def separable_pairs(n=300, dim=10, seed=0):
@@ -64,7 +64,7 @@ def test_prompt_reward_signals_top2_margin():
     # prompt 0: rewards 3, 1, 2.9 (tight top-2); prompt 1: 5, 0 (wide); prompt 2: a single completion
     feats = np.array([[3, 0], [1, 0], [2.9, 0.2], [5, 0], [0, 0], [1, 0]], dtype=float)
     index = np.array([0, 0, 0, 1, 1, 2])
-    out = prompt_reward_signals(Fixed(), index, feats, 4)
+    out = prompt_reward_signals(Fixed().reward(feats), index, 4)
     assert out["reward_margin"][0] == pytest.approx(0.0)  # member means: 3 vs 3.0 → mean gap 0
     assert out["reward_margin"][1] == pytest.approx(5.0)
     assert out["reward_disagreement"][0] == pytest.approx(0.1)  # gaps 0.1 and -0.1

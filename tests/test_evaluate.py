@@ -7,7 +7,7 @@ import dataclasses
 import numpy as np
 import pytest
 
-from preference.io import read_json, read_rows, write_rows
+from preference.plumbing.io import read_json, read_rows, write_rows
 from preference.schema import PreferencePair, Prompt
 from training.data import load_hh_pairs, prompt_key, split_heldout
 from training.evaluate import (
@@ -111,7 +111,7 @@ def _write_pull(rnd, pairs: list[PreferencePair]) -> None:
 
 def test_train_evaluate_gate_end_to_end(tmp_path, hh_sample, tiny_model):
     from curation.train_steps import run_evaluate, run_gate, run_train_dpo, run_train_reward
-    from preference.store import Project
+    from preference.plumbing.store import Project
     from training.registry import Registry
 
     cfg = _round_cfg(tmp_path, hh_sample)

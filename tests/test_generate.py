@@ -10,11 +10,11 @@ from curation import backends as B
 from curation.config import RoundConfig
 from curation.generate import GenerationConfig, prepare_prompt, run_generate
 from curation.pool import PoolConfig, PoolSource, run_pool
-from preference.config import ConfigError, from_dict, load_yaml
-from preference.errors import CurateError
-from preference.io import read_jsonl, read_rows, write_rows
+from preference.plumbing.config import ConfigError, from_dict, load_yaml
+from preference.plumbing.errors import CurateError
+from preference.plumbing.io import read_jsonl, read_rows, write_rows
+from preference.plumbing.store import Project
 from preference.schema import Completion, Prompt
-from preference.store import Project
 
 
 def make_round(tmp_path: Path, hh_sample: Path, limit: int = 10, **gen) -> tuple[RoundConfig, object]:

@@ -4,7 +4,7 @@ import sys
 
 import pytest
 
-from preference.errors import CurateError
+from preference.plumbing.errors import CurateError
 from training import models
 
 

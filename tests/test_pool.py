@@ -4,10 +4,10 @@ import json
 import pytest
 
 from curation.pool import PoolConfig, PoolSource, dedup, ingest, load_prompts, row_to_prompt, run_pool
-from preference.errors import CurateError
-from preference.io import read_jsonl, write_rows
+from preference.plumbing.errors import CurateError
+from preference.plumbing.io import read_jsonl, write_rows
+from preference.plumbing.store import Project
 from preference.schema import Prompt, split_hh_transcript
-from preference.store import Project
 
 
 def _cfg(*sources, **kw):

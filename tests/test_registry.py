@@ -6,7 +6,7 @@ import shutil
 
 import pytest
 
-from preference.errors import CurateError
+from preference.plumbing.errors import CurateError
 from training.registry import GateConfig, Registry, decide, format_versions, list_versions, promote, rollback
 
 

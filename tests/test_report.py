@@ -4,8 +4,8 @@ import numpy as np
 
 from curation.config import RoundConfig
 from curation.report import run_report
-from preference.io import write_json, write_rows
-from preference.store import Project
+from preference.plumbing.io import write_json, write_rows
+from preference.plumbing.store import Project
 
 
 def _step(rnd, name, files):

@@ -8,7 +8,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from preference.errors import CurateError
+from preference.plumbing.errors import CurateError
 from preference.schema import PreferencePair
 from training.data import (
     ReplayConfig,
@@ -18,7 +18,7 @@ from training.data import (
     prompt_key,
     split_heldout,
 )
-from training.reward import AcquisitionScorer, RewardModel, RewardTrainConfig, train_reward_model, trl_args
+from training.reward import RewardModel, RewardTrainConfig, train_reward_model, trl_args
 
 
 @pytest.fixture(scope="module")
@@ -107,14 +107,9 @@ def test_ensemble_members_differ_and_expose_disagreement(tmp_path, hh_pairs, tin
     assert not np.allclose(per_member[0], per_member[1])
     np.testing.assert_allclose(rm.reward(items), per_member.mean(0))
     assert (rm.disagreement(items) > 0).all()
-    from curation.ensemble import RewardModel as AcquisitionProtocol
     from curation.ensemble import prompt_reward_signals
 
-    scorer = AcquisitionScorer(rm)
-    assert isinstance(scorer, AcquisitionProtocol)
-    features = np.empty(len(items), dtype=object)
-    features[:] = items
-    signals = prompt_reward_signals(scorer, np.array([0, 0, 0, 1, 1, 1, 1]), features, 2)
+    signals = prompt_reward_signals(per_member, np.array([0, 0, 0, 1, 1, 1, 1]), 2)
     assert (signals["reward_disagreement"] > 0).all()
 
 
@@ -127,7 +122,7 @@ def test_unknown_trl_argument_is_refused():
 
 
 def test_config_section_parses_and_rejects_unknown_keys():
-    from preference.config import ConfigError, from_dict
+    from preference.plumbing.config import ConfigError, from_dict
 
     cfg = from_dict(RewardTrainConfig, {"lora_r": 8, "replay": {"ratio": 0.5}, "trl": {"max_grad_norm": 1.0}})
     assert cfg.lora_r == 8 and cfg.replay.ratio == 0.5

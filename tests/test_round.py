@@ -12,12 +12,12 @@ from pathlib import Path
 import pytest
 from argilla_server_fixture import argilla_server  # noqa: F401  (session fixture)
 
-from preference.io import read_jsonl, read_rows
+from preference.plumbing.io import read_jsonl, read_rows
 
 ROOT = Path(__file__).resolve().parent.parent
 TINY = ROOT / "configs" / "tiny.yaml"
 STEPS = ["pool", "generate", "score", "select", "push", "pull", "train_reward", "train_dpo", "evaluate", "gate",
-         "report"]
+         "failures", "report"]
 
 pytestmark = pytest.mark.vllm
 
@@ -106,8 +106,8 @@ def test_crash_during_push_resumes_without_duplicate_records(tmp_path, monkeypat
     from curation.annotate import AnnotationConfig, run_push
     from curation.config import load_config
     from preference.argilla import ArgillaClient, ArgillaConfig
-    from preference.config import replace_path
-    from preference.store import Project
+    from preference.plumbing.config import replace_path
+    from preference.plumbing.store import Project
 
     monkeypatch.setenv("CURATE_TEST_ARGILLA_KEY", server.api_key)
     project = tmp_path / "proj"

@@ -25,9 +25,9 @@ from curation.score import (
     semantic_spread,
     vote_entropy,
 )
-from preference.config import ConfigError, from_dict
-from preference.io import read_rows
-from preference.store import Project
+from preference.plumbing.config import ConfigError, from_dict
+from preference.plumbing.io import read_rows
+from preference.plumbing.store import Project
 
 PROMPT_COLUMNS = [
     "prompt_id", "slice", "prompt_perplexity", "mean_completion_perplexity", "mean_logprob", "mean_entropy",

@@ -9,11 +9,11 @@ import pytest
 
 from curation.config import RoundConfig
 from curation.select import SelectionConfig, run_select
-from preference.config import ConfigError, from_dict
-from preference.errors import CurateError
-from preference.io import read_rows, write_rows
+from preference.plumbing.config import ConfigError, from_dict
+from preference.plumbing.errors import CurateError
+from preference.plumbing.io import read_rows, write_rows
+from preference.plumbing.store import Project
 from preference.schema import PreferencePair, Prompt
-from preference.store import Project
 
 SIGNALS = ("prompt_perplexity", "mean_completion_perplexity", "mean_logprob", "mean_entropy",
            "committee_disagreement", "committee_range", "vote_entropy", "semantic_spread")

@@ -44,8 +44,8 @@ def test_generate_sharded_on_ray_matches_local(tmp_path, hh_sample):
     from curation.config import RoundConfig
     from curation.generate import GenerationConfig, run_generate
     from curation.pool import PoolConfig, PoolSource, run_pool
-    from preference.io import read_rows
-    from preference.store import Project
+    from preference.plumbing.io import read_rows
+    from preference.plumbing.store import Project
 
     out = {}
     for name, sharding in (("local", ShardingConfig()),
@@ -73,8 +73,8 @@ def test_score_sharded_on_ray_matches_local(tmp_path, hh_sample):
     from curation.generate import GenerationConfig, run_generate
     from curation.pool import PoolConfig, PoolSource, run_pool
     from curation.score import ScoringConfig, run_score
-    from preference.io import read_rows
-    from preference.store import Project
+    from preference.plumbing.io import read_rows
+    from preference.plumbing.store import Project
 
     out = {}
     for name, sharding in (("local", ShardingConfig()),

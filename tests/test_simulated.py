@@ -6,9 +6,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from preference.config import ConfigError, from_dict
-from preference.errors import CurateError
-from preference.io import read_jsonl
+from preference.plumbing.config import ConfigError, from_dict
+from preference.plumbing.errors import CurateError
+from preference.plumbing.io import read_jsonl
 from preference.schema import AnnotationRecord, Completion, Prompt, Response, split_hh_transcript
 from preference.simulated import SimulatedAnnotator, SimulatedConfig, reference_completions
 

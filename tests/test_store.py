@@ -2,9 +2,9 @@ from dataclasses import dataclass
 
 import pytest
 
-from preference.errors import CurateError
-from preference.io import read_rows, write_rows
-from preference.store import Project
+from preference.plumbing.errors import CurateError
+from preference.plumbing.io import read_rows, write_rows
+from preference.plumbing.store import Project
 
 
 @dataclass

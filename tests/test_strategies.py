@@ -21,7 +21,7 @@ from curation.strategies import (
     all_strategies,
     build_strategy,
 )
-from preference.errors import CurateError
+from preference.plumbing.errors import CurateError
 
 SIGNALS = (
     "prompt_perplexity", "mean_completion_perplexity", "mean_logprob", "mean_entropy", "committee_disagreement",

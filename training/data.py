@@ -23,9 +23,9 @@ from pathlib import Path
 
 import numpy as np
 
-from preference.errors import CurateError
-from preference.io import read_jsonl, read_rows
-from preference.schema import PreferencePair, split_hh_transcript, stable_id
+from preference.plumbing.errors import CurateError
+from preference.plumbing.io import read_jsonl, read_rows
+from preference.schema import PreferencePair, parse_hh_pair, stable_id
 
 
 @dataclass
@@ -73,15 +73,7 @@ def load_round_pairs(rnd) -> list[PreferencePair]:
 
 def earlier_round_pairs(rnd, rounds: int | None = None) -> list[tuple[int, list[PreferencePair]]]:
     """(age, pairs) for earlier rounds with a finished `pull` step, newest first; age 1 = the previous round."""
-    out = []
-    prev = rnd.previous()
-    age = 1
-    while prev is not None and (rounds is None or age <= rounds):
-        if prev.step("pull").done:
-            out.append((age, load_round_pairs(prev)))
-        prev = prev.previous()
-        age += 1
-    return out
+    return [(age, load_round_pairs(prev)) for age, prev in enumerate(rnd.earlier(rounds), 1) if prev.step("pull").done]
 
 
 def load_hh_pairs(path: str | Path, *, slice_name: str = "harmless", strict: bool = False) -> list[PreferencePair]:
@@ -96,14 +88,11 @@ def load_hh_pairs(path: str | Path, *, slice_name: str = "harmless", strict: boo
     pairs = []
     for lineno, row in enumerate(read_jsonl(path), 1):
         try:
-            prompt, chosen = split_hh_transcript(row["chosen"])
-            rej_prompt, rejected = split_hh_transcript(row["rejected"])
-        except (KeyError, TypeError, ValueError) as exc:
+            prompt, chosen, rejected = parse_hh_pair(row)
+        except ValueError as exc:  # not a comparison of two answers to one prompt
             if not strict:
                 continue
             raise CurateError(f"{path}:{lineno}: not an HH pair ({exc}); expected 'chosen' and 'rejected' transcripts") from exc
-        if rej_prompt != prompt or chosen == rejected:
-            continue  # not a comparison of two answers to one prompt
         prompt_id = prompt_key(prompt)
         chosen_msg = [{"role": "assistant", "content": chosen}]
         rejected_msg = [{"role": "assistant", "content": rejected}]
@@ -209,19 +198,27 @@ def _ids(encoding) -> list[int]:
     return list(encoding["input_ids"] if not isinstance(encoding, list) else encoding)
 
 
+def chat_ids(tokenizer, prompt: list[dict], answer: str) -> tuple[list[int], list[int]]:
+    """(prompt ids, answer ids) of prompt + answer as the chat template renders them: the prompt ends with the
+    assistant-turn opener, the answer carries the template's end-of-turn tokens. The one prompt/answer split
+    (reward-model inputs, DPO log-probs). Templates that rewrite earlier turns once an answer is added fall back
+    to the answer's own tokens after the generation prompt."""
+    prefix = _ids(tokenizer.apply_chat_template(prompt, add_generation_prompt=True, tokenize=True))
+    full = _ids(tokenizer.apply_chat_template(prompt + [{"role": "assistant", "content": answer}], tokenize=True))
+    if full[: len(prefix)] == prefix:
+        return prefix, full[len(prefix):]
+    return prefix, _ids(tokenizer(answer, add_special_tokens=False))
+
+
 def encode_pair(tokenizer, prompt: list[dict], answer: str, max_length: int) -> list[int]:
     """Chat-template token ids of prompt + answer, at most `max_length` long.
 
     The answer keeps its first tokens (at least half the budget when it is long), the prompt keeps its last
     tokens (the latest turns). No pair is dropped.
     """
-    prefix = _ids(tokenizer.apply_chat_template(prompt, add_generation_prompt=True, tokenize=True))
-    full = _ids(tokenizer.apply_chat_template(prompt + [{"role": "assistant", "content": answer}], tokenize=True))
-    if full[: len(prefix)] != prefix:  # templates that rewrite earlier turns: fall back to plain concatenation
-        full = prefix + _ids(tokenizer(answer, add_special_tokens=False))
-    if len(full) <= max_length:
-        return full
-    answer_ids = full[len(prefix):]
+    prefix, answer_ids = chat_ids(tokenizer, prompt, answer)
+    if len(prefix) + len(answer_ids) <= max_length:
+        return prefix + answer_ids
     answer_budget = max(max_length - len(prefix), max_length // 2)
     answer_ids = answer_ids[:answer_budget]
     prompt_budget = max_length - len(answer_ids)

@@ -22,10 +22,10 @@ from typing import Any
 
 import numpy as np
 
-from preference.errors import CurateError
-from preference.io import read_json, write_json
+from preference.plumbing.errors import CurateError
+from preference.plumbing.io import read_json, write_json
 from preference.schema import PreferencePair
-from training.data import ReplayConfig, answer_text, truncate_conversation, truncate_text
+from training.data import ReplayConfig, answer_text, chat_ids, truncate_conversation, truncate_text
 from training.reward import (
     DEFAULT_TARGETS,
     bf16_supported,
@@ -192,16 +192,9 @@ class Policy:
             yield self
 
     def _split(self, prompt: list[dict], answer: str, max_prompt: int, max_answer: int) -> tuple[list[int], list[int]]:
-        from training.data import _ids
-
         prompt = truncate_conversation(self.tokenizer, prompt, max_prompt)
         answer = truncate_text(self.tokenizer, answer, max_answer)
-        prefix = _ids(self.tokenizer.apply_chat_template(prompt, add_generation_prompt=True, tokenize=True))
-        full = _ids(self.tokenizer.apply_chat_template(prompt + [{"role": "assistant", "content": answer}], tokenize=True))
-        k = 0
-        while k < min(len(prefix), len(full)) and prefix[k] == full[k]:
-            k += 1
-        return full[:k], full[k:]
+        return chat_ids(self.tokenizer, prompt, answer)
 
     def logps(
         self, prompts: list[list[dict]], answers: list[str], *, max_prompt: int = 192, max_answer: int = 128

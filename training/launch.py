@@ -19,9 +19,9 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from preference.config import from_dict, to_dict
-from preference.errors import CurateError
-from preference.io import read_json, read_rows, write_json, write_rows
+from preference.plumbing.config import from_dict, to_dict
+from preference.plumbing.errors import CurateError
+from preference.plumbing.io import read_json, read_rows, write_json, write_rows
 from preference.schema import PreferencePair
 
 KINDS = ("reward", "dpo")
@@ -106,6 +106,7 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    import preference  # noqa: F401  (environment defaults before torch)
+    from preference.plumbing.env import apply_env_defaults
 
+    apply_env_defaults()  # before torch is imported
     sys.exit(main())

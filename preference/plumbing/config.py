@@ -18,7 +18,7 @@ from typing import Any, Literal, TypeVar, Union, get_args, get_origin, get_type_
 
 import yaml
 
-from preference.errors import CurateError
+from preference.plumbing.errors import CurateError
 
 T = TypeVar("T")
 
@@ -53,14 +53,13 @@ def _convert(tp: Any, value: Any, where: str) -> Any:
         args = get_args(tp)
         if value is None and type(None) in args:
             return None
-        errors = []
         for arg in args:
             if arg is type(None):
                 continue
             try:
                 return _convert(arg, value, where)
-            except ConfigError as exc:
-                errors.append(str(exc))
+            except ConfigError:
+                continue  # try the next member of the union
         raise ConfigError(f"{where}: expected {_type_name(tp)}, got {type(value).__name__} ({value!r})")
     if origin is Literal:
         if value not in get_args(tp):

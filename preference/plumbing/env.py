@@ -1,4 +1,5 @@
-"""Process environment the whole tool relies on. Applied once, before torch is imported.
+"""Process environment the whole tool relies on, applied by the entry points (the `curate` CLI, scripts,
+`training.launch`, the test conftest) before torch is imported. Importing a package never changes it.
 
 - OMP_WAIT_POLICY=PASSIVE: OpenMP threads sleep instead of spinning; without it torch steps stall
   100x whenever another process is busy on a 2-core machine.

@@ -23,13 +23,14 @@ import platform
 import shutil
 import sqlite3
 import time
+from collections.abc import Iterator
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
-from preference.config import config_hash, to_dict
-from preference.errors import CurateError
-from preference.io import read_json, write_json
+from preference.plumbing.config import config_hash, to_dict
+from preference.plumbing.errors import CurateError
+from preference.plumbing.io import read_json, write_json
 
 PACKAGES = (
     "torch",
@@ -172,8 +173,15 @@ class Round:
         return Step(self, name)
 
     def previous(self) -> Round | None:
-        earlier = [n for n in self.project.rounds() if n < self.number]
-        return Round(self.project, earlier[-1]) if earlier else None
+        return next(self.earlier(), None)
+
+    def earlier(self, limit: int | None = None) -> Iterator[Round]:
+        """The earlier rounds, newest first (the previous round first); at most `limit` of them (None = all).
+
+        The one walk back through a project's history: pool carry-over, selection, replay and the report use it."""
+        numbers = [n for n in reversed(self.project.rounds()) if n < self.number]
+        for n in numbers if limit is None else numbers[:limit]:
+            yield Round(self.project, n)
 
     def start_step(
         self,
