@@ -23,12 +23,12 @@ from typing import Any
 import numpy as np
 
 from preference.plumbing.errors import CurateError
+from preference.plumbing.hardware import fast_bf16
 from preference.plumbing.io import read_json, write_json
 from preference.schema import PreferencePair
 from training.data import ReplayConfig, answer_text, chat_ids, truncate_conversation, truncate_text
 from training.reward import (
     DEFAULT_TARGETS,
-    bf16_supported,
     last_checkpoint,
     load_tokenizer,
     lora_config,
@@ -105,7 +105,7 @@ def train_dpo(
     if not pairs:
         raise CurateError("no preference pairs to train DPO on; run `curate pull` first")
     base, work_dir, tokenizer = prepare_training(cfg, work_dir)
-    use_bf16 = bf16_supported() if cfg.bf16 is None else cfg.bf16
+    use_bf16 = fast_bf16() if cfg.bf16 is None else cfg.bf16
     set_seed(seed)
     model = AutoModelForCausalLM.from_pretrained(base, dtype=torch.float32)
     model = get_peft_model(model, lora_config(cfg, "CAUSAL_LM"))

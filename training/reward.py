@@ -29,6 +29,7 @@ from typing import Any
 import numpy as np
 
 from preference.plumbing.errors import CurateError
+from preference.plumbing.hardware import fast_bf16
 from preference.plumbing.io import read_json, write_json
 from preference.schema import PreferencePair
 from training.data import ReplayConfig, answer_text, encode_pair
@@ -95,15 +96,6 @@ def wait_for_everyone() -> None:
     from accelerate import PartialState
 
     PartialState().wait_for_everyone()
-
-
-def bf16_supported() -> bool:
-    """True when bf16 autocast is fast here (CUDA with bf16, or a CPU with AVX512-BF16/AMX)."""
-    import torch
-
-    if torch.cuda.is_available():
-        return torch.cuda.is_bf16_supported()
-    return bool(torch.cpu._is_avx512_bf16_supported() or torch.cpu._is_amx_tile_supported())
 
 
 def trl_args(config_cls, ours: dict[str, Any], extra: dict[str, Any], section: str):
@@ -233,7 +225,7 @@ def _train_member(base, tokenizer, cols, cfg, member_dir: Path, *, seed: int, pr
     from transformers import set_seed
     from trl import RewardConfig, RewardTrainer
 
-    use_bf16 = bf16_supported() if cfg.bf16 is None else cfg.bf16
+    use_bf16 = fast_bf16() if cfg.bf16 is None else cfg.bf16
     set_seed(seed)  # the new score head's init
     model = _load_seqcls(base, torch.float32)
     model.config.pad_token_id = tokenizer.pad_token_id
