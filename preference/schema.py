@@ -132,6 +132,29 @@ class PreferencePair(_Row):
         return stable_id(prompt_id, chosen_id, rejected_id, prefix="p-")
 
 
+@dataclass
+class Feedback(_Row):
+    """One unpaired judgement of one answer: a user's thumbs up/down on a served response, or one side of an
+    unrolled preference pair. KTO trains on these; the pool turns thumbs-down items into error-based candidates.
+
+    Written by the pool step for `format: traffic` sources (`pool/feedback.parquet`), read by `training.data`.
+    """
+
+    id: str
+    prompt_id: str
+    prompt: list[dict[str, str]]  # the conversation (TRL conversational format)
+    completion: list[dict[str, str]]  # the single assistant answer that was judged
+    label: bool  # True = desirable (thumbs up / chosen), False = undesirable (thumbs down / rejected)
+    source: str = ""  # "traffic:<file>:<line>", "pair:<pair id>", ...
+    model_version: str = ""  # the registry version that produced the answer, when known
+    comment: str = ""
+    round: int = 0
+
+    @staticmethod
+    def make_id(prompt_id: str, answer: str, source: str) -> str:
+        return stable_id(prompt_id, answer, source, prefix="f-")
+
+
 def split_hh_transcript(transcript: str) -> tuple[list[dict[str, str]], str]:
     """Split an Anthropic HH transcript into (prompt messages, final assistant answer).
 
