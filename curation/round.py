@@ -35,15 +35,23 @@ def step_function(import_path: str) -> Callable:
     return getattr(importlib.import_module(module), attr)
 
 
-def run_round(cfg, rnd, *, force: bool = False, progress: bool = True, echo=print) -> str:
-    """Run the round's remaining steps. Returns "done" or "waiting" (for reviewers)."""
+def run_round(cfg, rnd, *, force: bool = False, progress: bool = True, verbose: bool = False, echo=print) -> str:
+    """Run the round's remaining steps. Returns "done" or "waiting" (for reviewers).
+
+    Each step runs inside `step_console`: its progress bar and this loop's one-line summary reach the console,
+    library output goes to `<round>/<step>/log.txt` (`verbose`: everything shows on the console)."""
+    from preference.plumbing.console import step_console
+
     echo(f"round {rnd.number} → {rnd.path}")
+    if not verbose:
+        echo(f"  (library output of each step: {rnd.path}/<step>/log.txt; --verbose shows it here)")
     for name, path in STEPS:
         step = rnd.step(name)
         was_done = step.done
         t0 = time.monotonic()
         try:
-            manifest = step_function(path)(cfg, rnd, force=force, progress=progress)
+            with step_console(step, verbose=verbose):
+                manifest = step_function(path)(cfg, rnd, force=force, progress=progress)
         except WaitingForReviewers as exc:
             echo(f"  {name:<13} waiting for reviewers: {exc}")
             echo("  rerun `curate round run` once reviewers have answered; finished steps are kept")

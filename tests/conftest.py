@@ -27,3 +27,11 @@ def tiny_model() -> Path:
     from training.models import TINY, resolve_model
 
     return resolve_model(TINY)
+
+
+@pytest.fixture(scope="session")
+def tiny_rounds(tmp_path_factory):
+    """Two real tiny-llama rounds made once per session through the CLI (see tests/round_fixture.py)."""
+    from round_fixture import make_tiny_rounds
+
+    return make_tiny_rounds(tmp_path_factory)
