@@ -44,6 +44,8 @@ SetOpt = Annotated[
     list[str] | None, typer.Option("--set", help="Override a config value: --set generation.n=2 (repeatable).")
 ]
 QuietOpt = Annotated[bool, typer.Option("--quiet", "-q", help="No progress bars.")]
+VerboseOpt = Annotated[bool, typer.Option(
+    "--verbose", "-v", help="Show library output (warnings, logs) on the console instead of the step's log.txt.")]
 
 
 def fail(message: str, code: int = 2) -> None:
@@ -71,10 +73,16 @@ def open_round(cfg, number: int | None):
     return Project(cfg.project).round(number, create=number is None)
 
 
-def run_step(name: str, fn: Callable, config: Path, round_: int | None, force: bool, overrides, quiet: bool):
+def run_step(name: str, fn: Callable, config: Path, round_: int | None, force: bool, overrides, quiet: bool,
+             verbose: bool = False):
+    """Run one round step (`name` as typed: "train reward" is step train_reward) with a quiet console: its
+    progress bar and one summary line here, library output in the step's log.txt (see plumbing/console.py)."""
+    from preference.plumbing.console import step_console
+
     cfg = load(config, overrides)
     rnd = open_round(cfg, round_)
-    manifest = fn(cfg, rnd, force=force, progress=not quiet)
+    with step_console(rnd.step(name.replace(" ", "_")), verbose=verbose):
+        manifest = fn(cfg, rnd, force=force, progress=not quiet)
     counts = ", ".join(f"{k}={v}" for k, v in (manifest.get("counts") or {}).items())
     typer.echo(f"round {rnd.number} {name}: done ({counts}) → {rnd.path / manifest.get('step', name)}")
 
@@ -84,11 +92,12 @@ def _step_command(step: str, help_text: str, parent: typer.Typer = app):
     name = step.replace("_", " ")  # train_reward → `curate train reward`
 
     def command(
-        config: ConfigOpt, round_: RoundOpt = None, force: ForceOpt = False, set_: SetOpt = None, quiet: QuietOpt = False
+        config: ConfigOpt, round_: RoundOpt = None, force: ForceOpt = False, set_: SetOpt = None, quiet: QuietOpt = False,
+        verbose: VerboseOpt = False,
     ) -> None:
         from curation.round import STEPS, step_function
 
-        run_step(name, step_function(dict(STEPS)[step]), config, round_, force, set_, quiet)
+        run_step(name, step_function(dict(STEPS)[step]), config, round_, force, set_, quiet, verbose)
 
     command.__doc__ = help_text
     parent.command(name.split()[-1], help=help_text)(command)
@@ -133,28 +142,40 @@ def validate(configs: Annotated[list[Path], typer.Argument(help="Config files to
 
 @app.command()
 def status(config: ConfigOpt, set_: SetOpt = None) -> None:
-    """Show every round's steps and where each stands."""
+    """Show every round's steps: where each stands and its wall time (a running step: time so far)."""
+    from datetime import UTC, datetime
+
+    from curation.round import STEPS
+    from preference.plumbing.console import wall_time
     from preference.plumbing.store import Project
 
     cfg = load(config, set_)
     project = Project(cfg.project)
-    from curation.round import STEPS
-
     order = {name: i for i, (name, _) in enumerate(STEPS)}
     rows = sorted(project.status(), key=lambda r: (r["round"], order.get(r["step"], len(order)), r["step"]))
     if not rows:
         typer.echo(f"{project.root}: no rounds yet; start with `curate pool -c {config}`")
         return
-    typer.echo(f"{'round':>5}  {'step':<14} {'status':<10} {'seconds':>8}  finished / error")
+    now = datetime.now(UTC)
     for r in rows:
-        secs = f"{r['seconds']:.1f}" if r.get("seconds") is not None else "-"
-        tail = r.get("error") or r.get("finished_at") or ""
-        typer.echo(f"{r['round']:>5}  {r['step']:<14} {r['status']:<10} {secs:>8}  {tail}")
+        if r.get("seconds") is None and r["status"] == "running" and r.get("started_at"):
+            r["seconds"] = (now - datetime.fromisoformat(r["started_at"])).total_seconds()
+    typer.echo(f"{'round':>5}  {'step':<14} {'status':<10} {'wall':>11} {'share':>6}  finished / error")
+    for number in dict.fromkeys(r["round"] for r in rows):
+        steps = [r for r in rows if r["round"] == number]
+        total = sum(r["seconds"] or 0.0 for r in steps if r["status"] == "done")
+        for r in steps:
+            share = f"{100 * r['seconds'] / total:.0f} %" if r["status"] == "done" and r["seconds"] and total else ""
+            tail = r.get("error") or r.get("finished_at") or ""
+            typer.echo(f"{r['round']:>5}  {r['step']:<14} {r['status']:<10} {wall_time(r.get('seconds')):>11} "
+                       f"{share:>6}  {tail}")
+        done = sum(r["status"] == "done" for r in steps)
+        typer.echo(f"{number:>5}  {'(total)':<14} {f'{done}/{len(steps)} done':<10} {wall_time(total):>11}")
 
 
 @round_app.command("status")
 def round_status(config: ConfigOpt, set_: SetOpt = None) -> None:
-    """Show where each round stands (same as `curate status`)."""
+    """Show where each round stands, with each step's wall time (same as `curate status`)."""
     status(config, set_)
 
 
@@ -171,6 +192,7 @@ def round_new(config: ConfigOpt, set_: SetOpt = None) -> None:
 @round_app.command("run")
 def round_run(
     config: ConfigOpt, round_: RoundOpt = None, force: ForceOpt = False, set_: SetOpt = None, quiet: QuietOpt = False,
+    verbose: VerboseOpt = False,
     next_: Annotated[bool, typer.Option("--next", help="Start the next round if the latest has finished.")] = False,
 ) -> None:
     """Run every step of a round in order, skipping finished ones (resumable after a kill).
@@ -193,7 +215,7 @@ def round_run(
         rnd = latest
     else:
         rnd = open_round(cfg, round_)
-    run_round(cfg, rnd, force=force, progress=not quiet, echo=typer.echo)
+    run_round(cfg, rnd, force=force, progress=not quiet, verbose=verbose, echo=typer.echo)
 
 
 @models_app.command("fetch")
@@ -252,8 +274,8 @@ PortOpt = Annotated[int | None, typer.Option("--port", help="Server port (defaul
 DataDirOpt = Annotated[Path | None, typer.Option("--data-dir", help="Server data folder.")]
 
 
-def _argilla_server(command: str, port: int | None, data_dir: Path | None) -> None:
-    """Run scripts/argilla_server.py (stdlib only; it installs the server into its own venv on first use)."""
+def _argilla_server_module():
+    """scripts/argilla_server.py as a module (stdlib only; it installs the server into its own venv on first use)."""
     import importlib.util
 
     script = Path(__file__).resolve().parent.parent / "scripts" / "argilla_server.py"
@@ -263,6 +285,12 @@ def _argilla_server(command: str, port: int | None, data_dir: Path | None) -> No
     module = importlib.util.module_from_spec(spec)
     sys.modules[spec.name] = module  # dataclasses in the script look their module up
     spec.loader.exec_module(module)
+    return module
+
+
+def _argilla_server(command: str, port: int | None, data_dir: Path | None) -> None:
+    """Run scripts/argilla_server.py's `main` with these arguments."""
+    module = _argilla_server_module()
     argv = [command] + (["--port", str(port)] if port else []) + (["--data-dir", str(data_dir)] if data_dir else [])
     raise typer.Exit(module.main(argv))
 
@@ -285,6 +313,30 @@ def argilla_status(port: PortOpt = None, data_dir: DataDirOpt = None) -> None:
     _argilla_server("status", port, data_dir)
 
 
+@app.command()
+def doctor(
+    config: Annotated[Path | None, typer.Option("--config", "-c", help="Also check this round config's needs.")] = None,
+    set_: SetOpt = None,
+    json_: Annotated[bool, typer.Option("--json", help="Print the report as JSON.")] = False,
+) -> None:
+    """Check this machine and setup: CPU features, GPU, precision and threads, packages, model cache, Argilla.
+
+    Prints a one-line verdict and a hint per problem; exits with 1 when there is a problem."""
+    import json
+
+    from curation.doctor import diagnose, format_report
+
+    cfg = load(config, set_) if config is not None else None
+    try:
+        local_server = _argilla_server_module().status()
+    except CurateError:
+        local_server = None  # not a source checkout
+    report = diagnose(cfg, config=config, local_server=local_server)
+    typer.echo(json.dumps(report, indent=2) if json_ else format_report(report))
+    if not report["ok"]:
+        raise typer.Exit(1)
+
+
 def main() -> None:
     from preference.plumbing.env import apply_env_defaults
 
@@ -293,6 +345,8 @@ def main() -> None:
         app()
     except CurateError as exc:
         typer.echo(f"error: {exc}", err=True)
+        for note in getattr(exc, "__notes__", ()):  # e.g. where the failed step's log is
+            typer.echo(note, err=True)
         sys.exit(2)
     except KeyboardInterrupt:
         typer.echo("interrupted; finished steps are kept, rerun the same command to resume", err=True)

@@ -61,3 +61,33 @@ def test_pool_status_and_bad_input(tmp_path, hh_sample):
     assert out.returncode == 2 and "config file not found" in out.stderr
     out = curate("generate", "-c", cfg, "--round", "7")
     assert out.returncode == 2 and "round 7 does not exist" in out.stderr
+
+
+def test_verbose_on_every_step_command_and_round_run():
+    from typer.testing import CliRunner
+
+    from curation.cli import app
+    from curation.round import STEPS
+
+    runner = CliRunner()
+    commands = [step.replace("_", " ").split() for step, _ in STEPS] + [["round", "run"]]
+    for command in commands:
+        out = runner.invoke(app, [*command, "--help"], terminal_width=200)
+        assert out.exit_code == 0 and "--verbose" in out.output, command
+    assert "doctor" in runner.invoke(app, ["--help"]).output
+
+
+def test_status_shows_each_steps_wall_time_and_the_total(tmp_path, hh_sample):
+    from preference.plumbing.console import wall_time
+    from preference.plumbing.io import read_json
+
+    cfg = tmp_path / "c.yaml"
+    cfg.write_text(f"project: {tmp_path / 'proj'}\npool:\n  sources:\n    - path: {hh_sample}\n      limit: 20\n")
+    assert curate("pool", "-c", cfg, "-q").returncode == 0
+    seconds = read_json(tmp_path / "proj" / "round-0001" / "pool" / "manifest.json")["seconds"]
+    out = curate("status", "-c", cfg)
+    assert out.returncode == 0, out.stderr
+    pool = next(line for line in out.stdout.splitlines() if " pool " in line)
+    assert f" {wall_time(seconds)} " in pool and "100 %" in pool
+    total = next(line for line in out.stdout.splitlines() if "(total)" in line)
+    assert "1/1 done" in total and total.rstrip().endswith(wall_time(seconds))
