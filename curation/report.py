@@ -1,9 +1,12 @@
 """Per-round report: one self-contained HTML file (PNG plots embedded, no server) plus a terminal summary.
 
 It reads only what the round's finished steps wrote, so it can be produced at any point of a round; sections of
-steps that have not run say so. Sections: pool, score distributions, selection (strategy mix, random arm),
-annotation (progress, agreement), pairs, training curves, evaluation vs champion (with CIs), labels used so far
-by arm across rounds.
+steps that have not run say so. Sections: steps and their wall time, pool, score distributions (heavy-tailed
+scores such as perplexity on a log axis), selection (what was picked and why, with prompt and answer snippets),
+annotation (progress, agreement), pairs, training curves, evaluation vs champion (with CIs), and across rounds:
+labels used vs held-out accuracy, strategy arm vs random arm.
+
+The page fits a 1200 px browser window: figures scale down with the page, long table cells wrap.
 """
 
 from __future__ import annotations
@@ -11,12 +14,14 @@ from __future__ import annotations
 import base64
 import html
 import io
+import re
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
+from preference.plumbing.console import wall_time
 from preference.plumbing.io import read_json, read_rows, write_text
 
 
@@ -64,6 +69,30 @@ def _counts(rnd, step: str) -> dict:
     return s.manifest().get("counts", {}) if s.done else {}
 
 
+def section_steps(rnd) -> Section:
+    """Every step of the round: status and wall time (the manifests' `seconds`), with its share of the total."""
+    from curation.round import STEPS
+
+    order = [name for name, _ in STEPS]
+    present = sorted((p.name for p in rnd.path.iterdir() if p.is_dir()) if rnd.path.is_dir() else [],
+                     key=lambda n: (order.index(n) if n in order else len(order), n))
+    rows, total = [], 0.0
+    for name in dict.fromkeys([*order, *present]):
+        step = rnd.step(name)
+        seconds = step.manifest().get("seconds") if step.done else None
+        total += seconds or 0.0
+        status = "done" if step.done else ("incomplete" if step.path.is_dir() else "not run")
+        rows.append({"step": name, "status": status, "seconds": seconds})
+    for row in rows:
+        share = f"{100 * row['seconds'] / total:.0f} %" if total and row["seconds"] is not None else ""
+        row.update(wall=wall_time(row.pop("seconds")), share=share)
+    done = sum(r["status"] == "done" for r in rows)
+    slowest = sorted((r for r in rows if r["share"]), key=lambda r: -float(r["share"].rstrip(" %")))[:2]
+    lines = [f"{done} of {len(rows)} steps finished; wall time so far {wall_time(total)}"
+             + (" (most: " + ", ".join(f"{r['step']} {r['share']}" for r in slowest) + ")" if slowest else "")]
+    return Section("Steps and wall time", lines, [], rows)
+
+
 def section_pool(rnd) -> Section:
     c = _counts(rnd, "pool")
     if not c:
@@ -74,6 +103,32 @@ def section_pool(rnd) -> Section:
 
 SIGNALS = ("prompt_perplexity", "mean_logprob", "mean_entropy", "committee_disagreement", "vote_entropy",
            "semantic_spread")
+NOT_SIGNALS = ("prompt_id", "slice", "embedding")
+PANELS_PER_ROW = 3
+
+
+def _signal_columns(rows: list[dict]) -> list[str]:
+    """The known signals first, then any other numeric per-prompt score a scorer added."""
+    numeric = [k for k, v in rows[0].items() if k not in NOT_SIGNALS and isinstance(v, int | float)
+               and not isinstance(v, bool)]
+    return [c for c in SIGNALS if c in numeric] + [c for c in numeric if c not in SIGNALS]
+
+
+def _log_scale(column: str, finite: np.ndarray) -> bool:
+    """Heavy-tailed positive scores (perplexities; anything spanning 3+ orders of magnitude) get a log axis."""
+    if not finite.size or finite.min() <= 0:
+        return False
+    return "perplexity" in column or finite.max() / finite.min() > 1000
+
+
+def _log_axis(ax) -> None:
+    """A log x axis labelled at 1-2-5 steps in plain numbers (no crowded 4.8×10² minor labels)."""
+    from matplotlib.ticker import FuncFormatter, LogLocator, NullFormatter
+
+    ax.set_xscale("log")
+    ax.xaxis.set_major_locator(LogLocator(base=10, subs=(1.0, 2.0, 5.0)))
+    ax.xaxis.set_major_formatter(FuncFormatter(lambda v, _: f"{v:g}"))
+    ax.xaxis.set_minor_formatter(NullFormatter())
 
 
 def section_scores(rnd) -> Section:
@@ -81,24 +136,76 @@ def section_scores(rnd) -> Section:
     if not rows:
         return Section("Score distributions", ["score step has not run"], [])
     selected = {r["prompt_id"] for r in (_rows(rnd, "select", "selected.parquet") or [])}
-    cols = [c for c in SIGNALS if c in rows[0]]
+    cols = _signal_columns(rows)
     plt = _plt()
-    fig, axes = plt.subplots(1, len(cols), figsize=(3.2 * len(cols), 2.6), squeeze=False)
+    n_rows = -(-len(cols) // PANELS_PER_ROW)
+    fig, axes = plt.subplots(n_rows, PANELS_PER_ROW, figsize=(3.7 * PANELS_PER_ROW, 2.5 * n_rows), squeeze=False)
     lines = []
-    for ax, col in zip(axes[0], cols, strict=True):
+    for ax, col in zip(axes.flat, cols, strict=False):
         values = np.array([r[col] for r in rows], dtype=float)
         picked = np.array([r[col] for r in rows if r["prompt_id"] in selected], dtype=float)
         finite = values[np.isfinite(values)]
-        bins = np.histogram_bin_edges(finite, bins=20) if finite.size else 20
+        log = _log_scale(col, finite)
+        if not finite.size:
+            bins = 20
+        elif log:
+            bins = np.geomspace(finite.min(), finite.max() * (1 + 1e-9), 21)
+        else:
+            bins = np.histogram_bin_edges(finite, bins=20)
         ax.hist(finite, bins=bins, color="#9ab", label="pool")
         if picked.size:
             ax.hist(picked[np.isfinite(picked)], bins=bins, color="#d62", alpha=0.8, label="selected")
-        ax.set_title(col, fontsize=9)
+        if log:
+            _log_axis(ax)
+        ax.set_title(col + (" (log axis)" if log else ""), fontsize=9)
+        ax.tick_params(labelsize=7)
         if finite.size:
             lines.append(f"{col}: median {np.median(finite):.3g} (IQR {np.percentile(finite, 25):.3g}–"
                          f"{np.percentile(finite, 75):.3g}), n={finite.size}")
+    for ax in list(axes.flat)[len(cols):]:
+        ax.set_visible(False)
     axes[0][0].legend(fontsize=7)
+    fig.tight_layout()
     return Section("Score distributions", lines, [_png(fig)])
+
+
+_CONTROL = re.compile(r"[\x00-\x08\x0b-\x1f\x7f]")
+
+
+def snippet(text: str, limit: int = 140) -> str:
+    """One line of at most `limit` characters (control characters shown as �)."""
+    flat = " ".join(_CONTROL.sub("\ufffd", str(text)).split())
+    return flat if len(flat) <= limit else flat[: limit - 1].rstrip() + "…"
+
+
+def _last_user(messages) -> str:
+    users = [m.get("content", "") for m in messages or [] if m.get("role") == "user"]
+    return users[-1] if users else ""
+
+
+def _shown_answers(rnd, prompt_ids: set[str], selected: list[dict]) -> dict[str, list[dict]]:
+    """prompt id → the answers reviewers see: the pushed records when push ran, else `completion_ids`
+    (select's choice), else the prompt's first generated completions."""
+    push = rnd.step("push")
+    if push.done and (push.path / "records.jsonl").is_file():
+        from preference.plumbing.io import read_jsonl
+
+        return {r["record_id"]: r.get("completions") or [] for r in read_jsonl(push.path / "records.jsonl")
+                if r.get("record_id") in prompt_ids}
+    completions = _rows(rnd, "generate", "completions.parquet") or []
+    by_id = {c["id"]: c for c in completions}
+    by_prompt: dict[str, list[dict]] = {}
+    for c in completions:
+        if c["prompt_id"] in prompt_ids:
+            by_prompt.setdefault(c["prompt_id"], []).append(c)
+    for row in selected:
+        ids = row.get("completion_ids")
+        if ids is not None and len(ids):
+            by_prompt[row["prompt_id"]] = [by_id[i] for i in ids if i in by_id]
+    return by_prompt
+
+
+ANSWERS_SHOWN = 3
 
 
 def section_selection(rnd) -> Section:
@@ -112,8 +219,22 @@ def section_selection(rnd) -> Section:
         strategies[r.get("strategy", "?")] = strategies.get(r.get("strategy", "?"), 0) + 1
     lines = [f"selected {len(rows)} items: " + ", ".join(f"{k}={v}" for k, v in sorted(arms.items())),
              "strategies: " + ", ".join(f"{k}={v}" for k, v in sorted(strategies.items()))]
-    table = [{k: r.get(k) for k in ("rank", "prompt_id", "slice", "arm", "strategy", "score", "reason")} for r in rows]
-    return Section("Selection (what and why)", lines, [], table[:50])
+    ids = {r["prompt_id"] for r in rows}
+    prompts = {p["id"]: _last_user(p.get("messages")) for p in (_rows(rnd, "pool", "prompts.parquet") or [])
+               if p["id"] in ids}
+    answers = _shown_answers(rnd, ids, rows)
+    table = []
+    for r in rows[:50]:
+        shown = answers.get(r["prompt_id"], [])
+        table.append({
+            "rank": r.get("rank"), "arm": r.get("arm"), "score": r.get("score"),
+            "prompt": f"{r['prompt_id']} · {r.get('slice', '')}\n{snippet(prompts.get(r['prompt_id'], ''))}",
+            "answers shown": "\n".join(f"{i}. {snippet(c.get('text', ''), 90)}"
+                                        for i, c in enumerate(shown[:ANSWERS_SHOWN], 1))
+                             + (f"\n(+{len(shown) - ANSWERS_SHOWN} more)" if len(shown) > ANSWERS_SHOWN else ""),
+            "reason": r.get("reason"),
+        })
+    return Section("Selection (what and why)", lines, [], table)
 
 
 def section_annotation(rnd) -> Section:
@@ -200,39 +321,180 @@ def section_evaluation(rnd) -> Section:
     return Section("Evaluation vs champion", lines, [], pre=text)
 
 
-def section_labels(rnd) -> Section:
-    """Labels used so far, by arm, across this and earlier rounds."""
-    per_round = []
+def learning_curve_forecast(rnd) -> dict | None:
+    """Hook for the forecast: `curation.budget.learning_curve(rnd)` (contract 4: the fitted curve with its
+    interval, labels to reach a target, the next round's expected gain, a flat-curve warning).
+
+    None while that module is not there; the cross-round panel then shows the measured points only."""
+    try:
+        from curation.budget import learning_curve
+    except ImportError:
+        return None
+    return learning_curve(rnd)
+
+
+def _mean(values: list[float]) -> float | None:
+    finite = [v for v in values if v is not None and np.isfinite(v)]
+    return float(np.mean(finite)) if finite else None
+
+
+def _nested(data: dict, dotted: str) -> float | None:
+    for key in dotted.split("."):
+        data = data.get(key) if isinstance(data, dict) else None
+    return data if isinstance(data, int | float) and not isinstance(data, bool) else None
+
+
+def round_points(rnd) -> list[dict]:
+    """Per round (oldest first, up to `rnd`), from what its steps wrote: labels requested per arm (select),
+    cumulative labels, held-out reward accuracy with its CI (evaluate), and per arm the reviewers' mean
+    Kendall τ (pull/agreement.json items) and the trained reward model's accuracy on that arm's pairs
+    (evaluate/pair_scores.parquet, split "train": lower = items the model finds harder); and the round's
+    agreement from pull/agreement.json: Kendall τ (ranking.kendall_tau_mean) and Krippendorff α over harm flags
+    (harm.alpha_nominal_sets)."""
+    points, cumulative = [], 0
     for r in reversed([rnd, *rnd.earlier()]):
-        rows = _rows(r, "select", "selected.parquet") or []
-        arms = {"strategy": 0, "random": 0}
-        for row in rows:
-            arms[row.get("arm", "strategy")] = arms.get(row.get("arm", "strategy"), 0) + 1
-        per_round.append({"round": r.number, **arms})
-    total = {k: sum(x.get(k, 0) for x in per_round) for k in ("strategy", "random")}
+        selected = _rows(r, "select", "selected.parquet") or []
+        arm_of = {row["prompt_id"]: row.get("arm", "strategy") for row in selected}
+        labels = {"strategy": 0, "random": 0}
+        for arm in arm_of.values():
+            labels[arm] = labels.get(arm, 0) + 1
+        cumulative += len(selected)
+        metrics = _json(r, "evaluate", "metrics.json") or {}
+        reward = metrics.get("reward") if isinstance(metrics.get("reward"), dict) else {}
+        agreement = _json(r, "pull", "agreement.json") or {}
+        taus = agreement.get("items") if isinstance(agreement.get("items"), dict) else {}
+        pair_rows = [x for x in (_rows(r, "evaluate", "pair_scores.parquet") or []) if x.get("split") == "train"]
+        point = {"round": r.number, "strategy": labels.get("strategy", 0), "random": labels.get("random", 0),
+                 "labels_cumulative": cumulative, "heldout_accuracy": reward.get("accuracy"),
+                 "heldout_ci": reward.get("ci"), "kendall_tau": _nested(agreement, "ranking.kendall_tau_mean"),
+                 "krippendorff_alpha": _nested(agreement, "harm.alpha_nominal_sets")}
+        for arm in ("strategy", "random"):
+            point[f"tau_{arm}"] = _mean([v for k, v in taus.items() if arm_of.get(k) == arm])
+            point[f"rm_accuracy_{arm}"] = _mean([float(bool(x["correct"])) for x in pair_rows
+                                                 if arm_of.get(x["prompt_id"]) == arm])
+        points.append(point)
+    return points
+
+
+def _cross_round_figure(points: list[dict]) -> bytes:
+    plt = _plt()
+    fig, (ax_acc, ax_tau, ax_rm) = plt.subplots(1, 3, figsize=(11.1, 2.9))
+    measured = [p for p in points if p["heldout_accuracy"] is not None]
+    x = [p["labels_cumulative"] for p in measured]
+    y = [p["heldout_accuracy"] for p in measured]
+    ci = [p["heldout_ci"] or [a, a] for p, a in zip(measured, y, strict=True)]
+    err = np.array([[a - lo for (lo, _), a in zip(ci, y, strict=True)], [hi - a for (_, hi), a in zip(ci, y, strict=True)]])
+    ax_acc.errorbar(x, y, yerr=np.clip(err, 0, None), marker="o", capsize=3, color="#357")
+    for p in measured:
+        ax_acc.annotate(f"r{p['round']}", (p["labels_cumulative"], p["heldout_accuracy"]), fontsize=7,
+                        textcoords="offset points", xytext=(4, 4))
+    ax_acc.set_xlabel("labels used (cumulative)", fontsize=8)
+    ax_acc.set_title("held-out reward accuracy (95 % CI)", fontsize=9)
+    rounds = [p["round"] for p in points]
+    for ax, key, title in ((ax_tau, "tau", "reviewer agreement τ by arm"),
+                           (ax_rm, "rm_accuracy", "reward model accuracy on the arm's pairs")):
+        for arm, color in (("strategy", "#d62"), ("random", "#9ab")):
+            values = [np.nan if p[f"{key}_{arm}"] is None else p[f"{key}_{arm}"] for p in points]
+            ax.plot(rounds, values, marker="o", color=color, label=f"{arm} arm")
+        ax.set_xlabel("round", fontsize=8)
+        ax.set_xticks(rounds)
+        ax.set_title(title, fontsize=9)
+        ax.legend(fontsize=7)
+    for ax in (ax_acc, ax_tau, ax_rm):
+        ax.tick_params(labelsize=7)
+    fig.tight_layout()
+    return _png(fig)
+
+
+def _fmt(value: float | None, digits: int = 3) -> str:
+    return "-" if value is None else f"{value:.{digits}f}"
+
+
+def section_labels(rnd) -> Section:
+    """Across rounds: labels used vs held-out accuracy, and the strategy arm vs the random arm."""
+    points = round_points(rnd)
+    total = {k: sum(p[k] for p in points) for k in ("strategy", "random")}
     lines = [f"labels requested so far: strategy arm {total['strategy']}, random arm {total['random']}"]
-    return Section("Labels used so far", lines, [], per_round)
+    forecast = learning_curve_forecast(rnd)
+    if forecast:
+        lines += [f"forecast {k}: {v}" for k, v in forecast.items() if isinstance(v, str | int | float)]
+    figures = [_cross_round_figure(points)] if any(p["heldout_accuracy"] is not None for p in points) else []
+    table = [{"round": p["round"], "strategy": p["strategy"], "random": p["random"],
+              "labels used": p["labels_cumulative"],
+              "held-out accuracy": "-" if p["heldout_accuracy"] is None else
+              f"{p['heldout_accuracy']:.3f}" + (" [{:.3f}, {:.3f}]".format(*p["heldout_ci"]) if p["heldout_ci"] else ""),
+              "Kendall τ": _fmt(p["kendall_tau"]), "Krippendorff α (harm)": _fmt(p["krippendorff_alpha"]),
+              "τ strategy / random": f"{_fmt(p['tau_strategy'], 2)} / {_fmt(p['tau_random'], 2)}",
+              "RM acc. on pairs, strategy / random": f"{_fmt(p['rm_accuracy_strategy'], 2)} / "
+                                                     f"{_fmt(p['rm_accuracy_random'], 2)}"}
+             for p in points]
+    return Section("Labels used so far, across rounds", lines, figures, table)
 
 
-SECTIONS = (section_pool, section_scores, section_selection, section_annotation, section_pairs, section_training,
-            section_evaluation, section_labels)
+SECTIONS = (section_steps, section_pool, section_scores, section_selection, section_annotation, section_pairs,
+            section_training, section_evaluation, section_labels)
 
 
 def build_sections(rnd) -> list[Section]:
     return [fn(rnd) for fn in SECTIONS]
 
 
+CSS = """
+*{box-sizing:border-box}
+body{font:14px/1.45 system-ui,sans-serif;max-width:1160px;margin:1.5em auto;padding:0 16px;color:#222}
+h1{margin:.2em 0}h2{border-bottom:1px solid #ddd;margin-top:1.6em}
+nav{font-size:12px;color:#666}nav a{margin-right:.9em;color:#357;text-decoration:none}
+.path{color:#666;font-size:12px;overflow-wrap:anywhere}
+img{display:block;max-width:100%;height:auto;margin:.5em 0}
+.table{max-width:100%;overflow-x:auto}
+table{border-collapse:collapse;font-size:12px;max-width:100%}
+td,th{border:1px solid #ccc;padding:3px 6px;text-align:left;vertical-align:top;white-space:pre-line;
+overflow-wrap:anywhere}
+th{background:#f4f4f4}
+td.num{text-align:right;white-space:nowrap}.short{white-space:nowrap}
+pre{font-size:12px;background:#fafafa;border:1px solid #eee;padding:6px;max-width:100%;overflow-x:auto}
+"""
+
+
+SHORT_CELL = 16  # characters
+
+
+def _anchor(title: str) -> str:
+    return re.sub(r"[^a-z0-9]+", "-", title.lower()).strip("-")
+
+
+def _table_html(table: list[dict[str, Any]]) -> str:
+    cols = list(dict.fromkeys(k for row in table for k in row))
+    heads = "".join(f"<th{' class=short' if len(c) <= SHORT_CELL else ''}>{html.escape(c)}</th>" for c in cols)
+    out = [f"<div class='table'><table><tr>{heads}</tr>"]
+    for row in table:
+        cells = []
+        for c in cols:
+            v = row.get(c, "")
+            if isinstance(v, float):
+                cells.append(f"<td class='num'>{v:.4g}</td>")
+            elif isinstance(v, int) and not isinstance(v, bool):
+                cells.append(f"<td class='num'>{v}</td>")
+            else:
+                text = "" if v is None else str(v)
+                short = " class='short'" if len(text) <= SHORT_CELL else ""  # never broken mid-word
+                cells.append(f"<td{short}>{html.escape(text)}</td>")
+        out.append("<tr>" + "".join(cells) + "</tr>")
+    out.append("</table></div>")
+    return "\n".join(out)
+
+
 def render_html(rnd, sections: list[Section]) -> str:
     parts = [
         "<!doctype html><meta charset='utf-8'>",
+        "<meta name='viewport' content='width=device-width, initial-scale=1'>",
         f"<title>Round {rnd.number} report</title>",
-        "<style>body{font:14px system-ui,sans-serif;max-width:1100px;margin:2em auto;color:#222}"
-        "table{border-collapse:collapse;font-size:12px}td,th{border:1px solid #ccc;padding:2px 6px;"
-        "text-align:left;vertical-align:top}h2{border-bottom:1px solid #ddd}</style>",
-        f"<h1>Round {rnd.number}</h1><p>{html.escape(str(rnd.path))}</p>",
+        f"<style>{CSS}</style>",
+        f"<h1>Round {rnd.number}</h1><p class='path'>{html.escape(str(rnd.path))}</p>",
+        "<nav>" + "".join(f"<a href='#{_anchor(s.title)}'>{html.escape(s.title)}</a>" for s in sections) + "</nav>",
     ]
     for s in sections:
-        parts.append(f"<h2>{html.escape(s.title)}</h2><ul>")
+        parts.append(f"<h2 id='{_anchor(s.title)}'>{html.escape(s.title)}</h2><ul>")
         parts += [f"<li>{html.escape(line)}</li>" for line in s.lines]
         parts.append("</ul>")
         for fig in s.figures:
@@ -241,16 +503,7 @@ def render_html(rnd, sections: list[Section]) -> str:
         if s.pre:
             parts.append(f"<pre>{html.escape(s.pre)}</pre>")
         if s.table:
-            cols = list(dict.fromkeys(k for row in s.table for k in row))
-            parts.append("<table><tr>" + "".join(f"<th>{html.escape(c)}</th>" for c in cols) + "</tr>")
-            for row in s.table:
-                cells = []
-                for c in cols:
-                    v = row.get(c, "")
-                    v = f"{v:.4g}" if isinstance(v, float) else v
-                    cells.append(f"<td>{html.escape(str(v))}</td>")
-                parts.append("<tr>" + "".join(cells) + "</tr>")
-            parts.append("</table>")
+            parts.append(_table_html(s.table))
     return "\n".join(parts)
 
 
