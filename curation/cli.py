@@ -326,6 +326,8 @@ def doctor(
 
     from curation.doctor import diagnose, format_report
 
+    if set_ and config is None:
+        raise CurateError("--set needs --config/-c: it overrides a value of that config")
     cfg = load(config, set_) if config is not None else None
     try:
         local_server = _argilla_server_module().status()

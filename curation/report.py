@@ -22,6 +22,7 @@ from typing import Any
 import numpy as np
 
 from preference.plumbing.console import wall_time
+from preference.plumbing.errors import CurateError
 from preference.plumbing.io import read_json, read_rows, write_text
 
 
@@ -330,7 +331,10 @@ def learning_curve_forecast(rnd) -> dict | None:
         from curation.budget import learning_curve
     except ImportError:
         return None
-    return learning_curve(rnd)
+    try:
+        return learning_curve(rnd)
+    except CurateError as exc:  # e.g. too few rounds to fit: the report still renders
+        return {"unavailable": str(exc)}
 
 
 def _mean(values: list[float]) -> float | None:
