@@ -188,7 +188,9 @@ def run_evaluate(cfg, rnd, *, force: bool = False, progress: bool = True) -> dic
                           previous_policy=registry.artifact(champion, "policy"))
         metrics = {"heldout": {"file": str(cfg.evaluation.heldout), "pairs": len(heldout)}}
         judged_by, held_scores = None, None
-        for kind, entry in TRAINERS.items():
+        # reward models first: the first one becomes the judge of the policies' win rates
+        for entry in sorted(TRAINERS.values(), key=lambda t: t.role != "reward_model"):
+            kind = entry.kind
             if not _done_and_active(steps[kind]):
                 continue
             evaluation = entry.evaluate_function(steps[kind].path / "model", getattr(cfg, kind), ctx)
@@ -214,7 +216,7 @@ def run_evaluate(cfg, rnd, *, force: bool = False, progress: bool = True) -> dic
                                                              for k, v in champ_metrics.items() if k != "version"}}
         write_text(run.path / "metrics.txt", text + "\n")
         run.counts.update({"heldout_pairs": len(heldout), "round_pairs": len(round_pairs)})
-        for kind in metrics.keys() & {t.kind for t in TRAINERS.values() if t.role == "reward_model"}:
+        for kind in (t.kind for t in TRAINERS.values() if t.role == "reward_model" and t.kind in metrics):
             run.extra[f"{kind}_accuracy"] = metrics[kind]["accuracy"]
             run.extra[f"{kind}_ci"] = metrics[kind]["ci"]
         run.extra["hardware"] = hardware_summary(dtype, threads)
