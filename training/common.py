@@ -35,11 +35,13 @@ from training.data import ReplayConfig
 DEFAULT_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 TENSORBOARD = "tensorboard"
 
-# report_to name → the module it needs (checked before training so a missing package is one clear line)
+# transformers' report_to integrations → the modules each needs (any one of them), checked before training so a
+# missing package is one clear line instead of a traceback from inside the Trainer
 _REPORTER_MODULES = {"tensorboard": ("tensorboard", "tensorboardX"), "mlflow": ("mlflow",), "wandb": ("wandb",),
                      "comet_ml": ("comet_ml",), "clearml": ("clearml",), "trackio": ("trackio",),
                      "swanlab": ("swanlab",), "dvclive": ("dvclive",), "neptune": ("neptune",),
-                     "codecarbon": ("codecarbon",)}
+                     "codecarbon": ("codecarbon",), "azure_ml": ("azureml",), "dagshub": ("dagshub",),
+                     "flyte": ("flytekit",), "kubeflow": ("kubeflow",)}
 
 
 def tensorboard_available() -> bool:
@@ -100,14 +102,13 @@ class TrainConfig:
         """The resolved `report_to`: the configured list, or [tensorboard] when installed, else []."""
         if self.report_to is None:
             return [TENSORBOARD] if tensorboard_available() else []
-        unknown = [r for r in self.report_to if r not in _REPORTER_MODULES and r not in ("azure_ml", "flyte",
-                                                                                          "dagshub", "kubeflow")]
+        unknown = [r for r in self.report_to if r not in _REPORTER_MODULES]
         if unknown:
             raise CurateError(f"{self.section}.report_to: {unknown[0]!r} is not a TRL/transformers integration; use "
                               f"one of {', '.join(sorted(_REPORTER_MODULES))}, or [] for none")
         for name in self.report_to:
-            modules = _REPORTER_MODULES.get(name, ())
-            if modules and not any(importlib.util.find_spec(m) for m in modules):
+            modules = _REPORTER_MODULES[name]
+            if not any(importlib.util.find_spec(m) for m in modules):
                 raise CurateError(f"{self.section}.report_to: {name} is not installed; `pip install {modules[0]}` "
                                   f"or remove {name!r} from {self.section}.report_to")
         return list(self.report_to)

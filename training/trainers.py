@@ -20,6 +20,8 @@ import importlib
 from dataclasses import dataclass
 from typing import Any, Literal
 
+from preference.plumbing.errors import CurateError
+
 Role = Literal["reward_model", "policy"]
 
 
@@ -86,8 +88,6 @@ TRAINERS: dict[str, Trainer] = {
 
 def trainer(kind: str) -> Trainer:
     """The table entry of `kind`; a clear error for an unknown one."""
-    from preference.plumbing.errors import CurateError
-
     if kind not in TRAINERS:
         raise CurateError(f"unknown trainer {kind!r}; expected one of {', '.join(TRAINERS)} (training/trainers.py)")
     return TRAINERS[kind]
