@@ -4,7 +4,7 @@
     curate models fetch
     curate pool -c configs/demo.yaml          # round 1 (or the latest round)
     curate generate -c ... ; curate score -c ... ; curate select -c ... ; curate push -c ... ; curate pull -c ...
-    curate train reward -c ... ; curate train dpo -c ... ; curate evaluate -c ... ; curate gate -c ...
+    curate train reward -c ... ; curate train dpo -c ... (one per trainer) ; curate evaluate -c ... ; curate gate -c ...
     curate round run -c ... ; curate status -c ...
 
 Every step writes into the project's round store and is skipped when it already finished with the same config.
@@ -21,12 +21,13 @@ from typing import Annotated
 import typer
 
 from preference.plumbing.errors import CurateError
+from training.trainers import TRAINERS
 
 app = typer.Typer(
     add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
     help="Curate LLM preference data with active learning and humans in the loop.",
 )
-train_app = typer.Typer(no_args_is_help=True, help="Train a reward model or a DPO/LoRA policy on the round's pairs.")
+train_app = typer.Typer(no_args_is_help=True, help="Train one of the trainers (reward model, policies) on the round's data.")
 round_app = typer.Typer(no_args_is_help=True, help="Run or inspect whole rounds.")
 models_app = typer.Typer(no_args_is_help=True, help="Offline model cache (no hub access at run time).")
 app.add_typer(train_app, name="train")
@@ -113,10 +114,8 @@ _step_command("evaluate", "Evaluate the trained models on held-out pairs, per sl
 _step_command("gate", "Promote the candidate model only if it beats the champion.")
 _step_command("failures", "Send the pairs the reward model still gets wrong back to the next round's pool.")
 _step_command("report", "Write the round's HTML report (plots embedded) and print a terminal summary.")
-_step_command("train_reward", "Train a LoRA reward model (TRL RewardTrainer) on this round's pairs plus replay.",
-              train_app)
-_step_command("train_dpo", "DPO/LoRA fine-tune of the policy (TRL DPOTrainer) on this round's pairs plus replay.",
-              train_app)
+for _trainer in TRAINERS.values():  # `curate train <kind>` for every trainer of the table
+    _step_command(_trainer.step, _trainer.help, train_app)
 
 
 @app.command()

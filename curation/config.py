@@ -1,12 +1,14 @@
 """The round config: one YAML file → one `RoundConfig`, with one typed section per step.
 
-Each section's dataclass lives beside the code that uses it (TRL style); this module only composes them.
-Relative paths in a config are relative to the current working directory.
+Each section's dataclass lives beside the code that uses it (TRL style); this module only composes them. The
+trainer sections (`reward:`, `dpo:`, `kto:`, ...) come from the trainer table (`training.trainers.TRAINERS`): a new
+trainer gets its section without an edit here. Relative paths in a config are relative to the current working
+directory.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, make_dataclass
 from pathlib import Path
 
 from curation.annotate import AnnotationConfig
@@ -15,14 +17,15 @@ from curation.pool import PoolConfig
 from curation.score import ScoringConfig
 from curation.select import SelectionConfig
 from preference.plumbing.config import load_yaml
-from training.dpo import DPOTrainConfig
 from training.evaluate import EvalConfig
 from training.registry import GateConfig
-from training.reward import RewardTrainConfig
+from training.trainers import TRAINERS
 
 
 @dataclass
-class RoundConfig:
+class RoundSections:
+    """The sections every round has besides its trainers' (see `RoundConfig`)."""
+
     project: Path = Path("runs/default")  # the round store folder
     seed: int = 0
     description: str = ""
@@ -31,10 +34,18 @@ class RoundConfig:
     scoring: ScoringConfig = field(default_factory=ScoringConfig)
     selection: SelectionConfig = field(default_factory=SelectionConfig)
     annotation: AnnotationConfig = field(default_factory=AnnotationConfig)
-    reward: RewardTrainConfig = field(default_factory=RewardTrainConfig)
-    dpo: DPOTrainConfig = field(default_factory=DPOTrainConfig)
     evaluation: EvalConfig = field(default_factory=EvalConfig)
     gate: GateConfig = field(default_factory=GateConfig)
+
+
+# `RoundSections` + one section per trainer of the table, named by its kind: `cfg.reward`, `cfg.dpo`, `cfg.kto`, ...
+RoundConfig = make_dataclass(
+    "RoundConfig",
+    [(kind, t.config_class, field(default_factory=t.config_class)) for kind, t in TRAINERS.items()],
+    bases=(RoundSections,),
+    namespace={"__doc__": "A whole round: the common sections plus one section per trainer (training/trainers.py).",
+               "__module__": __name__},
+)
 
 
 def load_config(path: str | Path) -> RoundConfig:

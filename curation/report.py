@@ -281,19 +281,28 @@ def _log_history(step_dir: Path) -> list[dict]:
 
 
 def section_training(rnd) -> Section:
+    """One loss curve and one summary line per trainer of the table (training/trainers.py)."""
+    from training.trainers import TRAINERS
+
     figs, lines = [], []
     plt = _plt()
-    for step in ("train_reward", "train_dpo"):
-        s = rnd.step(step)
+    for entry in TRAINERS.values():
+        s = rnd.step(entry.step)
         if not s.done:
-            lines.append(f"{step}: has not run")
+            lines.append(f"{entry.step}: has not run")
+            continue
+        manifest = s.manifest()
+        if manifest.get("skipped"):
+            lines.append(f"{entry.step}: disabled ({entry.kind}.enabled: false)")
             continue
         history = [h for h in _log_history(s.path) if "loss" in h]
-        lines.append(f"{step}: " + ", ".join(f"{k}={v}" for k, v in s.manifest().get("counts", {}).items()))
+        lines.append(f"{entry.step}: " + ", ".join(f"{k}={v}" for k, v in manifest.get("counts", {}).items()))
+        if (s.path / "tensorboard").is_dir():
+            lines.append(f"{entry.step}: TensorBoard logs in {s.path / 'tensorboard'}")
         if history:
             fig, ax = plt.subplots(figsize=(4.5, 2.6))
             ax.plot([h.get("step", i) for i, h in enumerate(history)], [h["loss"] for h in history], marker=".")
-            ax.set_title(f"{step} training loss", fontsize=9)
+            ax.set_title(f"{entry.step} training loss", fontsize=9)
             ax.set_xlabel("step")
             figs.append(_png(fig))
     return Section("Training", lines, figs)

@@ -13,6 +13,7 @@ import time
 from collections.abc import Callable
 
 from preference.plumbing.errors import WaitingForReviewers
+from training.trainers import TRAINERS
 
 STEPS: list[tuple[str, str]] = [
     ("pool", "curation.pool.run_pool"),
@@ -21,8 +22,8 @@ STEPS: list[tuple[str, str]] = [
     ("select", "curation.select.run_select"),
     ("push", "curation.annotate.run_push"),
     ("pull", "curation.annotate.run_pull"),
-    ("train_reward", "curation.train_steps.run_train_reward"),
-    ("train_dpo", "curation.train_steps.run_train_dpo"),
+    # one train step per trainer of the table, in its order (train_reward, train_dpo, train_kto, ...)
+    *((t.step, f"curation.train_steps.run_{t.step}") for t in TRAINERS.values()),
     ("evaluate", "curation.train_steps.run_evaluate"),
     ("gate", "curation.train_steps.run_gate"),
     ("failures", "curation.train_steps.run_failures"),

@@ -1,18 +1,25 @@
-"""`curate train reward|dpo`, `curate evaluate`, `curate gate`: round-store steps around `training/`.
+"""`curate train <kind>`, `curate evaluate`, `curate gate`: round-store steps around `training/`.
 
-    train_reward   pull/pairs.parquet (+ replay of earlier rounds' pairs) → train_reward/model, lineage.json
-    train_dpo      same data → train_dpo/model (LoRA adapter on the policy), lineage.json
-    evaluate       held-out set (evaluation.heldout) → evaluate/metrics.json, metrics.txt, pair_scores.parquet
-    gate           registers the round's models, promotes them only if they beat the champion → gate/decision.json
+    train_<kind>   one step per trainer of the table (training/trainers.py), in table order:
+                   pull/pairs.parquet (+ pool/feedback.parquet for trainers on feedback) + replay of earlier
+                   rounds → train_<kind>/model, lineage.json, train_stats.json, tensorboard/ (TRL report_to);
+                   a section with `enabled: false` records a "skipped" manifest
+    evaluate       held-out set (evaluation.heldout) → evaluate/metrics.json (one entry per trained kind),
+                   metrics.txt, pair_scores.parquet (the round's pairs scored by its reward model)
+    gate           registers the round's models (one artifact per trained kind), promotes them only if they beat
+                   the champion → gate/decision.json
     failures       the round's pairs the reward model still orders wrongly, as pool prompts with source
                    "failure:round-N" → failures/prompts.parquet (read by the next round's pool step)
 
-Held-out prompts are removed from every training set (`training.data.drop_heldout_prompts`), so the held-out
-evaluation stays clean even when the pool is drawn from the same file.
+`run_train_<kind>` (e.g. `run_train_reward`) is `run_train` bound to a kind of the table: `curation.round.STEPS`
+and the CLI name the steps that way. Held-out prompts are removed from every training set
+(`training.data.drop_heldout_prompts`), so the held-out evaluation stays clean even when the pool is drawn from
+the same file.
 """
 
 from __future__ import annotations
 
+import functools
 import json
 import shutil
 from pathlib import Path
@@ -21,8 +28,10 @@ import numpy as np
 
 from preference.plumbing.config import to_dict
 from preference.plumbing.errors import CurateError
+from preference.plumbing.hardware import hardware_summary, resolve_dtype, resolve_threads
 from preference.plumbing.io import read_json, read_rows, write_json, write_rows, write_text
 from preference.schema import PreferencePair, Prompt
+from training.trainers import TRAINERS, trainer
 
 FAILURE_REASON = "reward model prefers the rejected answer"
 
@@ -36,95 +45,134 @@ def heldout_pairs(cfg) -> list[PreferencePair]:
     return split_heldout(pairs, min(cfg.evaluation.heldout_size, len(pairs) - 1))[1]
 
 
-def _training_set(cfg, rnd, section) -> tuple:
-    """(pairs with repeats, counts, lineage, replay input keys) for `section` (cfg.reward or cfg.dpo)."""
-    from training.data import drop_heldout_prompts, earlier_round_pairs, load_round_pairs, mix_replay
+def _mixed(cfg, rnd, section, new: list, earlier: list, heldout) -> tuple[list, dict, dict]:
+    """`new` + replay of `earlier` (pairs or feedback), held-out prompts dropped, capped at max_train_pairs."""
+    from training.data import drop_heldout_prompts, mix_replay
 
-    heldout = heldout_pairs(cfg)
-    new = load_round_pairs(rnd)
-    earlier = earlier_round_pairs(rnd, section.replay.rounds) if section.replay.ratio > 0 else []
-    n_before = len(new) + sum(len(p) for _, p in earlier)
+    n_before = len(new) + sum(len(items) for _, items in earlier)
     new = drop_heldout_prompts(new, heldout)
-    earlier = [(age, drop_heldout_prompts(pairs, heldout)) for age, pairs in earlier]
-    n_after = len(new) + sum(len(p) for _, p in earlier)
-    if not new:
-        raise CurateError(
-            f"round {rnd.number}: no training pairs left (pull produced {n_before} pairs, all on held-out prompts or "
-            "none at all); label more items or use a different evaluation.heldout file"
-        )
+    earlier = [(age, drop_heldout_prompts(items, heldout)) for age, items in earlier]
+    n_after = len(new) + sum(len(items) for _, items in earlier)
     rng = np.random.default_rng([cfg.seed, rnd.number])
-    mixed = mix_replay(new, earlier, section.replay, rng, round_number=rnd.number)
-    pairs = mixed.pairs[: section.max_train_pairs] if section.max_train_pairs else mixed.pairs
-    counts = {**mixed.counts, "heldout_prompts_dropped": n_before - n_after, "trained": len(pairs)}
-    return pairs, counts, mixed.lineage
+    mixed = mix_replay(new, earlier, section.replay, rng, round_number=rnd.number) if new else None
+    items = (mixed.pairs if mixed else [])
+    items = items[: section.max_train_pairs] if section.max_train_pairs else items
+    counts = {**(mixed.counts if mixed else {"new": 0, "replay": 0, "total": 0, "unique": 0}),
+              "heldout_prompts_dropped": n_before - n_after, "trained": len(items)}
+    return items, counts, (mixed.lineage if mixed else {})
 
 
-def _replay_keys(rnd, rounds: int | None) -> dict[str, str]:
-    """Manifest keys of earlier rounds' finished pull steps (part of a training step's key)."""
-    return {f"round-{prev.number}": prev.step("pull").manifest()["key"]
-            for prev in rnd.earlier(rounds) if prev.step("pull").done}
+def _training_set(cfg, rnd, section) -> tuple:
+    """(pairs with repeats, counts, lineage) for a trainer's section: the round's pairs plus replay."""
+    from training.data import earlier_round_pairs, load_round_pairs
+
+    earlier = earlier_round_pairs(rnd, section.replay.rounds) if section.replay.ratio > 0 else []
+    return _mixed(cfg, rnd, section, load_round_pairs(rnd), earlier, heldout_pairs(cfg))
+
+
+def _feedback_set(cfg, rnd, section) -> tuple:
+    """(feedback with repeats, counts, lineage): the round's thumbs up/down plus replay, like pairs."""
+    from training.data import earlier_round_feedback, load_round_feedback
+
+    earlier = earlier_round_feedback(rnd, section.replay.rounds) if section.replay.ratio > 0 else []
+    return _mixed(cfg, rnd, section, load_round_feedback(rnd), earlier, heldout_pairs(cfg))
+
+
+def _replay_keys(rnd, rounds: int | None, step: str = "pull") -> dict[str, str]:
+    """Manifest keys of earlier rounds' finished `step` (part of a training step's key)."""
+    return {f"round-{prev.number}": prev.step(step).manifest()["key"]
+            for prev in rnd.earlier(rounds) if prev.step(step).done}
 
 
 def _heldout_key(cfg) -> dict:
     return {"heldout": str(cfg.evaluation.heldout), "heldout_size": cfg.evaluation.heldout_size}
 
 
-def _move_model(src: Path, dest: Path) -> None:
+def _copy_folder(src: Path, dest: Path) -> None:
     shutil.rmtree(dest, ignore_errors=True)
     shutil.copytree(src, dest)
 
 
 def _done_and_active(step) -> bool:
+    """The step finished and trained something (not a disabled trainer's "skipped" manifest)."""
     return step.done and not step.manifest().get("skipped", False)
 
 
 # ---------------------------------------------------------------------------------------------- train steps
-def _run_train(kind: str, cfg, rnd, *, force: bool, progress: bool) -> dict:
-    """Step `train_<kind>`: train on the round's pairs plus replay → train_<kind>/model (skipped when disabled)."""
-    from training.launch import run_training
-
-    section, name = getattr(cfg, kind), f"train_{kind}"
+def run_train(kind: str, cfg, rnd, *, force: bool = False, progress: bool = True) -> dict:
+    """Step `train_<kind>`: train trainer `kind` of the table on the round's pairs (and feedback) plus replay
+    → train_<kind>/model; a disabled section records a skipped step."""
+    entry = trainer(kind)
+    section, name = getattr(cfg, kind), entry.step
     config = {kind: section, **_heldout_key(cfg), "replay_inputs": _replay_keys(rnd, section.replay.rounds)}
-    run = rnd.start_step(name, config, inputs=(rnd.step("pull"),), seeds={"seed": cfg.seed}, force=force)
+    inputs = (rnd.step("pull"),)
+    if entry.uses_feedback:  # feedback comes from the pool step (traffic sources), when it ran
+        config["feedback_replay_inputs"] = _replay_keys(rnd, section.replay.rounds, "pool")
+        inputs += (rnd.step("pool"),) if rnd.step("pool").done else ()
+    run = rnd.start_step(name, config, inputs=inputs, seeds={"seed": cfg.seed}, force=force)
     if run is None:
         return rnd.step(name).manifest()
     with run:
-        if not getattr(section, "enabled", True):
+        if section.enabled:
+            _train(entry, section, cfg, rnd, run, progress)
+        else:
             run.extra["skipped"] = True
             run.counts["trained"] = 0
-        else:
-            pairs, counts, lineage = _training_set(cfg, rnd, section)
-            stats = run_training(kind, pairs, section, run.parts_dir / "train", seed=cfg.seed, progress=progress)
-            _move_model(run.parts_dir / "train" / "model", run.path / "model")
-            write_json(run.path / "lineage.json", {"rounds": lineage, "counts": counts})
-            write_json(run.path / "train_stats.json", stats)
-            run.counts.update(counts)
-            summary = stats["members"][0] if kind == "reward" else stats
-            run.extra["train"] = {k: v for k, v in summary.items() if k not in ("losses", "reward_accuracies")}
     return rnd.step(name).manifest()
 
 
-def run_train_reward(cfg, rnd, *, force: bool = False, progress: bool = True) -> dict:
-    """Train the LoRA reward model (or ensemble) on the round's pairs plus replay → train_reward/model."""
-    return _run_train("reward", cfg, rnd, force=force, progress=progress)
+def _train(entry, section, cfg, rnd, run, progress: bool) -> None:
+    from training.launch import run_training
+
+    kind = entry.kind
+    pairs, counts, lineage = _training_set(cfg, rnd, section)
+    extra, lineage = {}, {"rounds": lineage, "counts": counts}
+    if entry.uses_feedback:
+        feedback, fcounts, flineage = _feedback_set(cfg, rnd, section)
+        extra["feedback"] = feedback
+        lineage.update({"feedback_rounds": flineage, "feedback_counts": fcounts})
+        counts = {**counts, "feedback": fcounts["trained"]}
+    if not pairs and not extra.get("feedback"):
+        what = "pairs or feedback" if entry.uses_feedback else "pairs"
+        raise CurateError(
+            f"round {rnd.number}: no training {what} left for {kind} ({counts['heldout_prompts_dropped']} on "
+            "held-out prompts, none otherwise); label more items or use a different evaluation.heldout file"
+        )
+    stats = run_training(kind, pairs, section, run.parts_dir / "train", seed=cfg.seed, progress=progress, **extra)
+    _copy_folder(run.parts_dir / "train" / "model", run.path / "model")
+    if (run.parts_dir / "train" / "tensorboard").is_dir():
+        _copy_folder(run.parts_dir / "train" / "tensorboard", run.path / "tensorboard")
+    write_json(run.path / "lineage.json", lineage)
+    write_json(run.path / "train_stats.json", stats)
+    run.counts.update(counts)
+    run.extra["train"] = {k: v for k, v in stats.items() if isinstance(v, (int, float, str, bool, type(None)))}
+    run.extra["hardware"] = hardware_summary("bfloat16" if section.use_bf16() else "float32",
+                                             section.threads_per_process(section.num_processes))
 
 
-def run_train_dpo(cfg, rnd, *, force: bool = False, progress: bool = True) -> dict:
-    """DPO/LoRA on the policy with the round's pairs plus replay → train_dpo/model (skipped when disabled)."""
-    return _run_train("dpo", cfg, rnd, force=force, progress=progress)
+def __getattr__(name: str):
+    """`run_train_<kind>`: the train step of each trainer of the table (what `curation.round.STEPS` names)."""
+    kind = name.removeprefix("run_train_")
+    if name.startswith("run_train_") and kind in TRAINERS:
+        step = functools.partial(run_train, kind)
+        step.__doc__ = f"Step train_{kind}: {TRAINERS[kind].help}"
+        return step
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
 # --------------------------------------------------------------------------------------------------- evaluate
 def run_evaluate(cfg, rnd, *, force: bool = False, progress: bool = True) -> dict:
-    """Evaluate the round's reward model (and DPO policy) on the held-out set; compare with the champion."""
+    """Evaluate each model the round trained (the table's trainers, in order) on the held-out set; compare the
+    reward model with the champion's on the same set."""
     import torch
 
-    from training.evaluate import evaluate_policy, evaluate_reward_model, format_report
+    from training.data import drop_heldout_prompts, load_round_pairs
+    from training.evaluate import EvalContext, format_report
     from training.registry import Registry, registry_root
-    from training.reward import RewardModel
 
-    reward_step, dpo_step = rnd.step("train_reward"), rnd.step("train_dpo")
-    inputs = (reward_step, dpo_step) if dpo_step.done else (reward_step,)
+    # reward models are required (they judge policies and the round's pairs); other trainers when they trained
+    steps = {kind: rnd.step(t.step) for kind, t in TRAINERS.items()}
+    inputs = tuple(s for kind, s in steps.items() if TRAINERS[kind].role == "reward_model" or _done_and_active(s))
     registry = Registry(registry_root(cfg))
     champion = registry.champion() if cfg.evaluation.compare_champion else None
     # the champion is not part of the step key: a promotion must not make this round's evaluation "stale"; the
@@ -133,38 +181,61 @@ def run_evaluate(cfg, rnd, *, force: bool = False, progress: bool = True) -> dic
     if run is None:
         return rnd.step("evaluate").manifest()
     with run:
-        torch.set_num_threads(cfg.evaluation.threads)
+        threads, dtype = resolve_threads(cfg.evaluation.threads), resolve_dtype(cfg.evaluation.dtype)
+        torch.set_num_threads(threads)
         heldout = heldout_pairs(cfg)
-        rm = RewardModel.load(reward_step.path / "model")
+        ctx = EvalContext(heldout, cfg.evaluation, dtype=dtype, progress=progress,
+                          previous_policy=registry.artifact(champion, "policy"))
         metrics = {"heldout": {"file": str(cfg.evaluation.heldout), "pairs": len(heldout)}}
-        metrics["reward"], held_scores = evaluate_reward_model(rm, heldout, cfg.evaluation, progress=progress)
-        # the round's own pairs: the ones still ordered wrongly become next round's error-based candidates
-        from training.data import drop_heldout_prompts, load_round_pairs
-
+        judged_by, held_scores = None, None
+        # reward models first: the first one becomes the judge of the policies' win rates
+        for entry in sorted(TRAINERS.values(), key=lambda t: t.role != "reward_model"):
+            kind = entry.kind
+            if not _done_and_active(steps[kind]):
+                continue
+            evaluation = entry.evaluate_function(steps[kind].path / "model", getattr(cfg, kind), ctx)
+            metrics[kind] = evaluation.metrics
+            if evaluation.judge is not None and ctx.judge is None:
+                ctx.judge, judged_by, held_scores = evaluation.judge, kind, evaluation.heldout_scores
+        # the round's own pairs: the ones its reward model still orders wrongly become error-based candidates
         round_pairs = drop_heldout_prompts(load_round_pairs(rnd), heldout)
-        c, r = rm.score_pairs(round_pairs, progress=progress) if round_pairs else (np.zeros(0), np.zeros(0))
-        rows = [_score_row(p, ci, ri, "train") for p, ci, ri in zip(round_pairs, c, r, strict=True)]
-        rows += [_score_row(p, ci, ri, "heldout") for p, ci, ri in zip(heldout, *held_scores, strict=True)]
-        write_rows(run.path / "pair_scores.parquet", rows)
-        metrics["reward"]["train_pairs_accuracy"] = float(np.mean(c > r)) if len(c) else None
-        if _done_and_active(dpo_step):
-            previous = _previous_policy(registry, champion, cfg)
-            metrics["dpo"] = evaluate_policy(dpo_step.path / "model", previous, rm, heldout, cfg.evaluation,
-                                             beta=cfg.dpo.beta, progress=progress)
+        rows = []
+        if ctx.judge is not None:
+            c, r = ctx.judge.score_pairs(round_pairs, progress=progress) if round_pairs else (np.zeros(0), np.zeros(0))
+            rows = [_score_row(p, ci, ri, "train") for p, ci, ri in zip(round_pairs, c, r, strict=True)]
+            rows += [_score_row(p, ci, ri, "heldout") for p, ci, ri in zip(heldout, *held_scores, strict=True)]
+            metrics[judged_by]["train_pairs_accuracy"] = float(np.mean(c > r)) if len(c) else None
+        write_rows(run.path / "pair_scores.parquet", rows, schema=None if rows else _score_schema())
         write_json(run.path / "metrics.json", metrics)
         text = format_report(metrics, f"candidate (round {rnd.number})")
-        if champion is not None and (registry.path(champion) / "reward").is_dir():
-            champ_rm = RewardModel.load(registry.path(champion) / "reward")
-            champ_metrics = {"reward": evaluate_reward_model(champ_rm, heldout, cfg.evaluation, progress=progress)[0]}
-            champ_metrics["version"] = champion
+        champ_metrics = _evaluate_champion(registry, champion, cfg, ctx)
+        if champ_metrics:
             write_json(run.path / "champion_metrics.json", champ_metrics)
             text += "\n\n" + format_report(champ_metrics, f"champion {champion}")
-            run.extra["champion"] = {"version": champion, "reward_accuracy": champ_metrics["reward"]["accuracy"]}
+            run.extra["champion"] = {"version": champion, **{f"{k}_accuracy": v["accuracy"]
+                                                             for k, v in champ_metrics.items() if k != "version"}}
         write_text(run.path / "metrics.txt", text + "\n")
         run.counts.update({"heldout_pairs": len(heldout), "round_pairs": len(round_pairs)})
-        run.extra["reward_accuracy"] = metrics["reward"]["accuracy"]
-        run.extra["reward_ci"] = metrics["reward"]["ci"]
+        for kind in (t.kind for t in TRAINERS.values() if t.role == "reward_model" and t.kind in metrics):
+            run.extra[f"{kind}_accuracy"] = metrics[kind]["accuracy"]
+            run.extra[f"{kind}_ci"] = metrics[kind]["ci"]
+        run.extra["hardware"] = hardware_summary(dtype, threads)
     return rnd.step("evaluate").manifest()
+
+
+def _evaluate_champion(registry, champion: str | None, cfg, ctx) -> dict:
+    """The champion's reward model(s) scored on the same held-out set ({} without a champion holding one)."""
+    from training.evaluate import EvalContext
+
+    if champion is None:
+        return {}
+    out = {}
+    for kind, entry in TRAINERS.items():
+        folder = registry.path(champion) / entry.artifact
+        if entry.role == "reward_model" and folder.is_dir():
+            same_set = EvalContext(ctx.heldout, ctx.cfg, dtype=ctx.dtype, progress=ctx.progress)
+            out[kind] = entry.evaluate_function(folder, getattr(cfg, kind), same_set).metrics
+    return {**out, "version": champion} if out else {}
 
 
 def _score_row(p: PreferencePair, chosen: float, rejected: float, split: str) -> dict:
@@ -172,32 +243,33 @@ def _score_row(p: PreferencePair, chosen: float, rejected: float, split: str) ->
             "chosen_reward": float(chosen), "rejected_reward": float(rejected), "correct": bool(chosen > rejected)}
 
 
-def _previous_policy(registry, champion: str | None, cfg) -> str:
-    """The policy to beat: the champion's DPO adapter, else the untuned base policy."""
-    if champion is not None and (registry.path(champion) / "policy").is_dir():
-        return str(registry.path(champion) / "policy")
-    return cfg.dpo.base_model
+def _score_schema():
+    """Arrow schema of pair_scores rows (so a round without a reward model still writes the file's columns)."""
+    import pyarrow as pa
+
+    return pa.schema([("pair_id", pa.string()), ("prompt_id", pa.string()), ("split", pa.string()),
+                      ("slice", pa.string()), ("chosen_reward", pa.float64()), ("rejected_reward", pa.float64()),
+                      ("correct", pa.bool_())])
 
 
 # ------------------------------------------------------------------------------------------ gate + failures
 def run_gate(cfg, rnd, *, force: bool = False, progress: bool = True) -> dict:
-    """Register the round's models, promote them only if they pass the gate, and write the failures step."""
+    """Register the round's models (one registry artifact per trained kind), promote them only if they pass the
+    gate."""
     from training.registry import Registry, registry_root
 
-    evaluate, reward_step, dpo_step = rnd.step("evaluate"), rnd.step("train_reward"), rnd.step("train_dpo")
-    inputs = (evaluate, reward_step) + ((dpo_step,) if dpo_step.done else ())
-    run = rnd.start_step("gate", cfg.gate, inputs=inputs, seeds={"seed": cfg.seed}, force=force)
+    evaluate = rnd.step("evaluate")
+    trained = {kind: rnd.step(t.step) for kind, t in TRAINERS.items() if _done_and_active(rnd.step(t.step))}
+    run = rnd.start_step("gate", cfg.gate, inputs=(evaluate, *trained.values()), seeds={"seed": cfg.seed},
+                         force=force)
     if run is not None:
         with run:
             registry = Registry(registry_root(cfg))
             note = f"round-{rnd.number} evaluate:{evaluate.manifest()['key']}"
             version = next((v["id"] for v in registry.versions() if v.get("note") == note), None)
             if version is None:  # not registered by an earlier, interrupted attempt
-                files = {"reward": reward_step.path / "model"}
-                lineage = {"reward": read_json(reward_step.file("lineage.json"))}
-                if _done_and_active(dpo_step):
-                    files["policy"] = dpo_step.path / "model"
-                    lineage["dpo"] = read_json(dpo_step.file("lineage.json"))
+                files = {TRAINERS[kind].artifact: step.path / "model" for kind, step in trained.items()}
+                lineage = {kind: read_json(step.file("lineage.json")) for kind, step in trained.items()}
                 version = registry.register(
                     files, metrics=read_json(evaluate.file("metrics.json")), lineage=lineage,
                     config=json.loads(json.dumps(to_dict(cfg), default=str)), round=rnd.number, note=note,
@@ -262,4 +334,4 @@ def _prompt_schema():
                       ("metadata", pa.string())])
 
 
-__all__ = ["run_train_reward", "run_train_dpo", "run_evaluate", "run_gate", "run_failures", "failure_prompts", "heldout_pairs"]
+__all__ = ["run_train", "run_evaluate", "run_gate", "run_failures", "failure_prompts", "heldout_pairs"]

@@ -11,7 +11,8 @@ import torch
 from safetensors.torch import load_file
 
 from training.data import answer_text, load_hh_pairs
-from training.dpo import DPOTrainConfig, Policy, dpo_rows, train_dpo
+from training.dpo import DPOTrainConfig, dpo_rows, train_dpo
+from training.policy import Policy
 
 
 @pytest.fixture(scope="module")
@@ -45,8 +46,8 @@ def test_dpo_loss_moves_and_every_lora_parameter_changes(trained):
     from peft import get_peft_model, get_peft_model_state_dict
     from transformers import AutoModelForCausalLM, set_seed
 
+    from training.common import lora_config
     from training.models import resolve_model
-    from training.reward import lora_config
 
     set_seed(0)
     init_model = get_peft_model(AutoModelForCausalLM.from_pretrained(resolve_model("tiny-llama")),
@@ -96,3 +97,43 @@ def test_config_parses_and_maps_to_trl(tmp_path):
     assert cfg.beta == 0.2 and cfg.loss_type == ["sigmoid", "sft"]
     with pytest.raises(ConfigError, match="betta"):
         from_dict(DPOTrainConfig, {"betta": 0.2})
+
+
+def test_batched_logps_and_generation_equal_one_at_a_time(trained, hh_pairs):
+    work, _ = trained
+    pairs = hh_pairs[200:211]  # 11: batches of 4 with a ragged last one, different lengths (left padding)
+    prompts, answers = [p.prompt for p in pairs], [answer_text(p.rejected) for p in pairs]
+    policy = Policy.load(work / "model", batch_size=4)
+    batched, n = policy.logps(prompts, answers)
+    policy.batch_size = 1
+    single, n1 = policy.logps(prompts, answers)
+    np.testing.assert_allclose(batched, single, rtol=1e-6, atol=1e-4)
+    assert (n == n1).all() and len(set(n)) > 1
+    with policy.reference():
+        ref_single = policy.logps(prompts, answers)[0]
+        policy.batch_size = 4
+        np.testing.assert_allclose(policy.logps(prompts, answers)[0], ref_single, rtol=1e-6, atol=1e-4)
+    # generation: a tiny random model only repeats one token; perturb it so answers differ between prompts
+    torch.manual_seed(0)
+    with torch.no_grad():
+        for param in policy.model.parameters():
+            param.add_(torch.randn_like(param) * 0.5)
+    together = policy.generate(prompts[:6], max_new_tokens=8)
+    policy.batch_size = 1
+    assert policy.generate(prompts[:6], max_new_tokens=8) == together
+    assert len(set(together)) > 1
+
+
+def test_previous_policy_adapter_shares_the_loaded_base(trained, tmp_path, hh_pairs, tiny_model):
+    work, _ = trained
+    other = tmp_path / "other"
+    train_dpo(hh_pairs[40:46], tiny_cfg(max_steps=2, learning_rate=2e-2), other, seed=1, progress=False)
+    prompts, answers = [p.prompt for p in hh_pairs[300:304]], [answer_text(p.chosen) for p in hh_pairs[300:304]]
+    policy = Policy.load(work / "model")
+    mine = policy.logps(prompts, answers)[0]
+    assert policy.add_adapter(other / "model", "previous")
+    with policy.adapter("previous"):
+        shared = policy.logps(prompts, answers)[0]
+    np.testing.assert_allclose(shared, Policy.load(other / "model").logps(prompts, answers)[0], rtol=1e-6)
+    np.testing.assert_array_equal(policy.logps(prompts, answers)[0], mine)  # back to its own adapter
+    assert not policy.add_adapter(tiny_model, "base")  # a plain model is not an adapter: load it on its own

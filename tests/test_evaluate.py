@@ -98,7 +98,7 @@ def _round_cfg(tmp_path, hh_sample):
         dpo=DPOTrainConfig(**small, max_steps=3, learning_rate=5e-3, max_prompt_length=48,
                            max_completion_length=16, save_steps=3),
         evaluation=EvalConfig(heldout=hh_sample, heldout_size=40, bootstrap=100, flip_check_pairs=8, dpo_pairs=6,
-                              win_rate_prompts=2, max_new_tokens=4, threads=1),
+                              win_rate_prompts=2, max_new_tokens=4, threads=1, dtype="float32"),
         gate=GateConfig(min_value=0.0, min_improvement=-1.0, slice_tolerance=1.0),
     )
 
@@ -110,7 +110,7 @@ def _write_pull(rnd, pairs: list[PreferencePair]) -> None:
 
 
 def test_train_evaluate_gate_end_to_end(tmp_path, hh_sample, tiny_model):
-    from curation.train_steps import run_evaluate, run_gate, run_train_dpo, run_train_reward
+    from curation.train_steps import run_evaluate, run_failures, run_gate, run_train_dpo, run_train_reward
     from preference.plumbing.store import Project
     from training.registry import Registry
 
@@ -127,6 +127,11 @@ def test_train_evaluate_gate_end_to_end(tmp_path, hh_sample, tiny_model):
     lineage = read_json(r1.step("train_reward").file("lineage.json"))
     assert sorted(lineage["rounds"]["round-1"]) == sorted(p.id for p in train[:20])
     run_train_dpo(cfg, r1, progress=False)
+    from training.common import tensorboard_available
+
+    if tensorboard_available():  # report_to's default: TensorBoard event files in each train step's folder
+        for step in ("train_reward", "train_dpo"):
+            assert list((r1.step(step).path / "tensorboard").rglob("events.out.tfevents.*")), step
     run_evaluate(cfg, r1, progress=False)
     metrics = read_json(r1.step("evaluate").file("metrics.json"))
     assert metrics["reward"]["slices"]["slice:harmless"]["n"] == 40 and metrics["reward"]["flip_check"]["ok"]
@@ -141,6 +146,7 @@ def test_train_evaluate_gate_end_to_end(tmp_path, hh_sample, tiny_model):
     assert read_json(registry.path("v0001") / "lineage.json")["reward"]["counts"]["new"] == 40
 
     # failures: exactly the round's (non-held-out) pairs the reward model orders wrongly, one prompt each
+    run_failures(cfg, r1, progress=False)  # a step of its own since failures joined STEPS
     scores = [s for s in read_rows(r1.step("evaluate").file("pair_scores.parquet")) if s["split"] == "train"]
     assert len(scores) == 20
     wrong = {s["prompt_id"] for s in scores if not s["correct"]}

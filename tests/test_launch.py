@@ -1,9 +1,10 @@
-"""Both trainers under `accelerate launch` with 2 processes (DDP over gloo on CPU) on the tiny model."""
+"""Every trainer of the table under `accelerate launch` with 2 processes (DDP over gloo on CPU), tiny model."""
 
 import pytest
 
 from training.data import load_hh_pairs
 from training.launch import run_training
+from training.trainers import TRAINERS
 
 
 @pytest.fixture(scope="module")
@@ -11,17 +12,18 @@ def pairs(hh_sample):
     return load_hh_pairs(hh_sample)[:16]
 
 
-@pytest.mark.slow
-@pytest.mark.parametrize("kind", ["reward", "dpo"])
-def test_accelerate_launch_two_processes(kind, pairs, tiny_model, tmp_path):
-    from training.dpo import DPOTrainConfig
-    from training.reward import RewardTrainConfig
+SECTION_ARGS = {  # each trainer's own length fields, kept small
+    "reward": dict(max_length=64),
+    "dpo": dict(max_prompt_length=48, max_completion_length=16),
+    "kto": dict(max_prompt_length=48, max_completion_length=16),
+}
 
+
+@pytest.mark.slow
+@pytest.mark.parametrize("kind", list(TRAINERS))
+def test_accelerate_launch_two_processes(kind, pairs, tiny_model, tmp_path):
     common = dict(base_model=str(tiny_model), max_steps=2, batch_size=2, grad_accum=1, threads=1, num_processes=2)
-    if kind == "reward":
-        cfg = RewardTrainConfig(max_length=64, **common)
-    else:
-        cfg = DPOTrainConfig(max_prompt_length=48, max_completion_length=16, **common)
+    cfg = TRAINERS[kind].config_class(**common, **SECTION_ARGS.get(kind, {}))
     stats = run_training(kind, pairs, cfg, tmp_path / "work", seed=0, progress=False)
     assert stats["num_processes"] == 2
     model = tmp_path / "work" / "model"

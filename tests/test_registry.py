@@ -116,3 +116,21 @@ def test_orphan_version_folder_is_not_listed_nor_reused(tmp_path):
     (reg.root / "v0002").mkdir()  # renamed into place, then killed before the index write
     assert [v["id"] for v in reg.versions()] == [v1]
     assert _register(reg, tmp_path, "b", 0.61, 2) == "v0003"
+
+
+def test_champion_policy_is_dpo_else_kto(tmp_path):
+    """One rule for "the champion's policy" (serving, evaluation): the trainer table's first policy present."""
+    reg = Registry(tmp_path / "registry")
+    assert reg.champion_policy() is None and reg.champion_reward_model() is None
+    both = reg.register({"reward": _model(tmp_path, "r1"), "policy_kto": _model(tmp_path, "k1"),
+                         "policy": _model(tmp_path, "d1")}, metrics=metrics(0.6), lineage={}, config={}, round=1)
+    promote(reg.root, both)
+    assert reg.champion_policy() == reg.path(both) / "policy"
+    assert reg.champion_reward_model() == reg.path(both) / "reward"
+    kto_only = reg.register({"reward": _model(tmp_path, "r2"), "policy_kto": _model(tmp_path, "k2")},
+                            metrics=metrics(0.7), lineage={}, config={}, round=2)
+    promote(reg.root, kto_only)
+    assert reg.champion_policy() == reg.path(kto_only) / "policy_kto"
+    none = reg.register({"reward": _model(tmp_path, "r3")}, metrics=metrics(0.8), lineage={}, config={}, round=3)
+    promote(reg.root, none)
+    assert reg.champion_policy() is None

@@ -10,6 +10,7 @@ from safetensors.torch import load_file
 
 from preference.plumbing.errors import CurateError
 from preference.schema import PreferencePair
+from training.common import trl_args
 from training.data import (
     ReplayConfig,
     encode_pair,
@@ -18,7 +19,7 @@ from training.data import (
     prompt_key,
     split_heldout,
 )
-from training.reward import RewardModel, RewardTrainConfig, train_reward_model, trl_args
+from training.reward import RewardModel, RewardTrainConfig, train_reward_model
 
 
 @pytest.fixture(scope="module")
@@ -46,8 +47,9 @@ def _initial_adapter_state(cfg: RewardTrainConfig, seed: int) -> dict[str, torch
     from peft import get_peft_model, get_peft_model_state_dict
     from transformers import set_seed
 
+    from training.common import lora_config
     from training.models import resolve_model
-    from training.reward import _load_seqcls, lora_config
+    from training.reward import _load_seqcls
 
     set_seed(seed)
     model = get_peft_model(_load_seqcls(resolve_model(cfg.base_model), torch.float32), lora_config(cfg, "SEQ_CLS"))

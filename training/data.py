@@ -1,14 +1,17 @@
 """Preference pairs for training: loading, the held-out split, replay mixing and pre-truncation.
 
 - `load_round_pairs(rnd)`: the pairs a round's `pull` step produced (`pull/pairs.parquet`, PreferencePair rows).
+- `load_round_feedback(rnd)`: the unpaired thumbs up/down a round's `pool` step collected from traffic
+  (`pool/feedback.parquet`, Feedback rows; none when the file is absent); `unroll_pairs` turns pairs into
+  Feedback (chosen → desirable, rejected → undesirable) for trainers on unpaired data (KTO).
 - `load_hh_pairs(path)`: Anthropic HH transcripts (`{"chosen": "\\n\\nHuman: ...", "rejected": ...}`) as pairs.
 - `split_heldout(pairs, n)`: the deterministic held-out split. Pairs are ordered by `heldout_rank` (a hash of the
   pair's prompt and answers, independent of file order and of the machine) and the first `n` are held out. The
   same file and `n` always give the same split; adding pairs to the file never moves a pair from held-out to
   train unless it is pushed past rank `n`. Training drops every pair whose prompt is also a held-out prompt
   (`prompt_key`), so held-out prompts are never trained on, even when they reach the pool.
-- `mix_replay(new, earlier, cfg, rng)`: the round's pairs plus a replay buffer of earlier rounds' pairs, each pair
-  repeated by its weight (new data weighted higher, older rounds decayed).
+- `mix_replay(new, earlier, cfg, rng)`: the round's pairs (or feedback) plus a replay buffer of earlier rounds',
+  each item repeated by its weight (new data weighted higher, older rounds decayed).
 - `encode_pair` / `truncate_conversation`: pre-truncation, because TRL drops (RewardTrainer) or cuts the wrong
   end of over-long pairs: the prompt keeps its end (the last turns matter most), the answer keeps its start.
 """
@@ -20,12 +23,16 @@ import json
 import math
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TypeVar
 
 import numpy as np
 
 from preference.plumbing.errors import CurateError
 from preference.plumbing.io import read_jsonl, read_rows
-from preference.schema import PreferencePair, parse_hh_pair, stable_id
+from preference.schema import Feedback, PreferencePair, parse_hh_pair, stable_id
+
+FEEDBACK_FILE = "feedback.parquet"  # written by the pool step for `format: traffic` sources
+Item = TypeVar("Item", PreferencePair, Feedback)  # what replay mixes: both have `id` and `round`
 
 
 @dataclass
@@ -58,9 +65,10 @@ class ReplayConfig:
 
 @dataclass
 class MixedPairs:
-    """A training set: `pairs` (with repeats, shuffled) and where they came from."""
+    """A training set: `pairs` (with repeats, shuffled; Feedback items when mixing feedback) and where they came
+    from."""
 
-    pairs: list[PreferencePair]
+    pairs: list
     counts: dict[str, int]  # new, replay, total (with repeats), unique
     lineage: dict[str, list[str]]  # "round-N" -> ids of the unique pairs used from that round
 
@@ -74,6 +82,30 @@ def load_round_pairs(rnd) -> list[PreferencePair]:
 def earlier_round_pairs(rnd, rounds: int | None = None) -> list[tuple[int, list[PreferencePair]]]:
     """(age, pairs) for earlier rounds with a finished `pull` step, newest first; age 1 = the previous round."""
     return [(age, load_round_pairs(prev)) for age, prev in enumerate(rnd.earlier(rounds), 1) if prev.step("pull").done]
+
+
+def load_round_feedback(rnd) -> list[Feedback]:
+    """The unpaired judgements (thumbs up/down) a round's `pool` step collected; [] when it wrote none."""
+    path = rnd.step("pool").path / FEEDBACK_FILE
+    if not rnd.step("pool").done or not path.is_file():
+        return []
+    return [Feedback.from_row(r) for r in read_rows(path)]
+
+
+def earlier_round_feedback(rnd, rounds: int | None = None) -> list[tuple[int, list[Feedback]]]:
+    """(age, feedback) for earlier rounds, newest first; age 1 = the previous round (as `earlier_round_pairs`)."""
+    return [(age, load_round_feedback(prev)) for age, prev in enumerate(rnd.earlier(rounds), 1)]
+
+
+def unroll_pairs(pairs: list[PreferencePair]) -> list[Feedback]:
+    """Each pair as two unpaired judgements: its chosen answer desirable, its rejected answer undesirable."""
+    out = []
+    for p in pairs:
+        for answer, label in ((p.chosen, True), (p.rejected, False)):
+            source = f"pair:{p.id}"
+            out.append(Feedback(id=Feedback.make_id(p.prompt_id, answer_text(answer), source), prompt_id=p.prompt_id,
+                                prompt=p.prompt, completion=answer, label=label, source=source, round=p.round))
+    return out
 
 
 def load_hh_pairs(path: str | Path, *, slice_name: str = "harmless", strict: bool = False) -> list[PreferencePair]:
@@ -132,9 +164,10 @@ def split_heldout(pairs: list[PreferencePair], n: int) -> tuple[list[PreferenceP
     return train, heldout
 
 
-def drop_heldout_prompts(pairs: list[PreferencePair], heldout: list[PreferencePair]) -> list[PreferencePair]:
+def drop_heldout_prompts(items: list[Item], heldout: list[PreferencePair]) -> list[Item]:
+    """`items` (pairs or feedback) minus those whose prompt is a held-out prompt."""
     held = {prompt_key(p.prompt) for p in heldout}
-    return [p for p in pairs if prompt_key(p.prompt) not in held]
+    return [p for p in items if prompt_key(p.prompt) not in held]
 
 
 # ------------------------------------------------------------------------------------------------------ mixing
@@ -144,14 +177,15 @@ def _copies(weight: float, rng: np.random.Generator) -> int:
 
 
 def mix_replay(
-    new: list[PreferencePair],
-    earlier: list[tuple[int, list[PreferencePair]]],
+    new: list[Item],
+    earlier: list[tuple[int, list[Item]]],
     cfg: ReplayConfig,
     rng: np.random.Generator,
     *,
     round_number: int = 0,
 ) -> MixedPairs:
-    """The round's pairs plus a weighted replay sample of earlier rounds' pairs (see `ReplayConfig`).
+    """The round's pairs plus a weighted replay sample of earlier rounds' pairs (see `ReplayConfig`); the same
+    for Feedback items.
 
     Pairs already in the new set (same id) are not replayed; a round with fewer pairs than its share gives what
     it has.
@@ -162,7 +196,7 @@ def mix_replay(
     budget = int(round(cfg.ratio * len(new))) if cfg.ratio > 0 and cfg.weight > 0 else 0
     weights = {age: cfg.decay ** (age - 1) for age, _ in pools}
     total_w = sum(weights.values())
-    out: list[PreferencePair] = []
+    out: list[Item] = []
     lineage: dict[str, list[str]] = {}
     n_new = n_replay = 0
     for p in new:
@@ -198,12 +232,17 @@ def _ids(encoding) -> list[int]:
     return list(encoding["input_ids"] if not isinstance(encoding, list) else encoding)
 
 
+def prompt_ids(tokenizer, prompt: list[dict]) -> list[int]:
+    """Chat-template token ids of a prompt, ending with the assistant-turn opener (what generation continues)."""
+    return _ids(tokenizer.apply_chat_template(prompt, add_generation_prompt=True, tokenize=True))
+
+
 def chat_ids(tokenizer, prompt: list[dict], answer: str) -> tuple[list[int], list[int]]:
     """(prompt ids, answer ids) of prompt + answer as the chat template renders them: the prompt ends with the
     assistant-turn opener, the answer carries the template's end-of-turn tokens. The one prompt/answer split
     (reward-model inputs, DPO log-probs). Templates that rewrite earlier turns once an answer is added fall back
     to the answer's own tokens after the generation prompt."""
-    prefix = _ids(tokenizer.apply_chat_template(prompt, add_generation_prompt=True, tokenize=True))
+    prefix = prompt_ids(tokenizer, prompt)
     full = _ids(tokenizer.apply_chat_template(prompt + [{"role": "assistant", "content": answer}], tokenize=True))
     if full[: len(prefix)] == prefix:
         return prefix, full[len(prefix):]
@@ -231,7 +270,7 @@ def truncate_conversation(tokenizer, prompt: list[dict], max_tokens: int) -> lis
     The result still ends with the user turn. Used for DPO, whose trainer tokenizes conversations itself.
     """
     def length(msgs):
-        return len(_ids(tokenizer.apply_chat_template(msgs, add_generation_prompt=True, tokenize=True)))
+        return len(prompt_ids(tokenizer, msgs))
 
     msgs = [dict(m) for m in prompt]
     while len(msgs) > 1 and length(msgs) > max_tokens:

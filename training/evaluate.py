@@ -1,4 +1,5 @@
-"""Evaluation of reward models and DPO policies on held-out preference pairs.
+"""Evaluation of the table's trainers (`training.trainers.TRAINERS`) on held-out preference pairs: one function
+per role, `evaluate_reward_dir` (reward models) and `evaluate_policy_dir` (DPO, KTO and any other policy).
 
 Reward model: pairwise accuracy (share of pairs where r(chosen) > r(rejected); ties count half) with a
 percentile-bootstrap CI, overall and per slice: category (`slice:<name>`), harm-flagged vs not
@@ -7,10 +8,15 @@ longest `long_tail_share` of pairs by characters, `length:rest`). A flip check r
 and rejected swapped, one pair at a time, and verifies the accuracy flips to 1 - accuracy and every text keeps
 its score (no padding/batching effect).
 
-DPO policy: implicit-reward accuracy and margins on held-out pairs (beta * (log π/π_ref(chosen) − log
+Policy (DPO, KTO): implicit-reward accuracy and margins on held-out pairs (beta * (log π/π_ref(chosen) − log
 π/π_ref(rejected)) > 0, reference = the base with the adapter disabled), win rate against the previous policy
 (greedy answers to held-out prompts, judged by the current reward model; ties count half) and held-out
-perplexity of the chosen answers (lower = better).
+perplexity of the chosen answers (lower = better). Log-probs and answers are computed in batches; the previous
+policy shares the loaded base when it can (the base itself = the adapter disabled; another adapter on the same
+base = a second adapter), so the base is loaded once.
+
+Models are loaded in `evaluation.dtype` (`auto` = bf16 only where the hardware is fast at it, see
+`preference.plumbing.hardware`); exact comparisons (tests, the flip check's tolerance) use float32.
 
 The held-out set is `evaluation.heldout` (an HH jsonl file): `training.data.split_heldout` holds out its first
 `heldout_size` pairs in hash order, and training never sees those prompts (see `training/data.py`).
@@ -27,8 +33,10 @@ from typing import Any
 
 import numpy as np
 
+from preference.plumbing.hardware import Dtype
 from preference.schema import PreferencePair
 from training.data import pair_length
+from training.trainers import TRAINERS
 
 
 @dataclass
@@ -43,10 +51,12 @@ class EvalConfig:
     long_tail_share: float = 0.1  # the longest share of pairs forms the `length:long` slice
     flip_check_pairs: int = 32  # pairs re-scored swapped (0 = off)
     compare_champion: bool = True  # also score the registry's champion on the same held-out set
-    dpo_pairs: int = 64  # held-out pairs for implicit-reward accuracy / perplexity (DPO is 4 passes per pair)
+    dpo_pairs: int = 64  # held-out pairs for a policy's implicit-reward accuracy / perplexity (4 passes per pair)
     win_rate_prompts: int = 16  # held-out prompts for the win rate vs the previous policy (0 = off)
     max_new_tokens: int = 64
-    threads: int = 2
+    batch_size: int = 8  # sequences per forward pass (policy log-probs and generation)
+    dtype: Dtype = "auto"  # models' precision: auto = bf16 only where fast (hardware.resolve_dtype), else fp32
+    threads: int | None = None  # torch threads; null = all usable cores (hardware.resolve_threads)
 
     def __post_init__(self):
         if self.heldout_size < 1 or self.bootstrap < 0:
@@ -55,9 +65,33 @@ class EvalConfig:
             raise ValueError(f"confidence must be in (0.5, 1), got {self.confidence}")
         if not 0 < self.long_tail_share < 1:
             raise ValueError(f"long_tail_share must be in (0, 1), got {self.long_tail_share}")
-        for name in ("flip_check_pairs", "dpo_pairs", "win_rate_prompts", "max_new_tokens", "threads"):
+        for name in ("flip_check_pairs", "dpo_pairs", "win_rate_prompts", "max_new_tokens"):
             if getattr(self, name) < 0:
                 raise ValueError(f"{name} must be ≥ 0, got {getattr(self, name)}")
+        if self.batch_size < 1 or (self.threads is not None and self.threads < 1):
+            raise ValueError(f"batch_size must be ≥ 1 and threads ≥ 1 or null, got {self.batch_size}, {self.threads}")
+
+
+@dataclass
+class EvalContext:
+    """What every evaluation function of the table gets besides its model folder and config section."""
+
+    heldout: list[PreferencePair]
+    cfg: EvalConfig
+    dtype: str = "float32"  # resolved (no "auto")
+    judge: Any = None  # the round's reward model: judges policies' win rates (set after the reward model)
+    previous_policy: str | Path | None = None  # the policy to beat (the champion's); None = the trainer's base
+    progress: bool = False
+
+
+@dataclass
+class Evaluation:
+    """An evaluation function's result: metrics (under the trainer's kind in metrics.json); a reward model also
+    returns itself as the `judge` of later evaluations and its held-out scores."""
+
+    metrics: dict[str, Any]
+    judge: Any = None
+    heldout_scores: tuple[np.ndarray, np.ndarray] | None = None
 
 
 # ------------------------------------------------------------------------------------------------- statistics
@@ -142,11 +176,15 @@ def evaluate_reward_model(rm, pairs: list[PreferencePair], cfg: EvalConfig, *, p
     return report, (chosen, rejected)
 
 
+FLIP_TOLERANCE = {"float32": 1e-3, "bfloat16": 5e-2}  # max score change from batching/padding alone
+
+
 def flip_check(rm, pairs: list[PreferencePair], chosen: np.ndarray, rejected: np.ndarray) -> dict[str, Any]:
     """Re-score `pairs` with chosen and rejected swapped, one pair at a time (no padding, other batches).
 
     The swapped accuracy must be 1 − accuracy, and each text must get the score it got in the padded batches
-    (`max_score_diff`); `ok` is False when a label or batching/padding bug breaks either.
+    (`max_score_diff`, within the rounding of the model's dtype); `ok` is False when a label or batching/padding
+    bug breaks either.
     """
     n = len(pairs)
     if n == 0:
@@ -157,31 +195,52 @@ def flip_check(rm, pairs: list[PreferencePair], chosen: np.ndarray, rejected: np
     acc = float(pair_correct(chosen[:n], rejected[:n]).mean())
     flipped = float(pair_correct(c2, r2).mean())
     max_diff = float(max(np.abs(c2 - rejected[:n]).max(), np.abs(r2 - chosen[:n]).max()))
+    tolerance = FLIP_TOLERANCE.get(getattr(rm, "dtype", "float32"), FLIP_TOLERANCE["float32"])
     return {"n": n, "accuracy": acc, "swapped_accuracy": flipped, "max_score_diff": max_diff,
-            "ok": bool(abs(acc + flipped - 1) < 1e-9 and max_diff < 1e-3)}
+            "tolerance": tolerance, "ok": bool(abs(acc + flipped - 1) < 1e-9 and max_diff < tolerance)}
+
+
+def evaluate_reward_dir(model_dir: str | Path, section, ctx: EvalContext) -> Evaluation:
+    """The table's evaluation of a reward model folder: `evaluate_reward_model` on the held-out pairs; the loaded
+    model becomes the judge of the policies evaluated after it."""
+    from training.reward import RewardModel
+
+    rm = RewardModel.load(model_dir, dtype=ctx.dtype)
+    report, scores = evaluate_reward_model(rm, ctx.heldout, ctx.cfg, progress=ctx.progress)
+    report["dtype"] = rm.dtype
+    return Evaluation(report, judge=rm, heldout_scores=scores)
 
 
 # --------------------------------------------------------------------------------------------------- policy
+def evaluate_policy_dir(model_dir: str | Path, section, ctx: EvalContext) -> Evaluation:
+    """The table's evaluation of a policy folder (DPO, KTO): `evaluate_policy` with the section's beta, against
+    the previous policy (the champion's, else the section's base model), judged by the round's reward model."""
+    previous = ctx.previous_policy or section.base_model
+    return Evaluation(evaluate_policy(model_dir, previous, ctx.judge, ctx.heldout, ctx.cfg, beta=section.beta,
+                                      progress=ctx.progress, dtype=ctx.dtype))
+
+
 def evaluate_policy(
     policy_dir: str | Path, previous: str | Path, rm, pairs: list[PreferencePair], cfg: EvalConfig,
-    *, beta: float = 0.1, progress: bool = False,
+    *, beta: float = 0.1, progress: bool = False, dtype: str = "float32",
 ) -> dict[str, Any]:
-    """DPO metrics on held-out pairs: implicit-reward accuracy/margins, perplexity, win rate vs `previous`.
+    """Policy metrics on held-out pairs: implicit-reward accuracy/margins, perplexity, win rate vs `previous`.
 
-    `previous` is the policy to beat (a DPO model folder or a base model name/folder); the judge is `rm`.
+    `previous` is the policy to beat (a policy model folder or a base model name/folder); the judge is `rm`
+    (no win rate without one).
     """
     from tqdm.auto import tqdm
 
     from training.data import answer_text
-    from training.dpo import Policy
+    from training.policy import Policy
 
     rng = np.random.default_rng(cfg.seed)
-    policy = Policy.load(policy_dir)
+    policy = Policy.load(policy_dir, dtype=dtype, batch_size=cfg.batch_size)
     subset = pairs[: cfg.dpo_pairs]
     prompts = [p.prompt for p in subset]
     chosen = [answer_text(p.chosen) for p in subset]
     rejected = [answer_text(p.rejected) for p in subset]
-    bar = tqdm(total=4, disable=not progress, desc="DPO log-probs", leave=False)
+    bar = tqdm(total=4, disable=not progress, desc="policy log-probs", leave=False)
     pc, nc = policy.logps(prompts, chosen)
     bar.update()
     pr, _ = policy.logps(prompts, rejected)
@@ -204,11 +263,11 @@ def evaluate_policy(
     tokens = max(int(nc.sum()), 1)
     out["perplexity"] = float(math.exp(-pc.sum() / tokens))  # lower = better
     out["reference_perplexity"] = float(math.exp(-rc.sum() / tokens))
-    if cfg.win_rate_prompts:
+    out["dtype"] = policy.dtype
+    if cfg.win_rate_prompts and rm is not None:
         win_prompts = [p.prompt for p in pairs[: cfg.win_rate_prompts]]
         new = policy.generate(win_prompts, max_new_tokens=cfg.max_new_tokens)
-        del policy
-        old = Policy.load(previous).generate(win_prompts, max_new_tokens=cfg.max_new_tokens)
+        old = _previous_answers(policy, previous, win_prompts, cfg, dtype)
         r_new = rm.reward([p + [{"role": "assistant", "content": a}] for p, a in zip(win_prompts, new, strict=True)])
         r_old = rm.reward([p + [{"role": "assistant", "content": a}] for p, a in zip(win_prompts, old, strict=True)])
         wins = pair_correct(r_new, r_old)
@@ -219,25 +278,41 @@ def evaluate_policy(
     return out
 
 
+def _previous_answers(policy, previous: str | Path, prompts: list, cfg: EvalConfig, dtype: str) -> list[str]:
+    """Greedy answers of the previous policy, from the already loaded base where possible."""
+    from training.policy import MODEL_CARD, Policy, policy_base
+
+    if not Path(previous, MODEL_CARD).is_file() and policy_base(previous) == policy.base:
+        with policy.reference():  # the previous policy is this base model: the adapter disabled
+            return policy.generate(prompts, max_new_tokens=cfg.max_new_tokens)
+    if policy.add_adapter(previous, "previous"):  # another adapter on the same base
+        with policy.adapter("previous"):
+            return policy.generate(prompts, max_new_tokens=cfg.max_new_tokens)
+    other = Policy.load(previous, dtype=dtype, batch_size=cfg.batch_size)
+    return other.generate(prompts, max_new_tokens=cfg.max_new_tokens)
+
+
 def format_report(metrics: dict[str, Any], title: str) -> str:
-    """Text tables of a metrics dict (reward slices; DPO summary)."""
+    """Text tables of a metrics dict: per trainer of the table, by role (reward: slices; policy: summary)."""
     parts = []
-    reward = metrics.get("reward")
-    if reward:
-        rows = [("all", reward)] + sorted(reward.get("slices", {}).items())
-        parts.append(format_table(rows, f"{title}: reward model pairwise accuracy"))
-        flip = reward.get("flip_check")
-        if flip:
-            parts.append(f"flip check: {flip['n']} pairs, accuracy {flip['accuracy']:.3f} → swapped "
-                         f"{flip['swapped_accuracy']:.3f}, max score diff {flip['max_score_diff']:.2e}: "
-                         f"{'ok' if flip['ok'] else 'FAILED'}")
-    dpo = metrics.get("dpo")
-    if dpo:
-        rows = [("all", dpo["implicit"])] + sorted(dpo.get("slices", {}).items())
-        parts.append(format_table(rows, f"{title}: DPO implicit-reward accuracy"))
-        line = f"perplexity {dpo['perplexity']:.2f} (reference {dpo['reference_perplexity']:.2f})"
-        if "win_rate" in dpo:
-            lo, hi = dpo["win_rate_ci"]
-            line += f"; win rate vs {dpo['win_rate_vs']}: {dpo['win_rate']:.3f} [{lo:.3f}, {hi:.3f}]"
-        parts.append(line)
+    for kind, entry in TRAINERS.items():
+        m = metrics.get(kind)
+        if not m:
+            continue
+        if entry.role == "reward_model":
+            rows = [("all", m)] + sorted(m.get("slices", {}).items())
+            parts.append(format_table(rows, f"{title}: {kind} model pairwise accuracy"))
+            flip = m.get("flip_check")
+            if flip:
+                parts.append(f"flip check: {flip['n']} pairs, accuracy {flip['accuracy']:.3f} → swapped "
+                             f"{flip['swapped_accuracy']:.3f}, max score diff {flip['max_score_diff']:.2e}: "
+                             f"{'ok' if flip['ok'] else 'FAILED'}")
+        else:
+            rows = [("all", m["implicit"])] + sorted(m.get("slices", {}).items())
+            parts.append(format_table(rows, f"{title}: {kind.upper()} implicit-reward accuracy"))
+            line = f"perplexity {m['perplexity']:.2f} (reference {m['reference_perplexity']:.2f})"
+            if "win_rate" in m:
+                lo, hi = m["win_rate_ci"]
+                line += f"; win rate vs {m['win_rate_vs']}: {m['win_rate']:.3f} [{lo:.3f}, {hi:.3f}]"
+            parts.append(line)
     return "\n\n".join(parts)

@@ -3,7 +3,8 @@
     <registry>/
       index.json                  versions, the champion stack and the action history (written atomically)
       v0001/                      one folder per registered version (renamed into place when complete)
-        reward/  policy/          the models (LoRA adapters + model cards), as given to `register`
+        reward/  policy/  ...     the models (LoRA adapters + model cards): one folder per trained kind, named by
+                                  its `artifact` in the trainer table (training/trainers.py)
         version.json              id, round, created_at, files
         metrics.json lineage.json config.json
 
@@ -16,7 +17,9 @@ The gate (`decide`) promotes a candidate only when, on every gate metric (dotted
 metrics, higher = better), it beats the champion by more than `min_improvement`, reaches `min_value`, and no
 slice of that metric (`<section>.slices.<slice>.<metric>`) with at least `min_slice_size` pairs drops by more
 than `slice_tolerance`. With no champion yet, the candidate is promoted when it reaches `min_value`.
-`rollback` restores the previous champion.
+`rollback` restores the previous champion. `champion_policy()` is the one rule for "the champion's policy"
+(serving, and the policy evaluation must beat): the first policy of the trainer table (DPO, then KTO) that the
+champion version holds.
 """
 
 from __future__ import annotations
@@ -30,6 +33,7 @@ from typing import Any
 
 from preference.plumbing.errors import CurateError
 from preference.plumbing.io import read_json, write_json
+from training.trainers import Role, with_role
 
 
 @dataclass
@@ -166,6 +170,23 @@ class Registry:
     def metrics(self, version: str) -> dict[str, Any]:
         return read_json(self.path(version) / "metrics.json")
 
+    def artifact(self, version: str | None, role: Role) -> Path | None:
+        """The model folder of `version` for `role`: the first trainer of that role in the trainer table whose
+        artifact the version holds (None when it holds none, or when `version` is None)."""
+        if version is None:
+            return None
+        root = self.path(version)
+        return next((root / t.artifact for t in with_role(role) if (root / t.artifact).is_dir()), None)
+
+    def champion_policy(self) -> Path | None:
+        """The champion's policy adapter folder (DPO's if it has one, else KTO's: trainer-table order); None when
+        there is no champion or it holds no policy."""
+        return self.artifact(self.champion(), "policy")
+
+    def champion_reward_model(self) -> Path | None:
+        """The champion's reward model folder; None when there is no champion or it holds no reward model."""
+        return self.artifact(self.champion(), "reward_model")
+
     def history(self) -> list[dict[str, Any]]:
         return self._index()["history"]
 
@@ -266,17 +287,18 @@ def list_versions(root: str | Path) -> list[dict[str, Any]]:
 
 
 def format_versions(root: str | Path, metric: str = "reward.accuracy") -> str:
-    """A text table of the registry for `curate models list`."""
+    """A text table of the registry for `curate registry list` (models: the version's artifact folders)."""
     reg = Registry(root)
     rows = reg.versions()
     if not rows:
         return f"{reg.root}: no registered models yet (run `curate gate`)"
-    lines = [f"{'version':<8} {'round':>5} {'created':<25} {metric:>16}  champion"]
+    lines = [f"{'version':<8} {'round':>5} {'created':<25} {'models':<24} {metric:>16}  champion"]
     for v in rows:
         value = lookup(reg.metrics(v["id"]), metric)
         shown = f"{value:.4f}" if isinstance(value, (int, float)) else "-"
+        models = ",".join(v.get("files", [])) or "-"
         lines.append(f"{v['id']:<8} {v['round'] if v['round'] is not None else '-':>5} {v['created_at']:<25} "
-                     f"{shown:>16}  {'*' if v['champion'] else ''}")
+                     f"{models:<24} {shown:>16}  {'*' if v['champion'] else ''}")
     return "\n".join(lines)
 
 

@@ -11,7 +11,8 @@ and handed to TRL already tokenized, so the trainer never drops an over-long pai
 causal-LM folder (`training.models.resolve_model`); it is loaded as a sequence classifier with one label (a new
 `score` head), LoRA adapters go on the attention/MLP projections (`task_type=SEQ_CLS` keeps `score` trainable and
 saved in the adapter). Training checkpoints go to `<work_dir>/member-<k>/checkpoints`; a killed run resumes from
-the last checkpoint, and finished ensemble members are not retrained.
+the last checkpoint, and finished ensemble members are not retrained. Metrics go through TRL's `report_to`
+(default: TensorBoard event files in `<work_dir>/tensorboard/member-<k>/`, see `training.common`).
 
 An ensemble (`ensemble: K`) trains K LoRA heads on bootstrap resamples of the training set (different seeds);
 their spread is the acquisition signal for disagreement-based selection.
@@ -19,148 +20,69 @@ their spread is the acquisition signal for disagreement-based selection.
 
 from __future__ import annotations
 
-import dataclasses
 import shutil
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 import numpy as np
 
 from preference.plumbing.errors import CurateError
-from preference.plumbing.hardware import fast_bf16
 from preference.plumbing.io import read_json, write_json
 from preference.schema import PreferencePair
-from training.data import ReplayConfig, answer_text, encode_pair
+from training.common import (
+    TrainConfig,
+    fit,
+    fit_stats,
+    load_tokenizer,
+    lora_config,
+    main_process,
+    prepare_training,
+    save_adapter,
+    tensorboard_callbacks,
+    wait_for_everyone,
+)
+from training.data import answer_text, encode_pair
 
-DEFAULT_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 MODEL_CARD = "curate-reward.json"
 
 
 @dataclass
-class RewardTrainConfig:
-    """`reward:` section. Maps onto `trl.RewardConfig` + `peft.LoraConfig`; `trl:` passes extra RewardConfig args."""
+class RewardTrainConfig(TrainConfig):
+    """`reward:` section. Maps onto `trl.RewardConfig` + `peft.LoraConfig` (common fields: `TrainConfig`)."""
 
-    base_model: str = "smollm2-135m-instruct"  # built-in name or HF causal-LM folder
-    lora_r: int = 16
-    lora_alpha: int = 32
-    lora_dropout: float = 0.05
-    target_modules: list[str] = field(default_factory=lambda: list(DEFAULT_TARGETS))
+    section: ClassVar[str] = "reward"
+    trl_config: ClassVar[str] = "RewardConfig"
+
     learning_rate: float = 3e-4  # measured: 60.3% held-out on HH harmless (scripts/bench_reward_hh.py)
-    epochs: float = 1.0
-    max_steps: int = -1  # > 0 overrides epochs
-    batch_size: int = 4
-    grad_accum: int = 2
-    warmup_ratio: float = 0.1
-    weight_decay: float = 0.0
-    lr_scheduler: str = "linear"
+    save_steps: int = 20
+    logging_steps: int = 10
     max_length: int = 192  # tokens of prompt + answer after pre-truncation
     use_margin: bool = False  # pass pair.margin to the loss (-logsigmoid(r_c - r_r - margin))
     center_rewards_coefficient: float | None = None
     ensemble: int = 1  # K LoRA heads; K > 1 trains each on a bootstrap resample
-    bf16: bool | None = None  # null = bf16 autocast when the CPU/GPU supports it
-    threads: int = 2  # torch CPU threads (per process)
-    num_processes: int = 1  # > 1: data-parallel under `accelerate launch` (training/launch.py)
-    save_steps: int = 20  # checkpoint every N optimizer steps (resume point)
-    logging_steps: int = 10
     score_batch_size: int = 8
-    max_train_pairs: int | None = None  # cap (after mixing), for quick runs
-    replay: ReplayConfig = field(default_factory=ReplayConfig)
-    trl: dict[str, Any] = field(default_factory=dict)  # extra trl.RewardConfig fields, validated by name
 
     def __post_init__(self):
-        positive = {"lora_r": self.lora_r, "lora_alpha": self.lora_alpha, "batch_size": self.batch_size,
-                    "grad_accum": self.grad_accum, "max_length": self.max_length, "ensemble": self.ensemble,
-                    "threads": self.threads, "num_processes": self.num_processes, "save_steps": self.save_steps, "score_batch_size": self.score_batch_size}
-        for name, value in positive.items():
-            if value < 1:
-                raise ValueError(f"{name} must be ≥ 1, got {value}")
-        if self.learning_rate <= 0 or self.epochs <= 0:
-            raise ValueError(f"learning_rate and epochs must be > 0, got {self.learning_rate}, {self.epochs}")
-        if not 0 <= self.lora_dropout < 1 or not 0 <= self.warmup_ratio < 1:
-            raise ValueError("lora_dropout and warmup_ratio must be in [0, 1)")
+        super().__post_init__()
+        for name in ("ensemble", "score_batch_size"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be ≥ 1, got {getattr(self, name)}")
         if self.max_length < 16:
             raise ValueError(f"max_length must be ≥ 16 tokens, got {self.max_length}")
 
+    def trl_kwargs(self) -> dict[str, Any]:
+        # pairs arrive tokenized and pre-truncated (max_length=None: TRL must not drop long pairs)
+        return dict(max_length=None, center_rewards_coefficient=self.center_rewards_coefficient,
+                    remove_unused_columns=True)
+
 
 # ---------------------------------------------------------------------------------------------------- helpers
-def main_process() -> bool:
-    """True unless this is a non-main process of an `accelerate launch` run (which must not write files)."""
-    from accelerate import PartialState
-
-    return PartialState().is_main_process
-
-
-def wait_for_everyone() -> None:
-    from accelerate import PartialState
-
-    PartialState().wait_for_everyone()
-
-
-def trl_args(config_cls, ours: dict[str, Any], extra: dict[str, Any], section: str):
-    """Build a TRL config from our mapped args plus the user's `trl:` extras (unknown names → CurateError)."""
-    known = {f.name for f in dataclasses.fields(config_cls) if f.init}
-    unknown = sorted(set(extra) - known)
-    if unknown:
-        raise CurateError(
-            f"{section}.trl.{unknown[0]}: not a field of trl.{config_cls.__name__}; remove it or use one of the "
-            f"documented {config_cls.__name__} arguments (e.g. {', '.join(sorted(known)[:6])}, ...)"
-        )
-    try:
-        return config_cls(**{**ours, **extra})
-    except (TypeError, ValueError) as exc:
-        raise CurateError(f"{section}.trl: trl.{config_cls.__name__} rejected the arguments: {exc}") from exc
-
-
-def lora_config(cfg, task_type: str):
-    from peft import LoraConfig
-
-    return LoraConfig(
-        task_type=task_type, r=cfg.lora_r, lora_alpha=cfg.lora_alpha, lora_dropout=cfg.lora_dropout,
-        target_modules=list(cfg.target_modules),
-    )
-
-
-def last_checkpoint(folder: Path) -> str | None:
-    from transformers.trainer_utils import get_last_checkpoint
-
-    return get_last_checkpoint(str(folder)) if folder.is_dir() else None
-
-
-def trainer_step(checkpoint: str | None) -> int | None:
-    """The global step of a `checkpoint-N` folder (None when not resuming)."""
-    return int(Path(checkpoint).name.rsplit("-", 1)[-1]) if checkpoint else None
-
-
 def _load_seqcls(base: Path, dtype):
     from transformers import AutoModelForSequenceClassification
 
     return AutoModelForSequenceClassification.from_pretrained(base, num_labels=1, dtype=dtype)
-
-
-def prepare_training(cfg, work_dir: str | Path) -> tuple[Path, Path, Any]:
-    """Shared start of both trainers: resolve the base model, make the work folder, set threads, load the
-    tokenizer. Returns (base model folder, work folder, tokenizer)."""
-    import torch
-
-    from training.models import resolve_model
-
-    base = resolve_model(cfg.base_model)
-    work_dir = Path(work_dir)
-    work_dir.mkdir(parents=True, exist_ok=True)
-    torch.set_num_threads(cfg.threads)
-    return base, work_dir, load_tokenizer(base)
-
-
-def load_tokenizer(base: Path):
-    """The base model's tokenizer, with pad = eos when it has no pad token."""
-    from transformers import AutoTokenizer
-
-    tok = AutoTokenizer.from_pretrained(base)
-    if tok.pad_token is None:
-        tok.pad_token = tok.eos_token
-    return tok
 
 
 def tokenize_pairs(tokenizer, pairs: list[PreferencePair], max_length: int, use_margin: bool) -> dict[str, list]:
@@ -214,7 +136,12 @@ def train_reward_model(
     if main_process():
         save_reward_model(work_dir, work_dir / "model", cfg, base)
     wait_for_everyone()
-    stats["seconds"] = round(time.monotonic() - t0, 1)
+    members = stats["members"]
+    stats.update({  # the ensemble in one line: what the round step's manifest shows
+        "train_loss": float(np.mean([m["train_loss"] for m in members])), "steps": members[0]["steps"],
+        "pairs_per_second": members[0]["pairs_per_second"], "bf16": members[0]["bf16"],
+        "resumed_from": members[0]["resumed_from"], "seconds": round(time.monotonic() - t0, 1),
+    })
     return stats
 
 
@@ -223,46 +150,20 @@ def _train_member(base, tokenizer, cols, cfg, member_dir: Path, *, seed: int, pr
     from datasets import Dataset
     from peft import get_peft_model
     from transformers import set_seed
-    from trl import RewardConfig, RewardTrainer
+    from trl import RewardTrainer
 
-    use_bf16 = fast_bf16() if cfg.bf16 is None else cfg.bf16
     set_seed(seed)  # the new score head's init
     model = _load_seqcls(base, torch.float32)
     model.config.pad_token_id = tokenizer.pad_token_id
     model = get_peft_model(model, lora_config(cfg, "SEQ_CLS"))
     ckpt_dir = member_dir / "checkpoints"
-    args = trl_args(
-        RewardConfig,
-        dict(
-            output_dir=str(ckpt_dir), seed=seed, learning_rate=cfg.learning_rate, num_train_epochs=cfg.epochs,
-            max_steps=cfg.max_steps, per_device_train_batch_size=cfg.batch_size,
-            gradient_accumulation_steps=cfg.grad_accum, warmup_steps=cfg.warmup_ratio,
-            weight_decay=cfg.weight_decay, lr_scheduler_type=cfg.lr_scheduler, max_length=None,
-            center_rewards_coefficient=cfg.center_rewards_coefficient, bf16=use_bf16, fp16=False,
-            gradient_checkpointing=False, save_strategy="steps", save_steps=cfg.save_steps, save_total_limit=2,
-            logging_steps=cfg.logging_steps, report_to=[], disable_tqdm=not progress, use_cpu=not torch.cuda.is_available(),
-            dataloader_num_workers=0, remove_unused_columns=True,
-        ),
-        cfg.trl, "reward",
+    trainer = RewardTrainer(
+        model=model, args=cfg.to_trl(ckpt_dir, seed=seed, progress=progress), train_dataset=Dataset.from_dict(cols),
+        processing_class=tokenizer, callbacks=tensorboard_callbacks(cfg, member_dir.parent / "tensorboard" / member_dir.name),
     )
-    trainer = RewardTrainer(model=model, args=args, train_dataset=Dataset.from_dict(cols), processing_class=tokenizer)
-    t0 = time.monotonic()
-    resume = last_checkpoint(ckpt_dir)
-    result = trainer.train(resume_from_checkpoint=resume)
-    seconds = time.monotonic() - t0
-    losses = [h["loss"] for h in trainer.state.log_history if "loss" in h]
-    if trainer.is_world_process_zero():  # under accelerate launch only the main process writes
-        trainer.model.save_pretrained(member_dir / "adapter.partial")
-        shutil.rmtree(member_dir / "adapter", ignore_errors=True)
-        (member_dir / "adapter.partial").rename(member_dir / "adapter")
-    trainer.accelerator.wait_for_everyone()
-    steps_done = trainer.state.global_step
-    n_trained = (steps_done - (trainer_step(resume) or 0)) * cfg.batch_size * cfg.grad_accum
-    return {
-        "train_loss": float(result.training_loss), "losses": losses, "steps": steps_done,
-        "resumed_from": Path(resume).name if resume else None, "seconds": round(seconds, 1),
-        "pairs_per_second": round(n_trained / seconds, 3) if seconds > 0 else None, "bf16": use_bf16,
-    }
+    result, seconds, resume = fit(trainer, ckpt_dir)
+    save_adapter(trainer, member_dir / "adapter")
+    return fit_stats(trainer, result, seconds, resume, cfg, "pairs")
 
 
 def save_reward_model(work_dir: Path, out: Path, cfg: RewardTrainConfig, base: Path) -> Path:
@@ -293,10 +194,12 @@ class RewardModel:
 
     @classmethod
     def load(cls, folder: str | Path, *, dtype: str = "float32", threads: int | None = None) -> RewardModel:
-        """Load a folder written by `train_reward_model` (`<dir>/model`). fp32 by default (exact, comparable)."""
+        """Load a folder written by `train_reward_model` (`<dir>/model`). `dtype`: "float32" (default: exact,
+        comparable scores), "bfloat16", or "auto" (bf16 only where the hardware is fast at it)."""
         import torch
         from peft import PeftModel
 
+        from preference.plumbing.hardware import resolve_dtype
         from training.models import resolve_model
 
         folder = Path(folder)
@@ -308,7 +211,7 @@ class RewardModel:
         base_path = Path(card["base_path"])
         base = base_path if (base_path / "config.json").is_file() else resolve_model(card["base_model"])
         tokenizer = load_tokenizer(base)
-        model = _load_seqcls(base, getattr(torch, dtype))
+        model = _load_seqcls(base, getattr(torch, resolve_dtype(dtype)))
         model.config.pad_token_id = tokenizer.pad_token_id
         members = [f"member-{k}" for k in range(card["members"])]
         model = PeftModel.from_pretrained(model, folder / members[0], adapter_name=members[0])
@@ -316,6 +219,10 @@ class RewardModel:
             model.load_adapter(folder / name, adapter_name=name)
         model.eval()
         return cls(model, tokenizer, members, card["max_length"], card.get("score_batch_size", 8))
+
+    @property
+    def dtype(self) -> str:
+        return str(self.model.dtype).removeprefix("torch.")
 
     def _encode(self, item) -> list[int]:
         if isinstance(item, str):
