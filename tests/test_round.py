@@ -16,7 +16,7 @@ from preference.plumbing.io import read_jsonl, read_rows
 
 ROOT = Path(__file__).resolve().parent.parent
 TINY = ROOT / "configs" / "tiny.yaml"
-STEPS = ["pool", "generate", "score", "select", "push", "pull", "train_reward", "train_dpo", "evaluate", "gate",
+STEPS = ["pool", "generate", "score", "rewards", "select", "push", "pull", "train_reward", "train_dpo", "evaluate", "gate",
          "failures", "report"]
 
 pytestmark = pytest.mark.vllm
