@@ -9,7 +9,7 @@ import pytest
 from tiny_rounds import tiny_config, tiny_project  # noqa: F401  (session fixture)
 
 from curation.ensemble import prompt_reward_signals
-from curation.rewards import OUTPUT, RewardCache, run_rewards, score_completions
+from curation.rewards import OUTPUT, RewardCache, model_identity, run_rewards, score_completions
 from preference.plumbing.errors import CurateError
 from preference.plumbing.io import read_rows
 from preference.plumbing.store import Project
@@ -61,10 +61,24 @@ def test_round_two_scores_with_the_champion_and_select_reads_it(tiny_project):  
         assert row["strategy"] in ("random", "weighted(reward_margin=1,reward_disagreement=1)>kcenter")
         assert set(row["completion_ids"]) <= {r["completion_id"] for r in rows if r["prompt_id"] == row["prompt_id"]}
         assert 2 <= len(row["completion_ids"]) <= 5
-    # a rerun under the same champion is served from the cache: nothing recomputed, same numbers
+    # the cache is keyed by model version: under v0001 every conversation of the round is served from it (a
+    # model that must not be called), and the numbers are the step's
+    class MustNotLoad:
+        members = ["member-0", "member-1"]
+
+        def member_rewards(self, conversations):
+            raise AssertionError(f"{len(conversations)} conversations recomputed despite the cache")
+
+    all_convs = [[*prompts[r["prompt_id"]].messages,
+                  {"role": "assistant", "content": texts[r["completion_id"]]["text"]}] for r in rows]
+    cache = RewardCache(tiny_project / "cache" / "rewards.sqlite",
+                        model_identity(tiny_project / "registry" / "v0001" / "reward"))
+    cached, computed = score_completions(MustNotLoad(), all_convs, cache, progress=False)
+    assert computed == 0 and np.allclose(cached, members)
+    # rerun after round 2's gate promoted v0002: another model, so everything is scored anew, under v0002
     again = run_rewards(tiny_config(tiny_project), second, force=True, progress=False)
-    assert again["counts"]["computed"] == 0 and again["counts"]["cached"] == len(rows)
-    assert read_rows(second.step("rewards").file(OUTPUT)) == rows
+    assert again["reward_model"]["version"] == "v0002" and again["counts"]["computed"] == len(rows)
+    assert again["reward_cache"]["model_sha256"] != cache.identity
 
 
 def _round_with_completions(tmp_path):
