@@ -172,7 +172,7 @@ class Thompson(Chooser):
         k, n = rewards.shape
         chosen: list[int] = []
         for _ in range(m):
-            candidates = [c for c in range(n) if c not in chosen and all(ok[c, j] for j in chosen)]
+            candidates = [c for c in range(n) if c not in chosen and all(ok[c, j] for j in chosen) and ok[c].any()]
             if not candidates:
                 break
             clean = [c for c in candidates if not any(dup[c, j] for j in chosen)]

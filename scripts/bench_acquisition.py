@@ -24,7 +24,8 @@ are in `scripts/bench_tasks.py`):
   set; the pool keeps every benign prompt and, of each harm slice (a prompt's rarest flag), at most
   `--rare-share` × (benign prompts in the pool): rare categories mixed into a majority of benign prompts. The
   reviewer gives the harm label; the model is a harm classifier; the quality is the rare-slice balanced accuracy
-  ½ (benign accuracy + mean recall over the harm slices). 20 init + 8 × 10 labels.
+  ½ (benign accuracy + mean recall over the harm slices). 20 init + 8 × 15 labels; `--rare-share 0.05` (≤ 14
+  prompts of each of the 8 harm slices beside ~278 benign ones in the pool).
 
 Strategies: `curation.strategies` specs (`random`, `reward_margin`, `kcenter`, `hybrid` = weighted reward
 margin + disagreement, top 4k, then k-center …), optionally `spec@share` (a `RandomArm` keeping that share of each
@@ -77,7 +78,7 @@ PRESETS = {
     "qa-feedback": dict(data=DATA / "qa-feedback-dev.jsonl.gz", format="qa-feedback", test=75, init=25, rounds=8,
                         budget=25),
     "skewed-moderation": dict(data=DATA / "moderation-dev.jsonl.gz", format="moderation", test=0.5, init=20,
-                              rounds=8, budget=10),
+                              rounds=8, budget=15),
 }
 DEFAULT_STRATEGIES = {
     "hh": "random,reward_margin,reward_disagreement,kcenter,under_dense,hybrid,hybrid@0.15",
@@ -375,7 +376,7 @@ def parse_args(argv=None):
     ap.add_argument("--budget", type=int, help="labels per round")
     ap.add_argument("--init", type=int, help="random labels every strategy starts from")
     ap.add_argument("--test", type=float, help="test prompts (or, for moderation, the share of each slice)")
-    ap.add_argument("--rare-share", type=float, default=0.02,
+    ap.add_argument("--rare-share", type=float, default=0.05,
                     help="moderation: each harm slice keeps at most this share × benign prompts in the pool")
     ap.add_argument("--members", type=int, default=5, help="ensemble members of the learner")
     ap.add_argument("--c", type=float, default=0.02, help="inverse L2 strength of the learners' logistic regressions")

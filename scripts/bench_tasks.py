@@ -170,14 +170,36 @@ def texts_for_features(task: Task) -> tuple[list[str], list[str]]:
 
 
 def tfidf_features(task: Task, dim: int = 256) -> dict[str, np.ndarray]:
+    """TF-IDF (1–2-grams, 20k terms) of prompt + answer reduced by TruncatedSVD; cached like the SmolLM2 ones."""
     from sklearn.decomposition import TruncatedSVD
     from sklearn.feature_extraction.text import TfidfVectorizer
 
     context, target = texts_for_features(task)
+    path = _cache_path("tfidf", task, [context, target, dim])
+    if path.is_file():
+        return _load(path)
     texts = [f"{c}\n\n{t}" if c else t for c, t in zip(context, target, strict=True)]
-    x = TfidfVectorizer(ngram_range=(1, 2), min_df=2, sublinear_tf=True).fit_transform(texts)
+    x = TfidfVectorizer(ngram_range=(1, 2), min_df=2, max_features=20000, sublinear_tf=True).fit_transform(texts)
     z = TruncatedSVD(n_components=min(dim, x.shape[1] - 1), random_state=0).fit_transform(x).astype(np.float32)
-    return {"emb": z}
+    return _save(path, {"emb": z})
+
+
+def _cache_path(kind: str, task: Task, content) -> Path:
+    key = hashlib.sha256(json.dumps(content).encode()).hexdigest()[:16]
+    return feature_cache() / f"{kind}-{task.kind}-{key}.npz"
+
+
+def _load(path: Path) -> dict[str, np.ndarray]:
+    with np.load(path, allow_pickle=False) as data:
+        return {k: data[k] for k in data.files}
+
+
+def _save(path: Path, arrays: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.stem + ".partial.npz")
+    np.savez(tmp, **arrays)
+    tmp.rename(path)
+    return arrays
 
 
 def feature_cache() -> Path:
@@ -190,11 +212,9 @@ def smollm2_features(task: Task, *, max_tokens: int = 256, batch_size: int = 8,
     prompt as the user turn), the target's mean token logprob and mean entropy. Cached as .npz (no pickle) by the
     hash of the texts; the process lowers its CPU priority (os.nice) while computing: the machine is shared."""
     context, target = texts_for_features(task)
-    key = hashlib.sha256(json.dumps([context, target, max_tokens]).encode()).hexdigest()[:16]
-    path = feature_cache() / f"smollm2-{task.kind}-{key}.npz"
+    path = _cache_path("smollm2", task, [context, target, max_tokens])
     if path.is_file():
-        with np.load(path, allow_pickle=False) as data:
-            return {k: data[k] for k in data.files}
+        return _load(path)
     import torch
     from tqdm import tqdm
     from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -243,11 +263,7 @@ def smollm2_features(task: Task, *, max_tokens: int = 256, batch_size: int = 8,
                 lp = logp[j, start - 1 : end - 1]
                 out["logprob"][r] = lp.gather(1, torch.tensor(seq[start:end])[:, None]).mean().item()
                 out["entropy"][r] = -(lp.exp() * lp).sum(-1).mean().item()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(".tmp.npz")
-    np.savez(tmp, **out)
-    tmp.rename(path)
-    return out
+    return _save(path, out)
 
 
 # ------------------------------------------------------------------------------------------------- learners
