@@ -20,8 +20,8 @@ Families (registry names in brackets):
   sampling from the clusters least covered by labels [under_dense];
 - error-based: items from earlier rounds' failures and user feedback [error];
 - [random].
-Hybrids: `WeightedSum` (rank-normalized weighted sum) and `TopThenDiverse` (batch mode: top-M by one strategy's
-score, then k-center down to k). Constraints compose by wrapping: `SliceQuotas`, `ExcludeIds`,
+Hybrids: `WeightedSum` (rank-normalized weighted sum), `TopThenDiverse` (batch mode: top-M by one strategy's
+score, then k-center down to k) and `ColdStart` (`S|C`: C until the pool has S's signals). Constraints compose by wrapping: `SliceQuotas`, `ExcludeIds`,
 `DropNearDuplicates`, `Budget`, and `RandomArm` (the control arm beside the strategy; `select_arms` returns the
 two arms apart). `build_strategy("hybrid", weights=...)` turns a config spec into a strategy.
 
@@ -547,6 +547,34 @@ class TopThenDiverse(Strategy):
         return candidates[picks]
 
 
+class ColdStart(Strategy):
+    """`first` while the pool has the signals it reads, else `fallback` — e.g. `reward_disagreement|kcenter`:
+    diversity until a reward model exists (the first round), then the reward ensemble's disagreement."""
+
+    family = "hybrid"
+
+    def __init__(self, first: Strategy, fallback: Strategy):
+        self.first, self.fallback = first, fallback
+        self.name = f"{first.name}|{fallback.name}"
+        self.inputs = tuple(dict.fromkeys((*first.inputs, *fallback.inputs)))
+
+    def active(self, items: Items) -> Strategy:
+        ready = all(c == EMBEDDING or c in items.signals for c in self.first.inputs)
+        return self.first if ready else self.fallback
+
+    def usable_without(self, columns: set[str]) -> bool:
+        return self.fallback.usable_without(columns)
+
+    def directions(self) -> dict[str, bool]:
+        return {**self.fallback.directions(), **self.first.directions()}
+
+    def score(self, items: Items) -> np.ndarray:
+        return self.active(items).score(items)
+
+    def pick(self, items: Items, k: int, rng: np.random.Generator) -> np.ndarray:
+        return self.active(items).select(items, k, rng)
+
+
 # ------------------------------------------------------------------------------------------------- wrappers
 class Wrapper(Strategy):
     """A strategy around another one: same scores, constrained selection."""
@@ -726,7 +754,7 @@ STRATEGIES: dict[str, Callable[[], Strategy]] = {
     "under_dense": UnderDenseClusters,
     "error": ErrorBased,
 }
-COMPOSITES = ("weighted", "hybrid", "<first>><diverse>")
+COMPOSITES = ("weighted", "hybrid", "<first>><diverse>", "<strategy>|<cold start>")
 
 
 def make(name: str) -> Strategy:
@@ -753,9 +781,14 @@ def build_strategy(spec: str, *, weights: dict[str, float] | None = None, candid
     - `weighted`: normalized weighted sum of the strategies named in `weights`;
     - `hybrid`: `weighted` then k-center (top candidate_factor·k by the weighted score, k-center down to k);
       while the weighted signals are missing (no reward model yet), k-center alone (the cold start);
-    - `A>B`: top candidate_factor·k by A, then B picks k of them (e.g. `entropy>kcenter`, `weighted>kmeans++`).
+    - `A>B`: top candidate_factor·k by A, then B picks k of them (e.g. `entropy>kcenter`, `weighted>kmeans++`);
+    - `S|C`: strategy S while the pool has its signals, else C (`reward_disagreement|kcenter`: a cold start).
     """
     spec = spec.strip()
+    if "|" in spec:
+        first, _, fallback = spec.partition("|")
+        return ColdStart(build_strategy(first, weights=weights, candidate_factor=candidate_factor),
+                         build_strategy(fallback, weights=weights, candidate_factor=candidate_factor))
 
     def one(name: str) -> Strategy:
         return weighted(weights or {}) if name.strip() == "weighted" else make(name)
@@ -773,4 +806,5 @@ def all_strategies() -> list[Strategy]:
     out = [factory() for factory in STRATEGIES.values()]
     out.append(build_strategy("weighted", weights={"entropy": 1.0, "committee": 0.5}))
     out.append(build_strategy("hybrid", weights={"entropy": 1.0, "low_logprob": 1.0}))
+    out.append(build_strategy("reward_disagreement|kcenter"))
     return out
