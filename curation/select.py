@@ -82,6 +82,7 @@ class SelectionConfig:
     near_duplicate_threshold: float = 0.98  # cosine similarity of embeddings; 1.0 = only exact duplicates
     feedback_file: Path | None = None  # jsonl of {"prompt_id", "reason"}: user-reported problems (error-based)
     ensemble_members: int = 5  # bootstrap members of the fast reward ensemble (when there is no champion)
+    ensemble_c: float = 0.02  # its inverse L2 strength (few pairs, hundreds of embedding dims: strong; as benchmarked)
     # where reward signals come from: auto = the champion reward model (the `rewards` step) when the registry has
     # one, else the fast Bradley–Terry ensemble on earlier rounds' pairs; champion = require the champion;
     # ensemble = always the fast ensemble (the rewards step then loads no model)
@@ -109,6 +110,8 @@ class SelectionConfig:
             raise ValueError(f"completion_random_share must be in [0, 1], got {self.completion_random_share}")
         if self.completions_per_record is not None and not 2 <= self.completions_per_record <= 16:
             raise ValueError(f"completions_per_record must be in 2..16 or null, got {self.completions_per_record}")
+        if self.ensemble_c <= 0:
+            raise ValueError(f"ensemble_c must be > 0, got {self.ensemble_c}")
         if self.ensemble_members < 1:
             raise ValueError(f"ensemble_members must be ≥ 1, got {self.ensemble_members}")
         for name, w in self.weights.items():
@@ -318,7 +321,7 @@ def attach_rewards(comps: Completions, sel: SelectionConfig, rnd, rounds: list, 
         return False
     if comps.embeddings is None:
         raise CurateError("score/completion_scores.parquet has no embedding column; rerun `curate score`")
-    model = BTEnsemble(EnsembleConfig(members=sel.ensemble_members, seed=seed)).fit(pairs)
+    model = BTEnsemble(EnsembleConfig(members=sel.ensemble_members, c=sel.ensemble_c, seed=seed)).fit(pairs)
     comps.rewards = model.reward(comps.embeddings)
     comps.reward_info = {"source": "ensemble", "pairs": len(pairs), "pairs_without_embeddings": missing,
                          "members": sel.ensemble_members}

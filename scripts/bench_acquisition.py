@@ -41,10 +41,14 @@ tie rate (qa-feedback), and wall seconds per run. Goals: the best strategy saves
 least two datasets; the configs' default (`hybrid@0.15`, `/info_gain` on multi-completion data) is never
 significantly worse than random (ΔAUC CI below 0).
 
-The tables in the README were made with (2 CPU cores, shared machine, `nice -n 10`):
+The tables in the README were made with (2 CPU cores, shared machine, `nice -n 10`; one process per dataset,
+then `--report` prints the three tables and the goals):
 
-    nice -n 10 python scripts/bench_acquisition.py --features tfidf --seeds 10 --json runs/bench-tfidf.json
-    nice -n 10 python scripts/bench_acquisition.py --features smollm2 --seeds 10 --json runs/bench-smollm2.json
+    for d in hh-harmless qa-feedback skewed-moderation; do
+      nice -n 10 python scripts/bench_acquisition.py --dataset $d --features tfidf --seeds 10 \
+        --json runs/bench/tfidf-$d.json --quiet &
+    done; wait
+    python scripts/bench_acquisition.py --report runs/bench/tfidf-*.json
 """
 
 from __future__ import annotations
@@ -272,8 +276,9 @@ def savings(labels, acc_random, acc, rng, resamples: int = 2000) -> tuple[float,
     """(share of random's labels-to-target saved, CI low, CI high); the target is random's final quality."""
 
     def one(rows) -> float:
-        target = acc_random[rows, -1].mean()
-        need_r = labels_to_reach(labels, acc_random[rows].mean(axis=0), target)
+        curve_r = acc_random[rows].mean(axis=0)
+        target = curve_r[-1] - 1e-12  # random's final mean quality (it reaches it by its last point at the latest)
+        need_r = labels_to_reach(labels, curve_r, target)
         need_s = labels_to_reach(labels, acc[rows].mean(axis=0), target)
         return -np.inf if need_s is None else 1.0 - need_s / need_r
 
@@ -291,7 +296,7 @@ def summarize(name: str, task: Task, results: dict, args) -> dict:
     acc = {s: np.array([[a for _, a in r["curve"]] for r in results[s]]) for s in specs}
     seeds = len(acc["random"])
     half = student_t.ppf(0.975, seeds - 1) / np.sqrt(seeds) if seeds > 1 else float("nan")
-    target = acc["random"][:, -1].mean()
+    target = acc["random"].mean(axis=0)[-1] - 1e-12
     rng = np.random.default_rng(0)
     rows = []
     for s in specs:
@@ -383,6 +388,7 @@ def parse_args(argv=None):
     ap.add_argument("--candidate-factor", type=float, default=4.0, help="hybrid: top factor·k, then k-center")
     ap.add_argument("--near-duplicate", type=float, default=0.98, help="chooser: cosine of near-identical answers")
     ap.add_argument("--json", type=Path, help="also write the tables as JSON here")
+    ap.add_argument("--report", type=Path, nargs="+", help="print the tables and goals of earlier --json files")
     ap.add_argument("--quiet", action="store_true")
     args = ap.parse_args(argv)
     if (args.data is None) != (args.format is None):
@@ -420,6 +426,12 @@ def main(argv=None) -> int:
     from preference.plumbing.hardware import describe
 
     args = parse_args(argv)
+    if args.report:
+        summaries = [s for path in args.report for s in json.loads(path.read_text())]
+        for summary in summaries:
+            print_table(summary, summary["header"])
+        goals(summaries, {s["dataset"]: s["default"] for s in summaries})
+        return 0
     names = ["custom"] if args.data is not None else (list(PRESETS) if args.dataset == "all" else [args.dataset])
     print(f"hardware: {describe()}")
     summaries, defaults = [], {}
@@ -451,8 +463,12 @@ def main(argv=None) -> int:
                 results[spec.text].append(run(task, feats, spec, split, cfg, seed))
             if not cfg.quiet:
                 print(f"  seed {seed} done ({time.perf_counter() - t0:.0f} s)", flush=True)
+        if args.json:  # the raw curves first: a table bug must not lose an hour of runs
+            raw = args.json.with_name(args.json.stem + f"-{name}-raw.json")
+            raw.parent.mkdir(parents=True, exist_ok=True)
+            raw.write_text(json.dumps({k: [{**r, "curve": r["curve"]} for r in v] for k, v in results.items()}))
         summary = summarize(name, task, results, cfg)
-        summary["header"] = header
+        summary["header"], summary["default"] = header, defaults[name]
         summaries.append(summary)
         print_table(summary, header)
     goals(summaries, defaults)
