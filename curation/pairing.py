@@ -101,7 +101,7 @@ class Chooser:
         if rewards is not None:
             rewards = np.asarray(rewards, dtype=np.float64)
             if not np.isfinite(rewards).all():
-                raise CurateError("completion rewards contain NaN/inf; rerun `curate rewards` (or `curate score`)")
+                raise CurateError("completion rewards contain NaN/inf; rerun the rewards step (or `curate score`) with --force")
         ok = np.ones((n, n), dtype=bool) if allowed is None else np.asarray(allowed, dtype=bool)
         if ok.shape != (n, n):
             raise CurateError(f"allowed pairs have shape {ok.shape}; expected ({n}, {n})")

@@ -1,4 +1,4 @@
-"""`curate rewards`: the registry champion's reward model scores the round's completions.
+"""Round step `rewards`: the registry champion's reward model scores the round's completions.
 
 Runs after `score` and before `select`. When the registry (`gate.registry`, default `<project>/registry`) has a
 champion with a reward model, every completion of the round's `generate` step is scored as the conversation

@@ -305,7 +305,7 @@ def attach_rewards(comps: Completions, sel: SelectionConfig, rnd, rounds: list, 
         if missing:
             raise CurateError(
                 f"rewards/{'completion_rewards.parquet'} has no reward for completion {missing[0]!r} (and "
-                f"{len(missing) - 1} more); the rewards step is stale: rerun `curate rewards --force`"
+                f"{len(missing) - 1} more); the rewards step is stale: redo it with --force"
             )
         comps.rewards = rewards[:, [column[cid] for cid in comps.ids]]
         model = rnd.step("rewards").manifest()["reward_model"]
@@ -314,7 +314,7 @@ def attach_rewards(comps: Completions, sel: SelectionConfig, rnd, rounds: list, 
     if sel.reward_source == "champion":
         raise CurateError(
             "selection.reward_source is 'champion' but the rewards step scored nothing (no champion reward model); "
-            "run `curate rewards` after a promoted round, or set selection.reward_source: auto"
+            "run the rewards step after a promoted round, or set selection.reward_source: auto"
         )
     pairs, missing = earlier_pairs(rounds)
     if pairs is None or len(pairs) < 2:
