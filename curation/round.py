@@ -19,6 +19,7 @@ STEPS: list[tuple[str, str]] = [
     ("pool", "curation.pool.run_pool"),
     ("generate", "curation.generate.run_generate"),
     ("score", "curation.score.run_score"),
+    ("rewards", "curation.rewards.run_rewards"),
     ("select", "curation.select.run_select"),
     ("push", "curation.annotate.run_push"),
     ("pull", "curation.annotate.run_pull"),

@@ -1,25 +1,36 @@
-"""`curate select`: acquisition strategies pick the next items for humans, beside a random arm.
+"""`curate select`: acquisition strategies pick the next items for humans, beside a random arm, and choose
+which of each item's completions reviewers see.
 
 Reads the scoring step's `score/prompt_scores.parquet` (one row per prompt: prompt_id, slice, signal columns,
-embedding) and, for reward-based strategies, `score/completion_scores.parquet`. Writes `select/selected.parquet`,
-one row per chosen prompt:
+embedding), `score/completion_scores.parquet` (completion ids and embeddings), the `rewards` step's champion
+rewards when it has any, and `generate/completions.parquet` (texts, for exact duplicates) when present. Writes
+`select/selected.parquet`, one row per chosen prompt:
 
-    prompt_id, slice, arm ("strategy" | "random"), strategy, score, rank, reason, <every signal>, embedding
+    prompt_id, slice, arm ("strategy" | "random"), strategy, score, rank, reason, completion_ids,
+    completion_choice, <every signal>, embedding
 
 - `score` is the strategy's score of the item (higher = more informative; also filled for the random arm, so
   arms can be compared), `rank` the 1-based pick order within its arm, `reason` a human-readable why (the
-  signal that stands out most, its value and its percentile in the pool).
-- The random arm: `round(k · random_share)` of the k items are drawn uniformly from the same eligible pool,
-  excluding the strategy's picks, so every round measures the strategy against random honestly.
-- Items selected in any earlier round (`rnd.earlier()`: `select/selected.parquet`) are excluded,
-  unless they came back as failures or feedback (error-based candidates); their embeddings count as covered for
+  signal that stands out most, its value and its percentile in the pool, in the direction the strategy states).
+- The pipeline is the strategy wrapped by composition (`curation.strategies`): `DropNearDuplicates`,
+  `SliceQuotas`, then `RandomArm` — `round(k · random_share)` of the k items drawn uniformly from the same
+  eligible pool, excluding the strategy's picks, so every round measures the strategy against random honestly —
+  inside `ExcludeIds` (items selected in any earlier round, `rnd.earlier()`, unless they came back as failures or
+  feedback) and `Budget` (`selection.budget` over all rounds). Earlier rounds' picks count as covered for
   diversity strategies and near-duplicate filtering.
 - Error-based signals: pool prompts whose `source` starts with "failure:" or whose metadata names a failure
   (`failure` / `failure_reason`: "harm_flagged", "human_disagreement", "low_ranked", ...), plus an optional
   feedback file (jsonl of {"prompt_id": ..., "reason": ...}) give an `error_score` in [0, 1] (0 = none).
-- Reward signals (`reward_margin`, `reward_disagreement`) come from the fast Bradley–Terry ensemble
-  (`curation.ensemble`) fitted on the preference pairs of earlier rounds (any finished step's `pairs.parquet`
-  with `PreferencePair` rows), with completion embeddings from those rounds' `score/completion_scores.parquet`.
+- Reward signals (`reward_margin`, `reward_disagreement`, `reward_mean`; `curation.ensemble.prompt_reward_signals`)
+  come from the champion reward model's member rewards (the `rewards` step: a TRL LoRA reward model, an ensemble
+  when trained with `reward.ensemble: K`), else from the fast Bradley–Terry ensemble (`curation.ensemble`)
+  fitted on earlier rounds' pairs with their completion embeddings (`selection.reward_source`). In the first
+  round there is neither: a plain reward strategy refuses clearly, `hybrid` starts with k-center alone.
+- `completion_ids`: the completions to show for the prompt (`selection.completions_per_record`, default
+  `annotation.completions_per_record`; 2 for a pairwise question), chosen by `selection.completion_choice`
+  (`curation.pairing`: the uncertainty of the reward difference, with near-duplicates skipped), except for
+  round(n · completion_random_share) records drawn at random (`completion_choice` = "random"), in a seeded
+  shuffled display order.
 """
 
 from __future__ import annotations
@@ -28,6 +39,7 @@ import hashlib
 import math
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Literal
 
 import numpy as np
 import pyarrow as pa
@@ -35,18 +47,22 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from curation.ensemble import BTEnsemble, EnsembleConfig, Pairs, prompt_reward_signals
+from curation.pairing import CHOOSERS, make_chooser
 from curation.strategies import (
+    Budget,
     DropNearDuplicates,
+    ExcludeIds,
     Items,
     Random,
+    RandomArm,
     SliceQuotas,
     Strategy,
     build_strategy,
 )
 from preference.plumbing.errors import CurateError
 from preference.plumbing.io import atomic_path, read_jsonl, read_rows
+from preference.schema import stable_id
 
-LOWER_IS_INFORMATIVE = frozenset({"mean_logprob", "reward_margin"})
 REWARD_SIGNALS = frozenset({"reward_margin", "reward_disagreement"})
 # error_score of a failure reason (max over an item's reasons); unknown failure reasons get "failure".
 ERROR_WEIGHTS = {"harm": 1.0, "feedback": 1.0, "disagree": 0.9, "low_rank": 0.7, "failure": 0.5}
@@ -54,18 +70,31 @@ ERROR_WEIGHTS = {"harm": 1.0, "feedback": 1.0, "disagree": 0.9, "low_rank": 0.7,
 
 @dataclass
 class SelectionConfig:
-    strategy: str = "hybrid"  # a name (entropy, kcenter, ...), "weighted", "hybrid", or "A>B" (see strategies.py)
+    # a name (entropy, kcenter, ...), "weighted", "hybrid", "A>B" or "S|C" (see strategies.py). The default is the
+    # configuration scripts/bench_acquisition.py measures (`hybrid@0.15`: reward margin + disagreement, top 4k,
+    # k-center; k-center alone until a reward model exists; a 15 % random arm): never significantly worse than
+    # random there (see the README's acquisition tables)
+    strategy: str = "hybrid"
     k: int = 16  # items per round (strategy arm + random arm)
     random_share: float = 0.15  # share of k drawn at random from the same pool (the control arm)
     weights: dict[str, float] = field(
-        default_factory=lambda: {"entropy": 1.0, "low_logprob": 1.0, "semantic_spread": 1.0}
+        default_factory=lambda: {"reward_margin": 1.0, "reward_disagreement": 1.0}
     )  # for "weighted" / "hybrid": strategy name -> weight (scores are rank-normalized before summing)
     candidate_factor: float = 4.0  # "hybrid" / "A>B": A shortlists candidate_factor·k items, B picks k
     slice_quotas: dict[str, int] = field(default_factory=dict)  # slice -> exact number of strategy-arm picks
     budget: int | None = None  # total labelling budget over all rounds (items); null = unlimited
     near_duplicate_threshold: float = 0.98  # cosine similarity of embeddings; 1.0 = only exact duplicates
     feedback_file: Path | None = None  # jsonl of {"prompt_id", "reason"}: user-reported problems (error-based)
-    ensemble_members: int = 5  # bootstrap members of the reward ensemble (reward_* strategies)
+    ensemble_members: int = 5  # bootstrap members of the fast reward ensemble (when there is no champion)
+    ensemble_c: float = 0.02  # its inverse L2 strength (few pairs, hundreds of embedding dims: strong; as benchmarked)
+    # where reward signals come from: auto = the champion reward model (the `rewards` step) when the registry has
+    # one, else the fast Bradley–Terry ensemble on earlier rounds' pairs; champion = require the champion;
+    # ensemble = always the fast ensemble (the rewards step then loads no model)
+    reward_source: Literal["auto", "champion", "ensemble"] = "auto"
+    # which completions of a picked prompt reviewers see (curation/pairing.py): info_gain, thompson, diverse, random
+    completion_choice: str = "info_gain"
+    completion_random_share: float = 0.15  # share of records whose completions are drawn at random (control arm)
+    completions_per_record: int | None = None  # null = annotation.completions_per_record (2 = a pairwise question)
     seed: int | None = None  # null = the round config's seed
 
     def __post_init__(self):
@@ -79,6 +108,14 @@ class SelectionConfig:
             raise ValueError(f"budget must be ≥ 1 or null, got {self.budget}")
         if not 0.0 < self.near_duplicate_threshold <= 1.0:
             raise ValueError(f"near_duplicate_threshold must be in (0, 1], got {self.near_duplicate_threshold}")
+        if self.completion_choice not in CHOOSERS:
+            raise ValueError(f"completion_choice must be one of {', '.join(CHOOSERS)}, got {self.completion_choice!r}")
+        if not 0.0 <= self.completion_random_share <= 1.0:
+            raise ValueError(f"completion_random_share must be in [0, 1], got {self.completion_random_share}")
+        if self.completions_per_record is not None and not 2 <= self.completions_per_record <= 16:
+            raise ValueError(f"completions_per_record must be in 2..16 or null, got {self.completions_per_record}")
+        if self.ensemble_c <= 0:
+            raise ValueError(f"ensemble_c must be > 0, got {self.ensemble_c}")
         if self.ensemble_members < 1:
             raise ValueError(f"ensemble_members must be ≥ 1, got {self.ensemble_members}")
         for name, w in self.weights.items():
@@ -90,8 +127,7 @@ class SelectionConfig:
 
     def arm_sizes(self, k: int) -> tuple[int, int]:
         """(strategy picks, random picks) for k items: the random arm is round(k · random_share)."""
-        n_random = int(math.floor(k * self.random_share + 0.5))
-        return k - n_random, n_random
+        return RandomArm(Random(), self.random_share).arm_sizes(k)
 
 
 # ------------------------------------------------------------------------------------------------ reading
@@ -230,25 +266,113 @@ def earlier_pairs(rounds: list) -> tuple[Pairs | None, int]:
     return Pairs(np.stack(chosen), np.stack(rejected)), missing
 
 
-def add_reward_signals(items: Items, rnd, rounds: list, members: int, seed: int) -> dict:
+@dataclass
+class Completions:
+    """The round's completions as selection sees them: ids, prompt ids, models, texts (None when the generate
+    step is not there), embeddings (None without), and the (K, C) member rewards once a reward model gave them."""
+
+    ids: list[str]
+    prompt_ids: list[str]
+    models: list[str]
+    texts: list[str] | None
+    embeddings: np.ndarray | None
+    rewards: np.ndarray | None = None
+    reward_info: dict = field(default_factory=dict)
+
+
+def load_completions(rnd) -> Completions:
+    """`score/completion_scores.parquet` (+ texts from `generate/completions.parquet` when it finished)."""
+    table, emb = read_scores(rnd.step("score").file("completion_scores.parquet"))
+    if table.num_rows == 0:
+        return Completions([], [], [], None, None)
+    ids = [str(x) for x in table.column("completion_id").to_pylist()]
+    models = table.column("model").to_pylist() if "model" in table.column_names else [""] * len(ids)
+    texts = None
+    if rnd.step("generate").done:
+        by_id = {r["id"]: r["text"] for r in read_rows(rnd.step("generate").file("completions.parquet"))}
+        texts = [by_id.get(cid, "") for cid in ids]
+    return Completions(ids, [str(x) for x in table.column("prompt_id").to_pylist()], [str(m) for m in models],
+                       texts, emb)
+
+
+def attach_rewards(comps: Completions, sel: SelectionConfig, rnd, rounds: list, seed: int) -> bool:
+    """Fill `comps.rewards` (K, C) from the champion (the `rewards` step) or, when there is none, the fast
+    Bradley–Terry ensemble fitted on earlier rounds' pairs (`selection.reward_source` decides). False when
+    neither is available (the first round)."""
+    from curation.rewards import load_completion_rewards
+
+    champion = load_completion_rewards(rnd) if sel.reward_source != "ensemble" else None
+    if champion is not None:
+        ids, _, rewards = champion
+        column = {cid: j for j, cid in enumerate(ids)}
+        missing = [cid for cid in comps.ids if cid not in column]
+        if missing:
+            raise CurateError(
+                f"rewards/{'completion_rewards.parquet'} has no reward for completion {missing[0]!r} (and "
+                f"{len(missing) - 1} more); the rewards step is stale: redo it with --force"
+            )
+        comps.rewards = rewards[:, [column[cid] for cid in comps.ids]]
+        model = rnd.step("rewards").manifest()["reward_model"]
+        comps.reward_info = {"source": "champion", **model}
+        return True
+    if sel.reward_source == "champion":
+        raise CurateError(
+            "selection.reward_source is 'champion' but the rewards step scored nothing (no champion reward model); "
+            "run the rewards step after a promoted round, or set selection.reward_source: auto"
+        )
     pairs, missing = earlier_pairs(rounds)
     if pairs is None or len(pairs) < 2:
-        raise CurateError(
-            "reward-based strategies (reward_margin, reward_disagreement) need preference pairs from an earlier "
-            f"round (found {0 if pairs is None else len(pairs)}); use an uncertainty or diversity strategy in the "
-            "first round (e.g. strategy: hybrid)"
-        )
-    model = BTEnsemble(EnsembleConfig(members=members, seed=seed)).fit(pairs)
-    table, emb = read_scores(rnd.step("score").file("completion_scores.parquet"))
-    if emb is None:
+        return False
+    if comps.embeddings is None:
         raise CurateError("score/completion_scores.parquet has no embedding column; rerun `curate score`")
+    model = BTEnsemble(EnsembleConfig(members=sel.ensemble_members, c=sel.ensemble_c, seed=seed)).fit(pairs)
+    comps.rewards = model.reward(comps.embeddings)
+    comps.reward_info = {"source": "ensemble", "pairs": len(pairs), "pairs_without_embeddings": missing,
+                         "members": sel.ensemble_members}
+    return True
+
+
+def add_reward_signals(items: Items, comps: Completions) -> None:
+    """Per-prompt `reward_margin`, `reward_disagreement`, `reward_mean` from the completions' member rewards."""
     row_of = {pid: i for i, pid in enumerate(items.ids.tolist())}
-    prompt_ids = table.column("prompt_id").to_pylist()
-    keep = np.array([pid in row_of for pid in prompt_ids], dtype=bool)
-    index = np.array([row_of[pid] for pid, k in zip(prompt_ids, keep, strict=True) if k], dtype=np.int64)
-    signals = prompt_reward_signals(model.reward(emb[keep]), index, len(items))
-    items.signals.update(signals)
-    return {"pairs": len(pairs), "pairs_without_embeddings": missing}
+    keep = np.array([pid in row_of for pid in comps.prompt_ids], dtype=bool)
+    index = np.array([row_of[pid] for pid, k in zip(comps.prompt_ids, keep, strict=True) if k], dtype=np.int64)
+    items.signals.update(prompt_reward_signals(comps.rewards[:, keep], index, len(items)))
+
+
+def choose_completions(comps: Completions, prompt_ids: list[str], sel: SelectionConfig, m: int, models: list[str],
+                       seed: int) -> tuple[list[list[str]], list[str]]:
+    """Per selected prompt: the completion ids to show (display order: a seeded shuffle) and the chooser used.
+
+    round(n · completion_random_share) of the prompts (a seeded draw) get the `random` chooser — the control arm
+    of completion choice — and the rest `selection.completion_choice`."""
+    by_prompt: dict[str, list[int]] = {}
+    for j, (pid, model) in enumerate(zip(comps.prompt_ids, comps.models, strict=True)):
+        if not models or model in models:
+            by_prompt.setdefault(pid, []).append(j)
+    rng = np.random.default_rng([seed, 7])
+    n_random = int(math.floor(len(prompt_ids) * sel.completion_random_share + 0.5))
+    random_rows = set(rng.choice(len(prompt_ids), size=n_random, replace=False).tolist()) if prompt_ids else set()
+    chooser = make_chooser(sel.completion_choice, sel.near_duplicate_threshold)
+    control = make_chooser("random", sel.near_duplicate_threshold)
+    out, used = [], []
+    for row, pid in enumerate(prompt_ids):
+        rows = np.asarray(by_prompt.get(pid, []), dtype=np.int64)
+        which = control if row in random_rows else chooser
+        if len(rows) == 0:
+            out.append([])
+            used.append(which.name)
+            continue
+        prompt_rng = np.random.default_rng([seed, int(stable_id(pid, length=12), 16)])
+        picked = which.choose(
+            None if comps.rewards is None else comps.rewards[:, rows],
+            None if comps.embeddings is None else comps.embeddings[rows],
+            m, prompt_rng, texts=None if comps.texts is None else [comps.texts[j] for j in rows],
+        )
+        shown = rows[picked][prompt_rng.permutation(len(picked))]
+        out.append([comps.ids[j] for j in shown])
+        used.append(which.name if (comps.rewards is not None or not which.needs_rewards) else "diverse")
+    return out, used
 
 
 # ----------------------------------------------------------------------------------------------- explaining
@@ -257,24 +381,24 @@ def percentile(values: np.ndarray, value: float) -> float:
 
 
 def explain(strategy: Strategy, items: Items, scores: np.ndarray, i: int, arm: str, errors: dict) -> str:
-    """Human-readable reason for item i: the arm, its score percentile and its most extreme input signal."""
+    """Human-readable reason for item i: the arm, its score percentile and its most extreme input signal (in
+    the direction the strategy states: `Strategy.directions`)."""
     parts = []
     if arm == "random":
         parts.append("random arm: uniform draw from the pool left after the strategy's picks")
     value = scores[i] + 0.0  # no "-0"
     parts.append(f"{strategy.name} score {value:.4g} (p{percentile(scores, scores[i]):.0f} of pool)")
     best = None
-    for col in strategy.inputs:
+    for col, higher in strategy.directions().items():
         if col not in items.signals:
             continue
         values = items.signals[col]
-        low = col in LOWER_IS_INFORMATIVE
-        pct = 100.0 * float(np.mean(values >= values[i])) if low else percentile(values, values[i])
+        pct = percentile(values, values[i]) if higher else 100.0 * float(np.mean(values >= values[i]))
         if best is None or pct > best[2]:
-            best = (col, values[i], pct, low)
+            best = (col, values[i], pct, higher)
     if best is not None:
-        col, value, pct, low = best
-        parts.append(f"{col}={value:.4g} ({'low' if low else 'high'}: p{pct:.0f} in the informative direction)")
+        col, value, pct, higher = best
+        parts.append(f"{col}={value:.4g} ({'high' if higher else 'low'}: p{pct:.0f} in the informative direction)")
     if errors.get(items.ids[i]):
         parts.append("error-based: " + "; ".join(errors[items.ids[i]])[:200])
     return "; ".join(parts)
@@ -292,10 +416,12 @@ def run_select(cfg, rnd, *, force: bool = False, progress: bool = True) -> dict:
     seed = cfg.seed if sel.seed is None else sel.seed
     score_step = rnd.step("score")
     rounds = list(rnd.earlier())
-    inputs = (score_step,) + ((rnd.step("pool"),) if rnd.step("pool").done else ())
+    inputs = (score_step,) + tuple(rnd.step(n) for n in ("pool", "generate", "rewards") if rnd.step(n).done)
     if rounds and rounds[0].step("select").done:
         inputs += (rounds[0].step("select"),)
-    key = {"selection": sel, "seed": seed, "feedback_sha256": file_digest(sel.feedback_file)}
+    m = sel.completions_per_record or cfg.annotation.completions_per_record
+    key = {"selection": sel, "seed": seed, "feedback_sha256": file_digest(sel.feedback_file),
+           "completions_per_record": m, "annotation_models": list(cfg.annotation.models)}
     run = rnd.start_step("select", key, inputs=inputs, seeds={"seed": seed}, force=force)
     if run is None:
         return rnd.step("select").manifest()
@@ -305,55 +431,74 @@ def run_select(cfg, rnd, *, force: bool = False, progress: bool = True) -> dict:
         labelled_ids, labelled_emb = previously_selected(rounds)
         if labelled_emb is not None and pool.embeddings is not None and labelled_emb.shape[1] != pool.embeddings.shape[1]:
             labelled_emb = None  # a different embedder than this round's: cannot compare distances
+        pool.labelled = labelled_emb
         reasons, unmatched = failure_reasons(rnd, sel.feedback_file)
         pool.signals["error_score"] = np.array([error_score(reasons.get(pid, [])) for pid in pool.ids])
-        if REWARD_SIGNALS & set(strategy.inputs):
-            run.extra["reward_ensemble"] = add_reward_signals(pool, rnd, rounds, sel.ensemble_members, seed)
-        # Labelled items leave the pool, except those sent back as failures / feedback (error-based candidates).
-        eligible = np.flatnonzero([pid not in labelled_ids or pid in reasons for pid in pool.ids]).astype(np.int64)
-        items = pool.subset(eligible)
-        items.labelled = labelled_emb
-        if len(items) == 0:
+        comps = load_completions(rnd)
+        needs_rewards = bool(REWARD_SIGNALS & set(strategy.inputs))
+        have_rewards = False
+        if needs_rewards or make_chooser(sel.completion_choice).needs_rewards:
+            have_rewards = attach_rewards(comps, sel, rnd, rounds, seed)
+        if have_rewards:
+            add_reward_signals(pool, comps)
+            info = dict(comps.reward_info)
+            run.extra["reward_signals"] = info.pop("source")  # "champion" or "ensemble"
+            run.extra["reward_model" if run.extra["reward_signals"] == "champion" else "reward_ensemble"] = info
+        elif needs_rewards and not strategy.usable_without(REWARD_SIGNALS):
             raise CurateError(
-                f"round {rnd.number}: no unlabelled prompts left ({len(pool)} scored, all selected in earlier "
-                "rounds); add prompts to the pool"
+                "reward-based strategies (reward_margin, reward_disagreement) need preference pairs from an earlier "
+                "round or a champion reward model (the `rewards` step); found neither: use an uncertainty or "
+                "diversity strategy in the first round (e.g. strategy: hybrid, which starts with k-center)"
             )
-        k = min(sel.k, len(items))
+        # Labelled items leave the pool, except those sent back as failures / feedback (error-based candidates);
+        # the strategy arm (quotas, near-duplicates) and the random arm pick within the labelling budget.
+        arms: Strategy = strategy
+        if sel.near_duplicate_threshold < 1.0 and pool.embeddings is not None:
+            arms = DropNearDuplicates(arms, sel.near_duplicate_threshold)
+        if sel.slice_quotas:
+            arms = SliceQuotas(arms, sel.slice_quotas)
+        random_arm = RandomArm(arms, sel.random_share)
+        eligible_only = ExcludeIds(random_arm, labelled_ids - set(reasons))
+        chain: Strategy = eligible_only
         if sel.budget is not None:
-            remaining = sel.budget - len(labelled_ids)
-            if remaining <= 0:
+            chain = Budget(chain, sel.budget, used=len(labelled_ids))
+            if chain.remaining <= 0:
                 raise CurateError(
                     f"labelling budget exhausted: {len(labelled_ids)} items selected in earlier rounds, "
                     f"selection.budget={sel.budget}; raise the budget or stop the loop"
                 )
-            k = min(k, remaining)
-        n_strategy, n_random = sel.arm_sizes(k)
-        wrapped: Strategy = strategy
-        if sel.near_duplicate_threshold < 1.0 and items.embeddings is not None:
-            wrapped = DropNearDuplicates(wrapped, sel.near_duplicate_threshold)
-        if sel.slice_quotas:
-            wrapped = SliceQuotas(wrapped, sel.slice_quotas)
-        strategy_rng, random_rng = (np.random.default_rng(s) for s in np.random.SeedSequence(seed).spawn(2))
+        eligible = eligible_only.allowed(pool)
+        if len(eligible) == 0:
+            raise CurateError(
+                f"round {rnd.number}: no unlabelled prompts left ({len(pool)} scored, all selected in earlier "
+                "rounds); add prompts to the pool"
+            )
+        picks, random_picks = chain.select_arms(pool, sel.k, np.random.default_rng(seed))
+        items = pool.subset(eligible)
         scores = strategy.checked_score(items)
-        picks = wrapped.select(items, n_strategy, strategy_rng)
-        rest = np.setdiff1d(np.arange(len(items)), picks)
-        random_picks = rest[Random().select(items.subset(rest), n_random, random_rng)]
-        rows = []
-        for arm, name, chosen in (("strategy", strategy.name, picks), ("random", "random", random_picks)):
-            for rank, i in enumerate(chosen, 1):
-                row = {
-                    "prompt_id": str(items.ids[i]),
-                    "slice": str(items.slices[i]),
-                    "arm": arm,
-                    "strategy": name,
-                    "score": float(scores[i]),
-                    "rank": rank,
-                    "reason": explain(strategy, items, scores, i, arm, reasons),
-                }
-                row.update({col: float(v[i]) for col, v in items.signals.items()})
-                if items.embeddings is not None:
-                    row["embedding"] = items.embeddings[i].tolist()
-                rows.append(row)
+        row_of = {int(i): r for r, i in enumerate(eligible)}
+        chosen = [("strategy", strategy.name, i) for i in picks] + [("random", "random", i) for i in random_picks]
+        shown, choosers = choose_completions(comps, [str(pool.ids[i]) for _, _, i in chosen], sel, m,
+                                             list(cfg.annotation.models), seed)
+        rows, rank = [], {"strategy": 0, "random": 0}
+        for (arm, name, i), completion_ids, chooser in zip(chosen, shown, choosers, strict=True):
+            rank[arm] += 1
+            r = row_of[int(i)]
+            row = {
+                "prompt_id": str(items.ids[r]),
+                "slice": str(items.slices[r]),
+                "arm": arm,
+                "strategy": name,
+                "score": float(scores[r]),
+                "rank": rank[arm],
+                "reason": explain(strategy, items, scores, r, arm, reasons),
+                "completion_ids": completion_ids,
+                "completion_choice": chooser,
+            }
+            row.update({col: float(v[r]) for col, v in items.signals.items()})
+            if items.embeddings is not None:
+                row["embedding"] = items.embeddings[r].tolist()
+            rows.append(row)
         write_selected(run.path / "selected.parquet", rows, list(items.signals), items.embeddings is not None)
         run.counts.update(
             scored=len(pool),
@@ -366,9 +511,16 @@ def run_select(cfg, rnd, *, force: bool = False, progress: bool = True) -> dict:
         if unmatched:
             run.counts["feedback_unmatched"] = unmatched
         run.extra["strategy"] = strategy.name
+        run.extra["completion_choice"] = {"method": sel.completion_choice, "per_record": m,
+                                          "random_share": sel.completion_random_share}
         notes = []
+        if needs_rewards and not have_rewards:
+            notes.append("cold start: no reward model yet (no champion, no earlier pairs), the strategy's diversity "
+                         "part picked from the whole pool")
         if "error_score" in strategy.inputs and not (items.signals["error_score"] > 0).any():
             notes.append("error-based strategy, but no failure or feedback items in the pool: picks are random")
+        k_used = min(sel.k, len(eligible), chain.remaining if isinstance(chain, Budget) else sel.k)
+        n_strategy = random_arm.arm_sizes(k_used)[0]
         if len(picks) < n_strategy:
             notes.append(f"the strategy arm found {len(picks)} of {n_strategy} items (near-duplicates or quotas "
                          "left too few)")
@@ -383,6 +535,7 @@ def write_selected(path: Path, rows: list[dict], signals: list[str], with_embedd
         pa.field("strategy", pa.string()), pa.field("score", pa.float64()), pa.field("rank", pa.int64()),
         pa.field("reason", pa.string()),
     ]
+    fields += [pa.field("completion_ids", pa.list_(pa.string())), pa.field("completion_choice", pa.string())]
     fields += [pa.field(name, pa.float64()) for name in signals]
     if with_embedding:
         fields.append(pa.field("embedding", pa.list_(pa.float32())))

@@ -20,9 +20,14 @@ Families (registry names in brackets):
   sampling from the clusters least covered by labels [under_dense];
 - error-based: items from earlier rounds' failures and user feedback [error];
 - [random].
-Hybrids: `WeightedSum` (rank-normalized weighted sum) and `TopThenDiverse` (batch mode: top-M by one strategy's
-score, then k-center down to k). Constraints compose by wrapping: `SliceQuotas`, `ExcludeIds`,
-`DropNearDuplicates`, `Budget`. `build_strategy("hybrid", weights=...)` turns a config spec into a strategy.
+Hybrids: `WeightedSum` (rank-normalized weighted sum), `TopThenDiverse` (batch mode: top-M by one strategy's
+score, then k-center down to k) and `ColdStart` (`S|C`: C until the pool has S's signals). Constraints compose by wrapping: `SliceQuotas`, `ExcludeIds`,
+`DropNearDuplicates`, `Budget`, and `RandomArm` (the control arm beside the strategy; `select_arms` returns the
+two arms apart). `build_strategy("hybrid", weights=...)` turns a config spec into a strategy.
+
+Adding a strategy: a class here with `name`, `family`, `inputs` and `score` (plus `directions()` when it reads
+signal columns — a `SignalStrategy` states it with `higher_is_informative`; plus `pick` when the top-k scores are
+not the right batch), one `STRATEGIES` entry, and tests. `select` checks k once, in the base class.
 """
 
 from __future__ import annotations
@@ -167,7 +172,8 @@ def rank_normalize(scores: np.ndarray) -> np.ndarray:
 
 # ---------------------------------------------------------------------------------------------------- base
 class Strategy:
-    """Base class. Subclasses implement `score`; the default `select` takes the top-k scores."""
+    """Base class. Subclasses implement `score` (higher = more informative) and, when the top-k scores are not
+    the right batch, `pick`. `select` validates k once for every strategy and handles k = 0 / an empty pool."""
 
     name: str = "strategy"
     family: str = ""
@@ -176,6 +182,16 @@ class Strategy:
     def score(self, items: Items) -> np.ndarray:
         raise NotImplementedError
 
+    def directions(self) -> dict[str, bool]:
+        """Signal column → True when a HIGHER value is more informative (False: lower is). The one place a
+        signal's direction is stated; explanations and reports read it from here."""
+        return {}
+
+    def usable_without(self, columns: set[str]) -> bool:
+        """True when this strategy still works if signal `columns` are absent (e.g. reward signals before any
+        reward model exists): it reads none of them, or it has a cold start of its own."""
+        return not (set(self.inputs) & set(columns))
+
     def checked_score(self, items: Items) -> np.ndarray:
         scores = np.asarray(self.score(items), dtype=np.float64)
         if scores.shape != (len(items),):
@@ -183,10 +199,27 @@ class Strategy:
         return check_finite(scores, f"{self.name} scores", items.ids)
 
     def select(self, items: Items, k: int, rng: np.random.Generator) -> np.ndarray:
+        """(min(k, N),) distinct row indices in pick order. k is checked here, once, for every strategy."""
         k = check_k(items, k)
         if k == 0:
             return np.zeros(0, dtype=np.int64)
+        return np.asarray(self.pick(items, k, rng), dtype=np.int64)
+
+    def pick(self, items: Items, k: int, rng: np.random.Generator) -> np.ndarray:
+        """The batch for a valid k (1 ≤ k ≤ len(items)); default: the top-k scores, ties broken by `rng`."""
         return top_k(self.checked_score(items), k, rng)
+
+    def select_arms(self, items: Items, k: int, rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
+        """(strategy picks, control-arm picks), k checked as in `select`. Only `RandomArm` has a control arm;
+        the other wrappers pass it through."""
+        k = check_k(items, k)
+        if k == 0:
+            return np.zeros(0, dtype=np.int64), np.zeros(0, dtype=np.int64)
+        picks, control = self.pick_arms(items, k, rng)
+        return np.asarray(picks, dtype=np.int64), np.asarray(control, dtype=np.int64)
+
+    def pick_arms(self, items: Items, k: int, rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
+        return self.pick(items, k, rng), np.zeros(0, dtype=np.int64)
 
     def __repr__(self) -> str:
         return f"{type(self).__name__}({self.name!r})"
@@ -205,6 +238,9 @@ class SignalStrategy(Strategy):
     def score(self, items: Items) -> np.ndarray:
         values = items.signal(self.column)
         return values if self.higher_is_informative else -values
+
+    def directions(self) -> dict[str, bool]:
+        return {self.column: self.higher_is_informative}
 
 
 # ---------------------------------------------------------------------------------------------- uncertainty
@@ -281,9 +317,8 @@ class Random(Strategy):
     def score(self, items: Items) -> np.ndarray:
         return np.zeros(len(items))
 
-    def select(self, items: Items, k: int, rng: np.random.Generator) -> np.ndarray:
-        k = check_k(items, k)
-        return rng.choice(len(items), size=k, replace=False).astype(np.int64)
+    def pick(self, items: Items, k: int, rng: np.random.Generator) -> np.ndarray:
+        return rng.choice(len(items), size=k, replace=False)
 
 
 # ------------------------------------------------------------------------------------------------ diversity
@@ -332,10 +367,7 @@ class KCenterGreedy(Strategy):
             return np.zeros(0)
         return np.sqrt(coverage_sq_dist(items)).astype(np.float64)
 
-    def select(self, items: Items, k: int, rng: np.random.Generator) -> np.ndarray:
-        k = check_k(items, k)
-        if k == 0:
-            return np.zeros(0, dtype=np.int64)
+    def pick(self, items: Items, k: int, rng: np.random.Generator) -> np.ndarray:
         x = items.embedding_matrix()
         x_sq = _sq_norms(x)
         min_d = coverage_sq_dist(items)
@@ -365,10 +397,7 @@ class KMeansPlusPlus(Strategy):
             return np.zeros(0)
         return np.sqrt(coverage_sq_dist(items)).astype(np.float64)
 
-    def select(self, items: Items, k: int, rng: np.random.Generator) -> np.ndarray:
-        k = check_k(items, k)
-        if k == 0:
-            return np.zeros(0, dtype=np.int64)
+    def pick(self, items: Items, k: int, rng: np.random.Generator) -> np.ndarray:
         x = items.embedding_matrix()
         x_sq = _sq_norms(x)
         min_d = coverage_sq_dist(items).astype(np.float64)
@@ -433,10 +462,7 @@ class UnderDenseClusters(Strategy):
         labels, size, covered = self._clusters(items)
         return -(covered / np.maximum(size, 1.0))[labels]
 
-    def select(self, items: Items, k: int, rng: np.random.Generator) -> np.ndarray:
-        k = check_k(items, k)
-        if k == 0:
-            return np.zeros(0, dtype=np.int64)
+    def pick(self, items: Items, k: int, rng: np.random.Generator) -> np.ndarray:
         labels, size, covered = self._clusters(items)
         members = [list(rng.permutation(np.flatnonzero(labels == c))) for c in range(len(size))]
         picks = []
@@ -470,6 +496,9 @@ class WeightedSum(Strategy):
         """Each part's rank-normalized score (percentile in (0, 1]), by part name."""
         return {s.name: rank_normalize(s.checked_score(items)) for s, _ in self.parts}
 
+    def directions(self) -> dict[str, bool]:
+        return {col: up for s, _ in self.parts for col, up in s.directions().items()}
+
     def score(self, items: Items) -> np.ndarray:
         total = np.zeros(len(items))
         for (_, w), normed in zip(self.parts, self.part_scores(items).values(), strict=True):
@@ -479,30 +508,71 @@ class WeightedSum(Strategy):
 
 class TopThenDiverse(Strategy):
     """Batch mode "uncertainty then diversity": the top M = ceil(factor·k) items by `first`, then `diverse`
-    (k-center greedy by default) picks k of them, so a batch is informative and not redundant."""
+    (k-center greedy by default) picks k of them, so a batch is informative and not redundant.
+
+    `cold_start=True`: while the pool lacks a signal `first` reads (e.g. reward signals before any reward model
+    exists), `diverse` alone picks from the whole pool and scores (an uninformed shortlist is everything)."""
 
     family = "hybrid"
 
-    def __init__(self, first: Strategy, factor: float = 4.0, diverse: Strategy | None = None):
+    def __init__(self, first: Strategy, factor: float = 4.0, diverse: Strategy | None = None, *,
+                 cold_start: bool = False):
         if not factor >= 1.0:
             raise CurateError(f"candidate factor must be ≥ 1 (top M = factor·k candidates), got {factor}")
         self.first = first
         self.factor = factor
         self.diverse = diverse or KCenterGreedy()
+        self.cold_start = cold_start
         self.name = f"{first.name}>{self.diverse.name}"
         self.inputs = tuple(dict.fromkeys((*first.inputs, *self.diverse.inputs)))
 
-    def score(self, items: Items) -> np.ndarray:
-        return self.first.score(items)
+    def cold(self, items: Items) -> bool:
+        return self.cold_start and any(c != EMBEDDING and c not in items.signals for c in self.first.inputs)
 
-    def select(self, items: Items, k: int, rng: np.random.Generator) -> np.ndarray:
-        k = check_k(items, k)
-        if k == 0:
-            return np.zeros(0, dtype=np.int64)
+    def usable_without(self, columns: set[str]) -> bool:
+        return super().usable_without(columns) or (self.cold_start and self.diverse.usable_without(columns))
+
+    def score(self, items: Items) -> np.ndarray:
+        return self.diverse.score(items) if self.cold(items) else self.first.score(items)
+
+    def directions(self) -> dict[str, bool]:
+        return {**self.diverse.directions(), **self.first.directions()}
+
+    def pick(self, items: Items, k: int, rng: np.random.Generator) -> np.ndarray:
+        if self.cold(items):
+            return self.diverse.select(items, k, rng)
         m = min(len(items), max(k, math.ceil(self.factor * k)))
         candidates = self.first.select(items, m, rng)
         picks = self.diverse.select(items.subset(candidates), k, rng)
         return candidates[picks]
+
+
+class ColdStart(Strategy):
+    """`first` while the pool has the signals it reads, else `fallback` — e.g. `reward_disagreement|kcenter`:
+    diversity until a reward model exists (the first round), then the reward ensemble's disagreement."""
+
+    family = "hybrid"
+
+    def __init__(self, first: Strategy, fallback: Strategy):
+        self.first, self.fallback = first, fallback
+        self.name = f"{first.name}|{fallback.name}"
+        self.inputs = tuple(dict.fromkeys((*first.inputs, *fallback.inputs)))
+
+    def active(self, items: Items) -> Strategy:
+        ready = all(c == EMBEDDING or c in items.signals for c in self.first.inputs)
+        return self.first if ready else self.fallback
+
+    def usable_without(self, columns: set[str]) -> bool:
+        return self.fallback.usable_without(columns)
+
+    def directions(self) -> dict[str, bool]:
+        return {**self.fallback.directions(), **self.first.directions()}
+
+    def score(self, items: Items) -> np.ndarray:
+        return self.active(items).score(items)
+
+    def pick(self, items: Items, k: int, rng: np.random.Generator) -> np.ndarray:
+        return self.active(items).select(items, k, rng)
 
 
 # ------------------------------------------------------------------------------------------------- wrappers
@@ -518,6 +588,12 @@ class Wrapper(Strategy):
     def score(self, items: Items) -> np.ndarray:
         return self.base.score(items)
 
+    def directions(self) -> dict[str, bool]:
+        return self.base.directions()
+
+    def usable_without(self, columns: set[str]) -> bool:
+        return self.base.usable_without(columns)
+
     def _select_within(self, items: Items, allowed: np.ndarray, k: int, rng, covered=None) -> np.ndarray:
         """Let the base pick k among rows `allowed` (int indices) and map the picks back to `items` rows."""
         if k <= 0 or len(allowed) == 0:
@@ -532,10 +608,19 @@ class ExcludeIds(Wrapper):
         super().__init__(base)
         self.ids = set(map(str, ids))
 
-    def select(self, items: Items, k: int, rng: np.random.Generator) -> np.ndarray:
-        k = check_k(items, k)
-        allowed = np.flatnonzero([str(i) not in self.ids for i in items.ids]).astype(np.int64)
-        return self._select_within(items, allowed, k, rng)
+    def allowed(self, items: Items) -> np.ndarray:
+        """Rows of `items` whose id is not excluded."""
+        return np.flatnonzero([str(i) not in self.ids for i in items.ids]).astype(np.int64)
+
+    def pick(self, items: Items, k: int, rng: np.random.Generator) -> np.ndarray:
+        return self._select_within(items, self.allowed(items), k, rng)
+
+    def pick_arms(self, items: Items, k: int, rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
+        allowed = self.allowed(items)
+        if len(allowed) == 0:
+            return np.zeros(0, dtype=np.int64), np.zeros(0, dtype=np.int64)
+        picks, control = self.base.select_arms(items.subset(allowed), k, rng)
+        return allowed[picks], allowed[control]
 
 
 class SliceQuotas(Wrapper):
@@ -550,8 +635,7 @@ class SliceQuotas(Wrapper):
         self.quotas = dict(quotas)
         self.fill = fill
 
-    def select(self, items: Items, k: int, rng: np.random.Generator) -> np.ndarray:
-        k = check_k(items, k)
+    def pick(self, items: Items, k: int, rng: np.random.Generator) -> np.ndarray:
         if sum(self.quotas.values()) > k:
             raise CurateError(
                 f"slice quotas add up to {sum(self.quotas.values())} ({self.quotas}) but only {k} items are picked "
@@ -583,10 +667,7 @@ class DropNearDuplicates(Wrapper):
     def _unit(x: np.ndarray) -> np.ndarray:
         return x / np.maximum(np.linalg.norm(x, axis=1, keepdims=True), 1e-12)
 
-    def select(self, items: Items, k: int, rng: np.random.Generator) -> np.ndarray:
-        k = check_k(items, k)
-        if k == 0:
-            return np.zeros(0, dtype=np.int64)
+    def pick(self, items: Items, k: int, rng: np.random.Generator) -> np.ndarray:
         x = items.embedding_matrix()
         labelled = items.labelled_matrix()
         reference = self._unit(labelled) if labelled is not None else np.zeros((0, x.shape[1]), np.float32)
@@ -620,8 +701,40 @@ class Budget(Wrapper):
     def remaining(self) -> int:
         return max(0, self.budget - self.used)
 
-    def select(self, items: Items, k: int, rng: np.random.Generator) -> np.ndarray:
-        return self.base.select(items, min(check_k(items, k), self.remaining), rng)
+    def pick(self, items: Items, k: int, rng: np.random.Generator) -> np.ndarray:
+        return self.base.select(items, min(k, self.remaining), rng)
+
+    def pick_arms(self, items: Items, k: int, rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
+        return self.base.select_arms(items, min(k, self.remaining), rng)
+
+
+class RandomArm(Wrapper):
+    """The control arm beside a strategy: of k picks, round(k · share) are drawn uniformly (`Random`) from the
+    items the strategy did not pick, the rest come from the strategy — so every batch measures the strategy
+    against random on the same pool. `select_arms` returns the two arms apart; `select` strategy picks first.
+    The two arms draw from independent child generators of `rng`."""
+
+    def __init__(self, base: Strategy, share: float):
+        super().__init__(base)
+        if not 0.0 <= share < 1.0:
+            raise CurateError(f"random share must be in [0, 1) (the control arm's share of k), got {share}")
+        self.share = float(share)
+
+    def arm_sizes(self, k: int) -> tuple[int, int]:
+        """(strategy picks, random picks) for k items: the random arm is round(k · share), halves rounded up."""
+        n_random = int(math.floor(k * self.share + 0.5))
+        return k - n_random, n_random
+
+    def pick(self, items: Items, k: int, rng: np.random.Generator) -> np.ndarray:
+        return np.concatenate(self.pick_arms(items, k, rng))
+
+    def pick_arms(self, items: Items, k: int, rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
+        n_strategy, n_random = self.arm_sizes(k)
+        strategy_rng, random_rng = rng.spawn(2)
+        picks = self.base.select(items, n_strategy, strategy_rng)
+        rest = np.setdiff1d(np.arange(len(items)), picks)
+        control = rest[Random().select(items.subset(rest), n_random, random_rng)] if len(rest) else rest
+        return picks, control.astype(np.int64)
 
 
 # ------------------------------------------------------------------------------------------------- registry
@@ -641,7 +754,7 @@ STRATEGIES: dict[str, Callable[[], Strategy]] = {
     "under_dense": UnderDenseClusters,
     "error": ErrorBased,
 }
-COMPOSITES = ("weighted", "hybrid", "<first>><diverse>")
+COMPOSITES = ("weighted", "hybrid", "<first>><diverse>", "<strategy>|<cold start>")
 
 
 def make(name: str) -> Strategy:
@@ -667,15 +780,21 @@ def build_strategy(spec: str, *, weights: dict[str, float] | None = None, candid
     - a registered name: `entropy`, `kcenter`, `random`, ... (see STRATEGIES);
     - `weighted`: normalized weighted sum of the strategies named in `weights`;
     - `hybrid`: `weighted` then k-center (top candidate_factor·k by the weighted score, k-center down to k);
-    - `A>B`: top candidate_factor·k by A, then B picks k of them (e.g. `entropy>kcenter`, `weighted>kmeans++`).
+      while the weighted signals are missing (no reward model yet), k-center alone (the cold start);
+    - `A>B`: top candidate_factor·k by A, then B picks k of them (e.g. `entropy>kcenter`, `weighted>kmeans++`);
+    - `S|C`: strategy S while the pool has its signals, else C (`reward_disagreement|kcenter`: a cold start).
     """
     spec = spec.strip()
+    if "|" in spec:
+        first, _, fallback = spec.partition("|")
+        return ColdStart(build_strategy(first, weights=weights, candidate_factor=candidate_factor),
+                         build_strategy(fallback, weights=weights, candidate_factor=candidate_factor))
 
     def one(name: str) -> Strategy:
         return weighted(weights or {}) if name.strip() == "weighted" else make(name)
 
     if spec == "hybrid":
-        return TopThenDiverse(weighted(weights or {}), candidate_factor, KCenterGreedy())
+        return TopThenDiverse(weighted(weights or {}), candidate_factor, KCenterGreedy(), cold_start=True)
     if ">" in spec:
         first, _, second = spec.partition(">")
         return TopThenDiverse(one(first), candidate_factor, one(second))
@@ -687,4 +806,5 @@ def all_strategies() -> list[Strategy]:
     out = [factory() for factory in STRATEGIES.values()]
     out.append(build_strategy("weighted", weights={"entropy": 1.0, "committee": 0.5}))
     out.append(build_strategy("hybrid", weights={"entropy": 1.0, "low_logprob": 1.0}))
+    out.append(build_strategy("reward_disagreement|kcenter"))
     return out

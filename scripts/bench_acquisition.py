@@ -1,56 +1,63 @@
-"""Acquisition benchmark: does a strategy reach random's accuracy with fewer labels? (HH-harmless pairs)
+"""Acquisition benchmark: do curated labels beat random ones? One protocol on three kinds of real data.
 
-For each seed the 1,311 usable pairs of data/hh-harmless-dev.jsonl.gz are split into a held-out test set
-(--test pairs) and an unlabelled pool. Every strategy starts from the same --init random labelled pairs, then
-runs --rounds rounds of --budget labels: fit the reward model on the labelled pairs, score the pool, let the
-strategy pick --budget items, have the simulated annotator (preference/simulated.py, answering from the HH
-labels, --noise 0 by default) label them. After every fit, the held-out pairwise accuracy of the reward model
-(mean reward of chosen > rejected) is recorded. The table shows, per strategy, the labels used, the final
-accuracy (mean ± 95% t-interval over seeds), the area under the accuracy curve, and the labels the strategy
-needed to reach random's final mean accuracy (first crossing of the seed-averaged curve, linear interpolation
-between rounds; "—" = not reached; "saved" = random's own labels-to-target, measured the same way, minus the
-strategy's). AUC = mean accuracy over the whole curve; ΔAUC is paired by seed (same split, same initial labels).
+    python scripts/bench_acquisition.py                                  # all three datasets, TF-IDF features
+    python scripts/bench_acquisition.py --dataset qa-feedback --features smollm2
+    python scripts/bench_acquisition.py --data my.jsonl.gz --format qa-feedback   # your data, same shape
 
-Each strategy picks its whole budget here (no random arm inside a strategy run: `random` is the baseline).
+Protocol (the same for every strategy; paired by seed): per seed the items (prompts) are split into a held-out
+test set and an unlabelled pool; every strategy starts from the same `--init` random labels, then runs `--rounds`
+rounds of `--budget` labels: fit the current model on the labels so far, score the pool (reward margin and
+ensemble disagreement, plus SmolLM2 logprob/entropy signals with `--features smollm2`), let the strategy pick
+`--budget` prompts, and have the simulated reviewer answer exactly what is asked, with the dataset's own human
+label. After every fit the held-out quality is recorded. Datasets (`--dataset`; the data, formats and learners
+are in `scripts/bench_tasks.py`):
 
-Features (computed once, cached as .npy under `training.models.cache_dir()/features`):
-- `--features smollm2` (default): SmolLM2-135M-Instruct (bf16, transformers) on prompt + answer in ChatML,
-  last hidden state mean-pooled over the answer tokens (576-d), plus the answer's mean token logprob and mean
-  entropy (the signals of the low_logprob / entropy strategies). ~10 min on 2 CPU cores the first time.
-- `--features tfidf`: cheap fallback, TF-IDF (1–2-grams) of prompt + answer reduced to 256-d by TruncatedSVD;
-  no logprob/entropy signals (strategies needing them are skipped). Seconds.
+- `hh-harmless` (`--format hh`): fixed pairs; the quality is the Bradley–Terry ensemble's held-out pairwise
+  accuracy. 300 test prompts, 25 init + 8 × 25 labels.
+- `qa-feedback` (`--format qa-feedback`): 4 answers per question and 6 human pairwise judgements with ties. The
+  strategy picks questions, then its completion chooser (`strategy/chooser`, `curation/pairing.py`: info_gain,
+  thompson, diverse, random) picks which of the question's not-yet-asked comparisons to ask; the reviewer gives
+  the human judgement of exactly that comparison. A tie ("no preference") is a spent label that teaches nothing;
+  the table reports each strategy's tie rate. Quality: pairwise accuracy on the test questions' non-tie
+  judgements. 75 test questions, 25 init + 8 × 25 labels.
+- `skewed-moderation` (`--format moderation`): a skewed pool — per seed half of each slice goes to the test
+  set; the pool keeps every benign prompt and, of each harm slice (a prompt's rarest flag), at most
+  `--rare-share` × (benign prompts in the pool): rare categories mixed into a majority of benign prompts. The
+  reviewer gives the harm label; the model is a harm classifier; the quality is the rare-slice balanced accuracy
+  ½ (benign accuracy + mean recall over the harm slices). 20 init + 8 × 15 labels; `--rare-share 0.05` (≤ 14
+  prompts of each of the 8 harm slices beside ~278 benign ones in the pool).
 
-Item signals per pool pair (the two answers play the two "completions" of a prompt):
-reward_margin / reward_disagreement from `curation.ensemble.prompt_reward_signals` under the current reward
-model, mean_logprob / mean_entropy averaged over the two answers, embedding = mean of the two answer features.
+Strategies: `curation.strategies` specs (`random`, `reward_margin`, `kcenter`, `hybrid` = weighted reward
+margin + disagreement, top 4k, then k-center …), optionally `spec@share` (a `RandomArm` keeping that share of each
+batch random, as rounds do) and `spec/chooser` (qa-feedback; default `random`). `random` (random prompts, random
+comparisons) is the baseline every row is compared with. A strategy needing a signal the features do not give is
+refused before anything runs.
 
-Reward model: `--reward-model curation.ensemble:BTEnsemble` (default: the fast bootstrap Bradley–Terry ensemble
-on embedding differences). Any class with the `curation.ensemble.RewardModel` protocol can be named instead
-(`module:Class`, built with no arguments): `fit(pairs: Pairs) -> self` and `reward(features) -> (K, N) array`.
+Table (per dataset): labels spent, final quality (mean ± 95 % t-interval over seeds), AUC (mean quality over the
+curve), ΔAUC vs random paired by seed (± 95 % t-interval), labels the seed-averaged curve needs to reach random's
+final quality (linear interpolation; "—" = not reached), the label savings vs random's own labels-to-target with a
+95 % bootstrap CI over seeds (seeds resampled, paired; a resample that never reaches the target counts as −∞), the
+tie rate (qa-feedback), and wall seconds per run. Goals: the best strategy saves ≥ 30 % with the CI above 0 on at
+least two datasets; the configs' default (`hybrid@0.15`, `/info_gain` on multi-completion data) is never
+significantly worse than random (ΔAUC CI below 0).
 
-The same benchmark with the TRL reward model (training/reward.py: TRL RewardTrainer + LoRA on SmolLM2):
+The tables in the README were made with (2 CPU cores, shared machine, `nice -n 10`; one process per dataset,
+then `--report` prints the three tables and the goals):
 
-    python scripts/bench_acquisition.py --reward-model trl --seeds 2 --rounds 4 --budget 25 \
-        --strategies random,reward_margin,kcenter [--trl-base smollm2-135m-instruct] [--trl-ensemble 3]
-
-`trl` is `TRLReward` below: every fit trains a fresh LoRA reward model (K = --trl-ensemble bootstrap heads) on
-the labelled pairs as conversations, and `reward` returns each head's reward of prompt + answer conversations
-(the pool's features become object arrays of conversations; diversity strategies keep the cached embeddings).
-Expect minutes per fit on CPU (measured ~0.75 pairs/s training, ~2 pairs/s scoring with SmolLM2), i.e. hours
-for the default grid; with one head (K = 1) reward_disagreement is 0 and not informative.
-`--trl-base tiny-llama` runs the same path in seconds (a smoke test, not a benchmark).
-
-    python scripts/bench_acquisition.py                       # defaults: 10 seeds, 25 init + 8 × 25 labels
-    python scripts/bench_acquisition.py --features tfidf --seeds 3
+    for d in hh-harmless qa-feedback skewed-moderation; do
+      nice -n 10 python scripts/bench_acquisition.py --dataset $d --features tfidf --seeds 10 \
+        --json runs/bench/tfidf-$d.json --quiet &
+    done; wait
+    python scripts/bench_acquisition.py --report runs/bench/tfidf-*.json
 """
 
 from __future__ import annotations
 
 import argparse
-import hashlib
-import importlib
+import json
 import sys
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -62,249 +69,200 @@ from preference.plumbing.env import apply_env_defaults  # noqa: E402
 
 apply_env_defaults()  # before torch is imported
 
-from curation.ensemble import BTEnsemble, EnsembleConfig, Pairs, prompt_reward_signals  # noqa: E402
-from curation.strategies import Items, build_strategy  # noqa: E402
+from curation.pairing import CHOOSERS, make_chooser  # noqa: E402
+from curation.strategies import EMBEDDING, Items, RandomArm, Strategy, build_strategy  # noqa: E402
 from preference.plumbing.errors import CurateError  # noqa: E402
-from preference.plumbing.io import read_jsonl  # noqa: E402
-from preference.schema import AnnotationRecord, Completion, Prompt, parse_hh_pair, prompt_text  # noqa: E402
-from preference.simulated import REFERENCE_CHOSEN, REFERENCE_REJECTED, SimulatedAnnotator, SimulatedConfig  # noqa: E402
+from scripts.bench_tasks import LOADERS, HarmClassifier, PreferenceLearner, Task, smollm2_features, tfidf_features  # noqa: E402,I001
 
-DATA = ROOT / "data" / "hh-harmless-dev.jsonl.gz"
-DEFAULT_STRATEGIES = (
-    "random,reward_margin,reward_disagreement,low_logprob,entropy,kcenter,kmeans++,under_dense,hybrid"
-)
+DATA = ROOT / "data"
 HYBRID_WEIGHTS = {"reward_margin": 1.0, "reward_disagreement": 1.0}
-NEEDS_LM = {"low_logprob", "entropy"}
+LM_SIGNALS = {"mean_logprob", "mean_entropy"}
+PRESETS = {
+    "hh-harmless": dict(data=DATA / "hh-harmless-dev.jsonl.gz", format="hh", test=300, init=25, rounds=8, budget=25),
+    "qa-feedback": dict(data=DATA / "qa-feedback-dev.jsonl.gz", format="qa-feedback", test=75, init=25, rounds=8,
+                        budget=25),
+    "skewed-moderation": dict(data=DATA / "moderation-dev.jsonl.gz", format="moderation", test=0.5, init=20,
+                              rounds=8, budget=15),
+}
+DEFAULT_STRATEGIES = {
+    "hh": "random,reward_margin,reward_disagreement,kcenter,under_dense,hybrid,hybrid@0.15",
+    "qa-feedback": "random,random/info_gain,reward_margin/info_gain,reward_disagreement/info_gain,"
+                   "reward_disagreement/thompson,kcenter/diverse,hybrid/info_gain,hybrid@0.15/info_gain",
+    "moderation": "random,reward_margin,reward_disagreement,kcenter,under_dense,hybrid,hybrid@0.15",
+}
+LM_STRATEGIES = "low_logprob,entropy"
 
 
-def load_hh(path: Path) -> list[dict]:
-    """HH rows → [{"prompt": messages, "chosen": str, "rejected": str}] (rows whose prompts differ are skipped)."""
-    out = []
-    for row in read_jsonl(path):
-        try:
-            messages, chosen, rejected = parse_hh_pair(row)
-        except ValueError:  # malformed, or not a comparison of two answers to one prompt: not a usable pair
-            continue
-        out.append({"prompt": messages, "chosen": chosen, "rejected": rejected})
-    return out
+# ----------------------------------------------------------------------------------------------- strategies
+@dataclass
+class Spec:
+    text: str
+    strategy: Strategy
+    chooser: str
+
+    @classmethod
+    def parse(cls, text: str, candidate_factor: float) -> Spec:
+        head, _, chooser = text.partition("/")
+        base, _, share = head.partition("@")
+        chooser = chooser or "random"
+        if chooser not in CHOOSERS:
+            raise CurateError(f"--strategies {text!r}: unknown completion chooser {chooser!r}; expected one of "
+                              f"{', '.join(CHOOSERS)}")
+        strategy = build_strategy(base, weights=HYBRID_WEIGHTS, candidate_factor=candidate_factor)
+        if share:
+            try:
+                strategy = RandomArm(strategy, float(share))
+            except ValueError as exc:
+                raise CurateError(f"--strategies {text!r}: '@{share}' must be a random share in [0, 1)") from exc
+        return cls(text, strategy, chooser)
 
 
-def smollm2_features(
-    pairs: list[dict], *, max_tokens: int = 256, batch_size: int = 8, progress: bool = True
-) -> dict[str, np.ndarray]:
-    """Mean-pooled last hidden states of SmolLM2 over the answer tokens of prompt+answer, plus the answer's mean
-    token logprob and mean entropy under SmolLM2. Returns arrays for 'chosen' and 'rejected' (cached as .npy)."""
-    import torch
-    from tqdm import tqdm
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    from training.models import SMOLLM2, cache_dir, resolve_model
-
-    key = hashlib.sha256(repr([(p["prompt"], p["chosen"], p["rejected"]) for p in pairs]).encode()).hexdigest()[:12]
-    folder = cache_dir() / "features" / f"smollm2-hh-{key}-t{max_tokens}"
-    names = ("chosen_emb", "rejected_emb", "chosen_logprob", "rejected_logprob", "chosen_entropy",
-             "rejected_entropy")
-    if all((folder / f"{n}.npy").is_file() for n in names):
-        return {n: np.load(folder / f"{n}.npy", allow_pickle=False) for n in names}
-    path = resolve_model(SMOLLM2, fetch=False)
-    tok = AutoTokenizer.from_pretrained(path)
-    model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.bfloat16).eval()
-    items = []  # (pair index, side, token ids, answer start)
-    for i, p in enumerate(pairs):
-        head = tok.apply_chat_template(p["prompt"], tokenize=False, add_generation_prompt=True)
-        head_ids = tok(head, add_special_tokens=False)["input_ids"]
-        for side in ("chosen", "rejected"):
-            ans_ids = tok(p[side] + "<|im_end|>", add_special_tokens=False)["input_ids"][: max_tokens // 2]
-            keep = max_tokens - len(ans_ids)
-            ids = head_ids[-keep:] + ans_ids
-            items.append((i, side, ids, len(ids) - len(ans_ids)))
-    order = sorted(range(len(items)), key=lambda j: len(items[j][2]))
-    dim = model.config.hidden_size
-    out = {n: np.zeros((len(pairs), dim) if n.endswith("emb") else len(pairs), np.float32) for n in names}
-    with torch.inference_mode():
-        for b in tqdm(range(0, len(order), batch_size), disable=not progress, desc="SmolLM2 features"):
-            batch = [items[j] for j in order[b : b + batch_size]]
-            width = max(len(x[2]) for x in batch)
-            ids = torch.full((len(batch), width), tok.pad_token_id)
-            mask = torch.zeros((len(batch), width), dtype=torch.long)
-            for r, (_, _, seq, _) in enumerate(batch):
-                ids[r, : len(seq)] = torch.tensor(seq)
-                mask[r, : len(seq)] = 1
-            res = model(input_ids=ids, attention_mask=mask, output_hidden_states=True)
-            hidden = res.hidden_states[-1].float()
-            logp = torch.log_softmax(res.logits.float(), dim=-1)
-            for r, (i, side, seq, start) in enumerate(batch):
-                n = len(seq)
-                out[f"{side}_emb"][i] = hidden[r, start:n].mean(0).numpy()
-                targets = torch.tensor(seq[start:n])
-                lp = logp[r, start - 1 : n - 1]
-                out[f"{side}_logprob"][i] = lp.gather(1, targets[:, None]).mean().item()
-                out[f"{side}_entropy"][i] = -(lp.exp() * lp).sum(-1).mean().item()
-    folder.mkdir(parents=True, exist_ok=True)
-    for n in names:
-        np.save(folder / f"{n}.npy", out[n], allow_pickle=False)
-    return out
+# --------------------------------------------------------------------------------------------------- splits
+@dataclass
+class Split:
+    test: np.ndarray  # items
+    pool: np.ndarray  # items
+    init: list  # label units: (item, a, b, outcome) comparisons or items
 
 
-def tfidf_features(pairs: list[dict], dim: int = 256) -> dict[str, np.ndarray]:
-    """Cheap fallback: TF-IDF of prompt + answer, reduced by TruncatedSVD (fit on all texts, no labels)."""
-    from sklearn.decomposition import TruncatedSVD
-    from sklearn.feature_extraction.text import TfidfVectorizer
-
-    texts = [f"{prompt_text(p['prompt'])}\n\nAssistant: {p[side]}" for side in ("chosen", "rejected") for p in pairs]
-    x = TfidfVectorizer(ngram_range=(1, 2), min_df=2, sublinear_tf=True).fit_transform(texts)
-    z = TruncatedSVD(n_components=dim, random_state=0).fit_transform(x).astype(np.float32)
-    return {"chosen_emb": z[: len(pairs)], "rejected_emb": z[len(pairs) :]}
-
-
-def conversations(pairs: list[dict], side: str) -> np.ndarray:
-    """(N,) object array of prompt + answer conversations (lists of messages), as TRL reward models take them."""
-    out = np.empty(len(pairs), dtype=object)
-    for i, p in enumerate(pairs):
-        out[i] = [*p["prompt"], {"role": "assistant", "content": p[side]}]
-    return out
-
-
-class TRLReward:
-    """`RewardModel` protocol around training/reward.py: `fit` trains a LoRA reward model with TRL's
-    RewardTrainer on the pairs (conversations), `reward` returns the heads' rewards as a (K, N) array."""
-
-    def __init__(self, base_model: str = "smollm2-135m-instruct", ensemble: int = 1, seed: int = 0):
-        from training.reward import RewardTrainConfig
-
-        self.config = RewardTrainConfig(base_model=base_model, ensemble=ensemble, threads=2)
-        self.seed = seed
-        self.model = None
-        self._tmp = None
-
-    def fit(self, pairs: Pairs) -> TRLReward:
-        import tempfile
-
-        from preference.schema import PreferencePair
-        from training.models import cache_dir
-        from training.reward import RewardModel, train_reward_model
-
-        rows = [
-            PreferencePair(id=f"bench-{i}", prompt_id=f"bench-{i}", prompt=list(c[:-1]), chosen=[c[-1]],
-                           rejected=[r[-1]])
-            for i, (c, r) in enumerate(zip(pairs.chosen, pairs.rejected, strict=True))
-        ]
-        (cache_dir() / "bench-trl").mkdir(parents=True, exist_ok=True)
-        # Scratch folder, removed when this object is garbage-collected (TemporaryDirectory's finalizer).
-        self._tmp = tempfile.TemporaryDirectory(dir=cache_dir() / "bench-trl")
-        work = Path(self._tmp.name)
-        train_reward_model(rows, self.config, work, seed=self.seed, progress=False)
-        self.model = RewardModel.load(work / "model")
-        return self
-
-    def reward(self, features: np.ndarray) -> np.ndarray:
-        return self.model.member_rewards(list(features))
+def make_split(task: Task, args, seed: int) -> Split:
+    rng = np.random.default_rng(seed)
+    if task.kind == "classification":
+        test, pool = [], []
+        by_slice = {s: rng.permutation(np.flatnonzero(task.slices == s)) for s in sorted(set(task.slices.tolist()))}
+        for rows in by_slice.values():
+            half = int(len(rows) * args.test)
+            test += rows[:half].tolist()
+            pool.append(rows[half:])
+        benign = [p for s, p in zip(by_slice, pool, strict=True) if s == "benign"]
+        n_benign = len(benign[0]) if benign else 0
+        cap = max(1, int(round(args.rare_share * n_benign))) if n_benign else None
+        kept = [p if s == "benign" or cap is None else p[:cap] for s, p in zip(by_slice, pool, strict=True)]
+        pool_items = rng.permutation(np.concatenate(kept)) if kept else np.zeros(0, dtype=np.int64)
+        check_sizes(task, args, len(test), len(pool_items), "prompts")
+        init = rng.choice(pool_items, size=args.init, replace=False).tolist()
+        return Split(np.asarray(test, dtype=np.int64), pool_items, init)
+    order = rng.permutation(len(task))
+    n_test = int(args.test)
+    test, pool = order[:n_test], order[n_test:]
+    units = [c for i in pool for c in task.comparisons[i]]
+    check_sizes(task, args, sum(1 for i in test for c in task.comparisons[i] if c[2] != 0), len(units), "comparisons")
+    init = [units[j] for j in rng.choice(len(units), size=args.init, replace=False)]
+    return Split(test, pool, init)
 
 
-def load_object(spec: str):
-    module, _, name = spec.partition(":")
-    try:
-        return getattr(importlib.import_module(module), name)
-    except (ImportError, AttributeError) as exc:
-        raise CurateError(f"--reward-model {spec!r}: cannot import ({exc}); expected module:Class") from exc
-
-
-def simulated_labels(annotator: SimulatedAnnotator, pairs: list[dict], idx: np.ndarray, rng) -> np.ndarray:
-    """Ask the simulated annotator about pool items `idx`; returns True where it prefers the HH 'chosen'."""
-    records = []
-    for i in idx:
-        p = pairs[i]
-        prompt = Prompt(id=f"hh{i}", messages=p["prompt"])
-        comps = [
-            Completion(id=f"hh{i}-c", prompt_id=prompt.id, model=REFERENCE_CHOSEN, text=p["chosen"]),
-            Completion(id=f"hh{i}-r", prompt_id=prompt.id, model=REFERENCE_REJECTED, text=p["rejected"]),
-        ]
-        if rng.random() < 0.5:
-            comps.reverse()
-        records.append(AnnotationRecord(prompt=prompt, completions=comps))
-    responses = annotator.annotate(records)
-    return np.array([r.ranks[f"{r.record_id}-c"] == 1 for r in responses], dtype=bool)
-
-
-class Bench:
-    """One seed's data split and the acquisition loop."""
-
-    def __init__(self, pairs, feats, args, seed: int):
-        self.args = args
-        self.seed = seed
-        self.pairs = pairs
-        rng = np.random.default_rng(seed)
-        order = rng.permutation(len(pairs))
-        self.test, self.pool = order[: args.test], order[args.test :]
-        self.init = rng.choice(len(self.pool), size=args.init, replace=False)
-        self.feats = feats
-        self.texts = None
-        if args.reward_model == "trl":
-            self.texts = {side: conversations(pairs, side) for side in ("chosen", "rejected")}
-        self.annotator = SimulatedAnnotator(
-            SimulatedConfig(source=DATA, annotators=1, noise=args.noise, seed=seed)
+def check_sizes(task: Task, args, n_test: int, n_pool: int, unit: str) -> None:
+    need = args.init + args.rounds * args.budget
+    if n_pool < need:
+        raise CurateError(
+            f"--data {args.data}: the pool holds {n_pool} {unit} but --init {args.init} + --rounds {args.rounds} × "
+            f"--budget {args.budget} = {need} labels are asked for; lower them or give a larger file"
         )
-
-    def reward_inputs(self, side: str, rows: np.ndarray) -> np.ndarray:
-        source = self.texts if self.texts is not None else {s: self.feats[f"{s}_emb"] for s in ("chosen", "rejected")}
-        return source[side][rows]
-
-    def new_model(self):
-        if self.args.reward_model == "trl":
-            return TRLReward(self.args.trl_base, self.args.trl_ensemble, seed=self.seed)
-        factory = load_object(self.args.reward_model)
-        if factory is BTEnsemble:
-            return BTEnsemble(EnsembleConfig(members=self.args.members, c=self.args.c, seed=self.seed))
-        return factory()
-
-    def fit(self, rows: np.ndarray, prefers_chosen: np.ndarray):
-        c, r = self.reward_inputs("chosen", rows), self.reward_inputs("rejected", rows)
-        flip = ~prefers_chosen  # a (noisy) annotator may prefer the HH-rejected answer
-        chosen = np.where(flip[:, None], r, c) if c.ndim == 2 else np.where(flip, r, c)
-        rejected = np.where(flip[:, None], c, r) if c.ndim == 2 else np.where(flip, c, r)
-        return self.new_model().fit(Pairs(chosen, rejected))
-
-    def accuracy(self, model) -> float:
-        chosen = model.reward(self.reward_inputs("chosen", self.test))
-        rejected = model.reward(self.reward_inputs("rejected", self.test))
-        margin = (chosen - rejected).mean(axis=0)
-        return float(np.mean((margin > 0) + 0.5 * (margin == 0)))
-
-    def items(self, model, rows: np.ndarray) -> Items:
-        n = len(rows)
-        feats = np.concatenate([self.reward_inputs("chosen", rows), self.reward_inputs("rejected", rows)])
-        signals = prompt_reward_signals(model.reward(feats), np.r_[np.arange(n), np.arange(n)], n)
-        emb = (self.feats["chosen_emb"][rows] + self.feats["rejected_emb"][rows]) / 2.0
-        if "chosen_logprob" in self.feats:
-            signals["mean_logprob"] = (self.feats["chosen_logprob"][rows] + self.feats["rejected_logprob"][rows]) / 2
-            signals["mean_entropy"] = (self.feats["chosen_entropy"][rows] + self.feats["rejected_entropy"][rows]) / 2
-        return Items(ids=rows, signals=signals, embeddings=emb)
-
-    def run(self, spec: str) -> list[tuple[int, float]]:
-        args = self.args
-        strategy = build_strategy(spec, weights=HYBRID_WEIGHTS, candidate_factor=args.candidate_factor)
-        rng = np.random.default_rng([self.seed, 1])
-        label_rng = np.random.default_rng([self.seed, 2])
-        labelled = list(self.pool[self.init])
-        labels = list(simulated_labels(self.annotator, self.pairs, np.array(labelled), label_rng))
-        curve = []
-        for r in range(args.rounds + 1):
-            model = self.fit(np.array(labelled), np.array(labels))
-            curve.append((len(labelled), self.accuracy(model)))
-            if r == args.rounds:
-                break
-            unlabelled = np.setdiff1d(self.pool, labelled)
-            items = self.items(model, unlabelled)
-            lab = np.array(labelled)
-            items.labelled = (self.feats["chosen_emb"][lab] + self.feats["rejected_emb"][lab]) / 2.0
-            picks = unlabelled[strategy.select(items, args.budget, rng)]
-            labelled += picks.tolist()
-            labels += simulated_labels(self.annotator, self.pairs, picks, label_rng).tolist()
-        return curve
+    if n_test < 10:
+        raise CurateError(f"--data {args.data}: only {n_test} test {unit} (--test {args.test}); need at least 10 "
+                          "to measure anything: raise --test or give a larger file")
 
 
+# ------------------------------------------------------------------------------------------------------ run
+def item_signals(task: Task, feats: dict, learner, cand: np.ndarray, open_comps: dict) -> tuple[dict, dict]:
+    """Per candidate item: reward_margin, reward_disagreement (+ LM signals), and the member rewards of its
+    answers (preference) for the completion chooser."""
+    signals: dict[str, np.ndarray] = {}
+    answer_rewards: dict[int, np.ndarray] = {}
+    if task.kind == "classification":
+        logits = learner.logits(cand)
+        signals["reward_margin"] = np.abs(logits.mean(axis=0))
+        signals["reward_disagreement"] = logits.std(axis=0)
+        rows = cand
+    else:
+        answers = np.array([a for i in cand for a in task.answers[i]])
+        rewards = learner.rewards(answers)
+        col = {int(a): j for j, a in enumerate(answers)}
+        margin, disagreement = np.zeros(len(cand)), np.zeros(len(cand))
+        for r, i in enumerate(cand):
+            answer_rewards[int(i)] = rewards[:, [col[a] for a in task.answers[i]]]
+            gaps = np.stack([rewards[:, col[a]] - rewards[:, col[b]] for a, b, _ in open_comps[int(i)]], axis=1)
+            margin[r] = np.abs(gaps.mean(axis=0)).min()
+            disagreement[r] = gaps.std(axis=0).max()
+        signals["reward_margin"], signals["reward_disagreement"] = margin, disagreement
+        rows = None
+    if "logprob" in feats:
+        if rows is not None:
+            signals["mean_logprob"], signals["mean_entropy"] = feats["logprob"][rows], feats["entropy"][rows]
+        else:
+            signals["mean_logprob"] = np.array([feats["logprob"][task.answers[i]].mean() for i in cand])
+            signals["mean_entropy"] = np.array([feats["entropy"][task.answers[i]].mean() for i in cand])
+    return signals, answer_rewards
+
+
+def item_embeddings(task: Task, feats: dict, items) -> np.ndarray:
+    items = np.asarray(items, dtype=np.int64)
+    if task.kind == "classification":
+        return feats["emb"][items]
+    return np.stack([feats["emb"][task.answers[i]].mean(axis=0) for i in items]) if len(items) else \
+        np.zeros((0, feats["emb"].shape[1]), np.float32)
+
+
+def run(task: Task, feats: dict, spec: Spec, split: Split, args, seed: int) -> dict:
+    t0 = time.perf_counter()
+    rng = np.random.default_rng([seed, 1])
+    if task.kind == "classification":
+        learner = HarmClassifier(task, feats, args.members, args.c, seed)
+        labelled_items = list(split.init)
+        spent, ties = len(labelled_items), 0
+    else:
+        learner = PreferenceLearner(task, feats, args.members, args.c, seed)
+        asked = {(a, b) for a, b, _ in split.init}
+        labels = list(split.init)
+        spent, ties = len(labels), sum(o == 0 for _, _, o in labels)
+    test_comps = [c for i in split.test for c in task.comparisons[i]] if task.kind != "classification" else None
+    chooser = make_chooser(spec.chooser, args.near_duplicate)
+    curve = []
+    for r in range(args.rounds + 1):
+        if task.kind == "classification":
+            learner.fit(labelled_items)
+            curve.append((spent, learner.quality(split.test)))
+        else:
+            learner.fit(labels)
+            curve.append((spent, learner.quality(test_comps)))
+        if r == args.rounds:
+            break
+        if task.kind == "classification":
+            done = set(labelled_items)
+            cand = np.array([i for i in split.pool if i not in done], dtype=np.int64)
+            open_comps: dict = {}
+            labelled_rows = labelled_items
+        else:
+            open_comps = {int(i): [c for c in task.comparisons[i] if (c[0], c[1]) not in asked] for i in split.pool}
+            cand = np.array([i for i in split.pool if open_comps[int(i)]], dtype=np.int64)
+            labelled_rows = sorted({task.answer_prompt[a] for a, _ in asked})
+        signals, answer_rewards = item_signals(task, feats, learner, cand, open_comps)
+        items = Items(ids=cand, signals=signals, embeddings=item_embeddings(task, feats, cand),
+                      slices=task.slices[cand], labelled=item_embeddings(task, feats, labelled_rows))
+        picks = cand[spec.strategy.select(items, args.budget, rng)]
+        for i in picks:
+            spent += 1
+            if task.kind == "classification":
+                labelled_items.append(int(i))
+                continue
+            comps = open_comps[int(i)]
+            local = {a: j for j, a in enumerate(task.answers[i])}
+            allowed = np.zeros((len(local), len(local)), dtype=bool)
+            for a, b, _ in comps:
+                allowed[local[a], local[b]] = allowed[local[b], local[a]] = True
+            emb = feats["emb"][task.answers[i]]
+            x, y = chooser.choose(answer_rewards[int(i)], emb, 2, rng, allowed=allowed)
+            ga, gb = task.answers[i][x], task.answers[i][y]
+            outcome = next(c for c in comps if {c[0], c[1]} == {ga, gb})
+            asked.add((outcome[0], outcome[1]))
+            labels.append(outcome)
+            ties += outcome[2] == 0
+    return {"curve": curve, "ties": ties, "spent": spent, "seconds": time.perf_counter() - t0}
+
+
+# --------------------------------------------------------------------------------------------------- tables
 def labels_to_reach(labels: np.ndarray, acc: np.ndarray, target: float) -> float | None:
-    """First label count (linear interpolation) where the mean curve reaches `target`."""
+    """First label count (linear interpolation) where the curve reaches `target`; None when it never does."""
     for j in range(len(acc)):
         if acc[j] >= target:
             if j == 0:
@@ -314,78 +272,215 @@ def labels_to_reach(labels: np.ndarray, acc: np.ndarray, target: float) -> float
     return None
 
 
-def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--features", choices=("smollm2", "tfidf"), default="smollm2")
-    ap.add_argument("--strategies", default=DEFAULT_STRATEGIES, help="comma-separated strategy specs")
-    ap.add_argument("--seeds", type=int, default=10)
-    ap.add_argument("--rounds", type=int, default=8)
-    ap.add_argument("--budget", type=int, default=25, help="labels per round")
-    ap.add_argument("--init", type=int, default=25, help="random labelled pairs every strategy starts from")
-    ap.add_argument("--test", type=int, default=300, help="held-out pairs")
-    ap.add_argument("--noise", type=float, default=0.0, help="simulated annotator flip rate")
-    ap.add_argument("--members", type=int, default=5, help="BT ensemble members")
-    ap.add_argument("--c", type=float, default=0.02, help="BT logistic regression C (inverse L2 strength)")
-    ap.add_argument("--candidate-factor", type=float, default=4.0, help="hybrid: top factor·k, then k-center")
-    ap.add_argument("--reward-model", default="curation.ensemble:BTEnsemble",
-                    help="module:Class with the RewardModel protocol, or 'trl' (TRL RewardTrainer + LoRA)")
-    ap.add_argument("--trl-base", default="smollm2-135m-instruct", help="--reward-model trl: base model")
-    ap.add_argument("--trl-ensemble", type=int, default=1, help="--reward-model trl: LoRA heads (K)")
-    ap.add_argument("--quiet", action="store_true")
-    args = ap.parse_args()
+def savings(labels, acc_random, acc, rng, resamples: int = 2000) -> tuple[float, float, float]:
+    """(share of random's labels-to-target saved, CI low, CI high); the target is random's final quality."""
 
-    pairs = load_hh(DATA)
-    t0 = time.perf_counter()
-    feats = smollm2_features(pairs, progress=not args.quiet) if args.features == "smollm2" else tfidf_features(pairs)
-    print(f"{len(pairs)} HH pairs, features={args.features} ({feats['chosen_emb'].shape[1]}-d, "
-          f"{time.perf_counter() - t0:.1f} s); test={args.test}, init={args.init}, {args.rounds} rounds × "
-          f"{args.budget}, {args.seeds} seeds, reward model {args.reward_model} (C={args.c}, K={args.members})")
-    specs = [s.strip() for s in args.strategies.split(",") if s.strip()]
-    if "chosen_logprob" not in feats:
-        skipped = [s for s in specs if s in NEEDS_LM]
-        specs = [s for s in specs if s not in NEEDS_LM]
-        if skipped:
-            print(f"skipped (need SmolLM2 logprob/entropy features): {', '.join(skipped)}")
-    if "random" not in specs:
-        specs.insert(0, "random")
-    curves: dict[str, list] = {s: [] for s in specs}
-    t0 = time.perf_counter()
-    for seed in range(args.seeds):
-        bench = Bench(pairs, feats, args, seed)
-        for spec in specs:
-            curves[spec].append(bench.run(spec))
-        print(f"  seed {seed} done ({time.perf_counter() - t0:.0f} s)", flush=True)
+    def one(rows) -> float:
+        curve_r = acc_random[rows].mean(axis=0)
+        target = curve_r[-1] - 1e-12  # random's final mean quality (it reaches it by its last point at the latest)
+        need_r = labels_to_reach(labels, curve_r, target)
+        need_s = labels_to_reach(labels, acc[rows].mean(axis=0), target)
+        return -np.inf if need_s is None else 1.0 - need_s / need_r
 
+    seeds = len(acc)
+    point = one(np.arange(seeds))
+    boot = np.array([one(rng.integers(0, seeds, seeds)) for _ in range(resamples)])
+    return point, float(np.percentile(boot, 2.5, method="nearest")), float(np.percentile(boot, 97.5, method="nearest"))
+
+
+def summarize(name: str, task: Task, results: dict, args) -> dict:
     from scipy.stats import t as student_t
 
-    labels = np.array([n for n, _ in curves["random"][0]])
-    acc = {s: np.array([[a for _, a in c] for c in curves[s]]) for s in specs}  # (seeds, rounds+1)
-    target = acc["random"][:, -1].mean()
-    half = student_t.ppf(0.975, args.seeds - 1) / np.sqrt(args.seeds) if args.seeds > 1 else float("nan")
-    random_need = labels_to_reach(labels, acc["random"].mean(axis=0), target)
-    print(f"\nheld-out pairwise accuracy ({args.test} pairs), mean ± 95% CI over {args.seeds} seeds; "
-          f"target = random's final accuracy {target:.3f}; random's mean curve first reaches it at "
-          f"{random_need:.0f} labels\n")
-    head = (f"{'strategy':<28} {'labels':>6} {'final acc':>15} {'AUC':>6} {'ΔAUC vs random (paired)':>24} "
-            f"{'labels to target':>16} {'saved':>6}")
-    print(head)
-    print("-" * len(head))
+    specs = list(results)
+    labels = np.array([n for n, _ in results[specs[0]][0]["curve"]])
+    acc = {s: np.array([[a for _, a in r["curve"]] for r in results[s]]) for s in specs}
+    seeds = len(acc["random"])
+    half = student_t.ppf(0.975, seeds - 1) / np.sqrt(seeds) if seeds > 1 else float("nan")
+    target = acc["random"].mean(axis=0)[-1] - 1e-12
+    rng = np.random.default_rng(0)
+    rows = []
     for s in specs:
         final = acc[s][:, -1]
-        ci = half * final.std(ddof=1) if args.seeds > 1 else float("nan")
-        auc = acc[s].mean(axis=1)  # per seed: mean accuracy over the curve
+        auc = acc[s].mean(axis=1)
         delta = auc - acc["random"].mean(axis=1)
-        d_ci = half * delta.std(ddof=1) if args.seeds > 1 else float("nan")
         need = labels_to_reach(labels, acc[s].mean(axis=0), target)
-        need_txt = "—" if need is None else f"{need:.0f}"
-        saved = "—" if need is None else f"{random_need - need:+.0f}"
-        print(f"{s:<28} {labels[-1]:>6} {final.mean():>7.3f} ± {ci:.3f} {auc.mean():>6.3f} "
-              f"{delta.mean():>+15.3f} ± {d_ci:.3f} {need_txt:>16} {saved:>6}")
-    print("\nmean accuracy by labels used:")
-    print(f"{'strategy':<28} " + " ".join(f"{n:>6}" for n in labels))
-    for s in specs:
-        print(f"{s:<28} " + " ".join(f"{a:>6.3f}" for a in acc[s].mean(axis=0)))
+        sav = savings(labels, acc["random"], acc[s], rng) if s != "random" else (0.0, 0.0, 0.0)
+        rows.append({
+            "strategy": s, "labels": int(labels[-1]), "final": float(final.mean()),
+            "final_ci": float(half * final.std(ddof=1)) if seeds > 1 else None, "auc": float(auc.mean()),
+            "delta_auc": float(delta.mean()), "delta_ci": float(half * delta.std(ddof=1)) if seeds > 1 else None,
+            "labels_to_target": need, "savings": sav,
+            "tie_rate": float(np.mean([r["ties"] / r["spent"] for r in results[s]])),
+            "seconds": float(np.mean([r["seconds"] for r in results[s]])),
+            "curve": acc[s].mean(axis=0).tolist(),
+        })
+    return {"dataset": name, "labels": labels.tolist(), "target": float(target), "seeds": seeds, "rows": rows,
+            "kind": task.kind}
+
+
+def fmt_savings(sav) -> str:
+    point, low, high = sav
+
+    def pct(x):
+        return "−∞" if not np.isfinite(x) else f"{100 * x:+.0f}%"
+
+    return f"{pct(point)} [{pct(low)}, {pct(high)}]"
+
+
+def print_table(summary: dict, header: str) -> None:
+    print(f"\n## {summary['dataset']}: {header}")
+    print(f"target = random's final quality {summary['target']:.3f}; {summary['seeds']} seeds\n")
+    qa = summary["kind"] == "preference" and any(r["tie_rate"] > 0 for r in summary["rows"])
+    head = (f"| {'strategy':<34} | labels | final ± 95% CI  |  AUC  | ΔAUC vs random (paired) | labels to target |"
+            f" savings [95% CI]      |{' ties |' if qa else ''} s/run |")
+    print(head)
+    print("|" + "|".join("-" * (len(c)) for c in head.split("|")[1:-1]) + "|")
+    for r in summary["rows"]:
+        need = "—" if r["labels_to_target"] is None else f"{r['labels_to_target']:.0f}"
+        ci = f"{r['final_ci']:.3f}" if r["final_ci"] is not None else "nan"
+        dci = f"{r['delta_ci']:.3f}" if r["delta_ci"] is not None else "nan"
+        sav = "(baseline)" if r["strategy"] == "random" else fmt_savings(r["savings"])
+        ties = f" {100 * r['tie_rate']:3.0f}% |" if qa else ""
+        print(f"| {r['strategy']:<34} | {r['labels']:>6} | {r['final']:.3f} ± {ci} | {r['auc']:.3f} |"
+              f" {r['delta_auc']:+.3f} ± {dci}          | {need:>16} | {sav:<21} |{ties} {r['seconds']:5.1f} |")
+    print("\nmean quality by labels used:")
+    print(f"{'strategy':<36} " + " ".join(f"{n:>6}" for n in summary["labels"]))
+    for r in summary["rows"]:
+        print(f"{r['strategy']:<36} " + " ".join(f"{a:>6.3f}" for a in r["curve"]))
+
+
+def goals(summaries: list[dict], default: dict[str, str]) -> None:
+    print("\n## goals")
+    met = 0
+    for s in summaries:
+        best = max((r for r in s["rows"] if r["strategy"] != "random"), key=lambda r: r["savings"][0], default=None)
+        if best is None:
+            continue
+        ok = best["savings"][0] >= 0.30 and best["savings"][1] > 0
+        met += ok
+        print(f"- {s['dataset']}: best {best['strategy']} saves {fmt_savings(best['savings'])} "
+              f"({'≥ 30 % with CI > 0' if ok else 'not ≥ 30 % with CI > 0'})")
+        d = next((r for r in s["rows"] if r["strategy"] == default.get(s["dataset"])), None)
+        if d is not None:
+            worse = d["delta_ci"] is not None and d["delta_auc"] + d["delta_ci"] < 0
+            print(f"  default {d['strategy']}: ΔAUC {d['delta_auc']:+.3f} ± {d['delta_ci']:.3f} "
+                  f"({'significantly WORSE than random' if worse else 'not significantly worse than random'})")
+    print(f"- savings goal met on {met} of {len(summaries)} datasets (needed: 2)")
+
+
+# ----------------------------------------------------------------------------------------------------- main
+def parse_args(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--dataset", choices=[*PRESETS, "all"], default="all")
+    ap.add_argument("--data", type=Path, help="another file of the same shape as --format (overrides --dataset)")
+    ap.add_argument("--format", choices=list(LOADERS), help="shape of --data")
+    ap.add_argument("--features", choices=("tfidf", "smollm2"), default="tfidf")
+    ap.add_argument("--strategies", help="comma-separated specs (default: per format, see the docstring)")
+    ap.add_argument("--seeds", type=int, default=10)
+    ap.add_argument("--rounds", type=int)
+    ap.add_argument("--budget", type=int, help="labels per round")
+    ap.add_argument("--init", type=int, help="random labels every strategy starts from")
+    ap.add_argument("--test", type=float, help="test prompts (or, for moderation, the share of each slice)")
+    ap.add_argument("--rare-share", type=float, default=0.05,
+                    help="moderation: each harm slice keeps at most this share × benign prompts in the pool")
+    ap.add_argument("--members", type=int, default=5, help="ensemble members of the learner")
+    ap.add_argument("--c", type=float, default=0.02, help="inverse L2 strength of the learners' logistic regressions")
+    ap.add_argument("--candidate-factor", type=float, default=4.0, help="hybrid: top factor·k, then k-center")
+    ap.add_argument("--near-duplicate", type=float, default=0.98, help="chooser: cosine of near-identical answers")
+    ap.add_argument("--json", type=Path, help="also write the tables as JSON here")
+    ap.add_argument("--report", type=Path, nargs="+", help="print the tables and goals of earlier --json files")
+    ap.add_argument("--quiet", action="store_true")
+    args = ap.parse_args(argv)
+    if (args.data is None) != (args.format is None):
+        ap.error("--data and --format go together")
+    return args
+
+
+def configure(args, name: str) -> argparse.Namespace:
+    preset = dict(PRESETS.get(name, {}))
+    out = argparse.Namespace(**vars(args))
+    for key in ("rounds", "budget", "init", "test"):
+        if getattr(out, key) is None:
+            default = preset.get(key, {"rounds": 8, "budget": 25, "init": 25}.get(key))
+            if key == "test" and default is None:
+                default = 0.5 if args.format == "moderation" else 0.25
+            setattr(out, key, default)
+    if out.data is None:
+        out.data, out.format = preset["data"], preset["format"]
+    for key in ("rounds", "budget", "init", "seeds"):
+        if getattr(out, key) < 1:
+            raise CurateError(f"--{key} must be ≥ 1, got {getattr(out, key)}")
+    return out
+
+
+def check_signals(specs: list[Spec], features: str) -> None:
+    have = {"reward_margin", "reward_disagreement", EMBEDDING} | (LM_SIGNALS if features == "smollm2" else set())
+    for spec in specs:
+        missing = sorted(set(spec.strategy.inputs) - have)
+        if missing:
+            raise CurateError(f"--strategies {spec.text}: needs the signal(s) {', '.join(missing)}, which --features "
+                              f"{features} does not give; use --features smollm2 or drop it")
+
+
+def main(argv=None) -> int:
+    from preference.plumbing.hardware import describe
+
+    args = parse_args(argv)
+    if args.report:
+        summaries = [s for path in args.report for s in json.loads(path.read_text())]
+        for summary in summaries:
+            print_table(summary, summary["header"])
+        goals(summaries, {s["dataset"]: s["default"] for s in summaries})
+        return 0
+    names = ["custom"] if args.data is not None else (list(PRESETS) if args.dataset == "all" else [args.dataset])
+    print(f"hardware: {describe()}")
+    summaries, defaults = [], {}
+    for name in names:
+        cfg = configure(args, name)
+        task = LOADERS[cfg.format](cfg.data)
+        if name == "custom":
+            name = task.name
+            if cfg.format == "moderation" and cfg.test >= 1:
+                raise CurateError("--test for --format moderation is the share of each slice held out, e.g. 0.5")
+        text = cfg.strategies or DEFAULT_STRATEGIES[cfg.format] + (
+            "," + LM_STRATEGIES if cfg.features == "smollm2" and cfg.format != "qa-feedback" else "")
+        specs = [Spec.parse(s.strip(), cfg.candidate_factor) for s in text.split(",") if s.strip()]
+        if "random" not in [s.text for s in specs]:
+            specs.insert(0, Spec.parse("random", cfg.candidate_factor))
+        check_signals(specs, cfg.features)
+        defaults[name] = "hybrid@0.15/info_gain" if cfg.format == "qa-feedback" else "hybrid@0.15"
+        t0 = time.perf_counter()
+        feats = smollm2_features(task, progress=not cfg.quiet) if cfg.features == "smollm2" else tfidf_features(task)
+        header = (f"{len(task)} items from {cfg.data}, features {cfg.features} ({feats['emb'].shape[1]}-d, "
+                  f"{time.perf_counter() - t0:.0f} s); init {cfg.init} + {cfg.rounds} rounds × {cfg.budget} labels, "
+                  f"test {cfg.test}, learner: {cfg.members} members, C = {cfg.c}")
+        if not cfg.quiet:
+            print(f"{name}: {header}", flush=True)
+        results: dict[str, list] = {s.text: [] for s in specs}
+        for seed in range(cfg.seeds):
+            split = make_split(task, cfg, seed)
+            for spec in specs:
+                results[spec.text].append(run(task, feats, spec, split, cfg, seed))
+            if not cfg.quiet:
+                print(f"  seed {seed} done ({time.perf_counter() - t0:.0f} s)", flush=True)
+        if args.json:  # the raw curves first: a table bug must not lose an hour of runs
+            raw = args.json.with_name(args.json.stem + f"-{name}-raw.json")
+            raw.parent.mkdir(parents=True, exist_ok=True)
+            raw.write_text(json.dumps({k: [{**r, "curve": r["curve"]} for r in v] for k, v in results.items()}))
+        summary = summarize(name, task, results, cfg)
+        summary["header"], summary["default"] = header, defaults[name]
+        summaries.append(summary)
+        print_table(summary, header)
+    goals(summaries, defaults)
+    if args.json:
+        args.json.parent.mkdir(parents=True, exist_ok=True)
+        args.json.write_text(json.dumps(summaries, indent=1))
+    return 0
 
 
 if __name__ == "__main__":
-    main()
+    try:
+        sys.exit(main())
+    except CurateError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        sys.exit(2)

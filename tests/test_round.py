@@ -16,8 +16,8 @@ from preference.plumbing.io import read_jsonl, read_rows
 
 ROOT = Path(__file__).resolve().parent.parent
 TINY = ROOT / "configs" / "tiny.yaml"
-STEPS = ["pool", "generate", "score", "select", "push", "pull", "train_reward", "train_dpo", "train_kto", "evaluate",
-         "gate", "failures", "report"]
+STEPS = ["pool", "generate", "score", "rewards", "select", "push", "pull", "train_reward", "train_dpo", "train_kto",
+         "evaluate", "gate", "failures", "report"]
 
 pytestmark = pytest.mark.vllm
 

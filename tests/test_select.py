@@ -194,3 +194,49 @@ def test_nan_signal_and_config_errors(tmp_path):
         from_dict(SelectionConfig, {"strategy_name": "x"})
     with pytest.raises(CurateError, match="unknown strategy"):
         run_select(config(tmp_path, strategy="nope", k=4), rnd, progress=False)
+
+
+def test_completion_choice_writes_completion_ids(tmp_path):
+    """Pairwise records (2 of 6 completions): cold start = the farthest pair; with a reward model = the pair with
+    the most information about the reward difference; a random control share; ids belong to the prompt."""
+    from curation.pairing import pair_information, similarity
+    from curation.select import attach_rewards, load_completions
+
+    project = Project(tmp_path)
+    first = project.round(1, create=True)
+    ids = build_round(first, n_completions=6)
+    cfg = config(tmp_path, strategy="entropy", k=10, random_share=0.2, completions_per_record=2,
+                 completion_random_share=0.2)
+    manifest = run_select(cfg, first, progress=False)
+    assert manifest["completion_choice"] == {"method": "info_gain", "per_record": 2, "random_share": 0.2}
+    comps = load_completions(first)
+    rows = selected(first)
+    assert sorted(r["completion_choice"] for r in rows) == ["diverse"] * 8 + ["random"] * 2
+    for row in rows:
+        own = [j for j, pid in enumerate(comps.prompt_ids) if pid == row["prompt_id"]]
+        assert len(row["completion_ids"]) == 2 and set(row["completion_ids"]) <= {comps.ids[j] for j in own}
+        if row["completion_choice"] == "diverse":  # no reward model yet: the least similar pair
+            sim = similarity(comps.embeddings[own], None, len(own))
+            a, b = (own.index(comps.ids.index(c)) for c in row["completion_ids"])
+            assert sim[a, b] == pytest.approx(sim[np.triu_indices(len(own), 1)].min())
+    pairs = [
+        PreferencePair(id=f"pp{i}", prompt_id=pid, prompt=[{"role": "user", "content": "q"}],
+                       chosen=[{"role": "assistant", "content": "a"}], rejected=[{"role": "assistant", "content": "b"}],
+                       chosen_id=f"{pid}-c0", rejected_id=f"{pid}-c1").to_row()
+        for i, pid in enumerate(ids[:20])
+    ]
+    finish(first, "pairs", {"pairs.parquet": pairs})
+    second = project.round(2, create=True)
+    build_round(second, n_completions=6)
+    run_select(cfg, second, progress=False)
+    comps = load_completions(second)
+    assert attach_rewards(comps, cfg.selection, second, list(second.earlier()), cfg.seed)  # the same BT ensemble
+    rows = selected(second)
+    assert sum(r["completion_choice"] == "info_gain" for r in rows) == 8
+    for row in rows:
+        if row["completion_choice"] != "info_gain":
+            continue
+        own = [j for j, pid in enumerate(comps.prompt_ids) if pid == row["prompt_id"]]
+        info = pair_information(comps.rewards[:, own])
+        a, b = (own.index(comps.ids.index(c)) for c in row["completion_ids"])
+        assert info[a, b] == pytest.approx(info.max())

@@ -222,3 +222,17 @@ def test_exclusion_budget_and_near_duplicates():
     dup = Items(ids=np.arange(30), signals={"mean_entropy": entropy}, embeddings=x, labelled=x[2:3])
     picks = DropNearDuplicates(Entropy(), 0.99).select(dup, 3, np.random.default_rng(0))
     assert picks.tolist() == [0, 3, 4]
+
+
+def test_cold_start_uses_the_fallback_until_the_signals_exist():
+    x, labels = clustered(n_clusters=4, per=10)
+    items = Items(ids=np.arange(len(x)), embeddings=x)
+    strategy = build_strategy("reward_disagreement|kcenter")
+    assert strategy.usable_without({"reward_disagreement"})
+    assert not build_strategy("reward_disagreement").usable_without({"reward_disagreement"})
+    assert sorted(labels[strategy.select(items, 4, np.random.default_rng(0))].tolist()) == [0, 1, 2, 3]
+    disagreement = np.zeros(len(x))
+    disagreement[[3, 17]] = [2.0, 1.0]
+    items.signals["reward_disagreement"] = disagreement
+    assert strategy.select(items, 2, np.random.default_rng(0)).tolist() == [3, 17]
+    assert strategy.directions() == {"reward_disagreement": True}

@@ -1,0 +1,92 @@
+"""The acquisition benchmark's input handling and protocol on small real slices of the shipped data (the
+figures themselves come from running the script, not from tests)."""
+
+from __future__ import annotations
+
+import gzip
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+from scripts import bench_acquisition as bench  # noqa: E402
+from scripts.bench_tasks import load_moderation, load_qa_feedback  # noqa: E402
+
+DATA = ROOT / "data"
+
+
+def first_rows(src: Path, dest: Path, n: int) -> Path:
+    with gzip.open(src, "rt") as fh:
+        rows = [next(fh) for _ in range(n)]
+    dest.write_text("".join(rows))
+    return dest
+
+
+def error_line(*args) -> str:
+    out = subprocess.run([sys.executable, "scripts/bench_acquisition.py", *map(str, args)], capture_output=True,
+                         text=True, cwd=ROOT)
+    assert out.returncode == 2, out.stderr[-2000:]
+    lines = out.stderr.strip().splitlines()
+    assert len(lines) == 1 and "Traceback" not in out.stderr
+    return lines[0]
+
+
+def test_bad_input_is_one_clear_line(tmp_path):
+    hh = first_rows(DATA / "hh-harmless-dev.jsonl.gz", tmp_path / "hh.jsonl", 3)
+    line = error_line("--data", hh, "--format", "qa-feedback")
+    assert line.startswith(f"error: {hh}:1: --format qa-feedback expects 'question'")
+    line = error_line("--data", first_rows(DATA / "qa-feedback-dev.jsonl.gz", tmp_path / "qa.jsonl", 20),
+                      "--format", "qa-feedback", "--test", "5")
+    assert "the pool holds 90 comparisons but --init 25 + --rounds 8 × --budget 25 = 225" in line
+    line = error_line("--dataset", "hh-harmless", "--strategies", "random,entropy")
+    assert "--strategies entropy: needs the signal(s) mean_entropy, which --features tfidf does not give" in line
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text('{"prompt": "hi", "S": 1}\n{"prompt": "yo", "S": "yes"}\n')
+    assert error_line("--data", bad, "--format", "moderation").endswith(
+        f"{bad}:2: harm flag 'S' must be 0, 1 or null, got 'yes'")
+
+
+def test_loaders_read_the_real_shapes():
+    qa = load_qa_feedback(DATA / "qa-feedback-dev.jsonl.gz")
+    assert len(qa) == 250 and all(len(a) == 4 and len(c) == 6 for a, c in zip(qa.answers, qa.comparisons, strict=True))
+    outcomes = np.array([o for c in qa.comparisons for _, _, o in c])
+    assert 0.05 < np.mean(outcomes == 0) < 0.2  # "no preference" is ~10 % of the judgements
+    mod = load_moderation(DATA / "moderation-dev.jsonl.gz")
+    assert len(mod) == 840 and 0.2 < mod.labels.mean() < 0.5
+    assert set(mod.slices[~mod.labels]) == {"benign"} and "benign" not in set(mod.slices[mod.labels])
+
+
+def test_qa_protocol_asks_each_comparison_once_and_counts_ties(tmp_path):
+    """A short qa-feedback run: labels spent = init + rounds × budget, ties counted, the chooser never asks a
+    comparison twice, and the skewed moderation pool keeps every harm slice rare."""
+    args = bench.configure(bench.parse_args(["--dataset", "qa-feedback", "--rounds", "2", "--budget", "10",
+                                             "--init", "10"]), "qa-feedback")
+    task = load_qa_feedback(args.data)
+    feats = bench.tfidf_features(task)
+    split = bench.make_split(task, args, 0)
+    for text in ("random", "reward_disagreement/info_gain"):
+        out = bench.run(task, feats, bench.Spec.parse(text, 4.0), split, args, 0)
+        assert out["spent"] == 30 and [n for n, _ in out["curve"]] == [10, 20, 30]
+        assert 0 <= out["ties"] <= out["spent"]
+    mod_args = bench.configure(bench.parse_args(["--dataset", "skewed-moderation"]), "skewed-moderation")
+    mod = load_moderation(mod_args.data)
+    pool = bench.make_split(mod, mod_args, 0).pool
+    slices, counts = np.unique(mod.slices[pool], return_counts=True)
+    benign = counts[slices == "benign"][0]
+    assert all(c <= round(0.05 * benign) for s, c in zip(slices, counts, strict=True) if s != "benign")
+
+
+def test_spec_parsing():
+    from curation.strategies import RandomArm
+
+    parsed = bench.Spec.parse("hybrid@0.15/info_gain", 4.0)
+    assert parsed.chooser == "info_gain" and isinstance(parsed.strategy, RandomArm)
+    assert parsed.strategy.share == 0.15 and parsed.strategy.base.name.endswith(">kcenter")
+    assert bench.Spec.parse("kcenter", 4.0).chooser == "random"
+    with pytest.raises(bench.CurateError, match="unknown completion chooser 'best'"):
+        bench.Spec.parse("kcenter/best", 4.0)
