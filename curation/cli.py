@@ -20,8 +20,11 @@ from typing import Annotated
 
 import typer
 
+from curation.round import STEPS
 from preference.plumbing.errors import CurateError
 from training.trainers import TRAINERS
+
+TRAIN_STEPS = {t.step: t for t in TRAINERS.values()}
 
 app = typer.Typer(
     add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
@@ -104,18 +107,24 @@ def _step_command(step: str, help_text: str, parent: typer.Typer = app):
     parent.command(name.split()[-1], help=help_text)(command)
 
 
-_step_command("pool", "Ingest the prompt pool (round 1) or carry it over from the previous round, with dedup.")
-_step_command("generate", "Sample n completions per prompt with the generator model(s) (vLLM or transformers).")
-_step_command("score", "Score completions: perplexities, committee disagreement, embeddings.")
-_step_command("select", "Pick the top-k items with the acquisition strategy, beside a random arm.")
-_step_command("push", "Send the selected items to reviewers (Argilla or simulated).")
-_step_command("pull", "Fetch reviewers' answers, measure agreement, build preference pairs.")
-_step_command("evaluate", "Evaluate the trained models on held-out pairs, per slice, with bootstrap CIs.")
-_step_command("gate", "Promote the candidate model only if it beats the champion.")
-_step_command("failures", "Send the pairs the reward model still gets wrong back to the next round's pool.")
-_step_command("report", "Write the round's HTML report (plots embedded) and print a terminal summary.")
-for _trainer in TRAINERS.values():  # `curate train <kind>` for every trainer of the table
-    _step_command(_trainer.step, _trainer.help, train_app)
+STEP_HELP = {  # one line per round step of `curation.round.STEPS` (train steps: the trainer table's help)
+    "pool": "Ingest the prompt pool (round 1) or carry it over from the previous round, with dedup.",
+    "generate": "Sample n completions per prompt with the generator model(s) (vLLM or transformers).",
+    "score": "Score completions: perplexities, committee disagreement, embeddings.",
+    "rewards": "Score the completions with the champion reward model (its heads' margin and disagreement).",
+    "select": "Pick the top-k items with the acquisition strategy, beside a random arm.",
+    "push": "Send the selected items to reviewers (Argilla or simulated).",
+    "pull": "Fetch reviewers' answers, measure agreement, build preference pairs.",
+    "evaluate": "Evaluate the trained models on held-out pairs, per slice, with bootstrap CIs.",
+    "gate": "Promote the candidate model only if it beats the champion.",
+    "failures": "Send the pairs the reward model still gets wrong back to the next round's pool.",
+    "report": "Write the round's HTML report (plots embedded) and print a terminal summary.",
+}
+for _name, _ in STEPS:  # a command per step: `curate <step>`, and `curate train <kind>` per trainer of the table
+    if _name in TRAIN_STEPS:
+        _step_command(_name, TRAIN_STEPS[_name].help, train_app)
+    else:
+        _step_command(_name, STEP_HELP.get(_name, f"Run the round step {_name!r}."))
 
 
 @app.command()
