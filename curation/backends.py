@@ -448,6 +448,10 @@ class VLLMBackend(_HFTokenizerMixin, Backend):
     `VLLM_CPU_OMP_THREADS_BIND` / `VLLM_CPU_NUM_OF_RESERVED_CPU` only apply to the worker processes of the
     multiprocess executor (tensor_parallel_size > 1), which bind each rank to a NUMA node's cores.
 
+    Every call starts from an empty prefix cache, so its numbers depend on its own inputs only (a resumed step
+    equals an uninterrupted one); within a call, the n samples of a prompt and the continuations of a context
+    share the prompt's KV blocks.
+
     Chunked prefill is off: vLLM-CPU 0.32 crashes ("CPU Generator does not use offset") when it splits the
     prompt of a seeded request across steps, which happens whenever a batch's prompts exceed the step's token
     budget. Without it a prompt waits for the next step instead, and the budget is at least `max_model_len`.
@@ -513,6 +517,7 @@ class VLLMBackend(_HFTokenizerMixin, Backend):
                            max_tokens=sampling.max_tokens, seed=s, logprobs=0, stop_token_ids=[self.eos_token_id])
             for s in seeds
         ]
+        self.llm.reset_prefix_cache()  # see `_loglikelihood`: results depend on this call's prompts only
         outs = self.llm.generate([{"prompt_token_ids": p} for p in prompts], params, use_tqdm=False)
         result = []
         for out, seed in zip(outs, seeds, strict=True):
@@ -538,8 +543,9 @@ class VLLMBackend(_HFTokenizerMixin, Backend):
         """
         from vllm import SamplingParams
 
-        # Start from an empty prefix cache: a context's KV computed in another batch (an earlier call, or
-        # generation) can differ in the last bits, so a call's numbers would depend on what ran before it.
+        # Start from an empty prefix cache: a context's KV computed in another batch (an earlier call) can
+        # differ in the last bits, so a call's numbers would depend on what ran before it, and a resumed step
+        # would not equal an uninterrupted one.
         self.llm.reset_prefix_cache()
         contexts = list(dict.fromkeys(tuple(ctx) for ctx, _ in requests if len(ctx) > self.block_size))
         if contexts:

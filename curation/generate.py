@@ -15,9 +15,7 @@ Policies (stated, and counted in the manifest):
   conversation is cut) and counts them as `truncated`.
 - `include_references: true` also adds the prompt's `metadata.reference_chosen` / `reference_rejected` answers
   (HH pools) as completions with model `reference:chosen` / `reference:rejected`, scored (mean logprob) under
-  the first generator model; finish_reason `reference`. They are scored before sampling, on a fresh engine, so
-  their numbers do not depend on what ran before (a resumed step equals an uninterrupted one), and sampling
-  then reads the prompts from vLLM's prefix cache.
+  the first generator model; finish_reason `reference`.
 
 The models run on `backend` (`BackendSettings`: `name` from `curation.backends.BACKENDS`, `dtype`, `threads`,
 `max_model_len`, ...). The step prints the hardware and the precision it chose (one line), and records in its
@@ -278,10 +276,10 @@ def run_generate(cfg, rnd, *, force: bool = False, progress: bool = True) -> dic
                       disable=not progress) as bar:
                 for index, model in enumerate(gen.models):
                     with load_backend(model, gen.backend) as backend:
-                        refs = (reference_rows(backend, prompts, run.parts_dir, params_key)
-                                if gen.include_references and index == 0 else [])
                         rows += generate_for_model(backend, model, prompts, gen, run.parts_dir, cache, bar, stats,
-                                                   rejected) + refs
+                                                   rejected)
+                        if gen.include_references and index == 0:
+                            rows += reference_rows(backend, prompts, run.parts_dir, params_key)
                         generators[model] = generator_info(backend)
                     timings[model] = backend.timings
         else:
@@ -335,8 +333,9 @@ def generate_shard(prompt_rows: list[dict], *, config: dict, model: str, parts: 
     stats: dict[str, int] = {}
     rejected: list[dict] = []
     with tqdm(total=len(prompts), disable=True) as bar, load_backend(model, gen.backend) as backend:
-        refs = reference_rows(backend, prompts, Path(parts), config_hash(gen.sampling.key())) if references else []
-        rows = generate_for_model(backend, model, prompts, gen, Path(parts), cache, bar, stats, rejected) + refs
+        rows = generate_for_model(backend, model, prompts, gen, Path(parts), cache, bar, stats, rejected)
+        if references:
+            rows += reference_rows(backend, prompts, Path(parts), config_hash(gen.sampling.key()))
         generator = generator_info(backend)
     stats["cache_hits"], stats["cache_misses"] = cache.hits, cache.misses
     return {"rows": rows, "stats": stats, "rejected": rejected, "generator": generator, "timings": backend.timings}
