@@ -639,57 +639,61 @@ class TransformersBackend(_HFTokenizerMixin, Backend):
             mask[i, : len(s)] = 1
         return ids, mask
 
-    def _forward(self, seqs: list[list[int]], hidden: bool = False):
+    def _hidden(self, seqs: list[list[int]]):
+        """Last hidden states (batch, width, hidden) of right-padded `seqs`: the base model without its LM head."""
         import torch
 
         ids, mask = self._inputs(seqs)
         with torch.inference_mode():
-            return self.hf_model(input_ids=ids, attention_mask=mask, output_hidden_states=hidden)
+            return self.hf_model.base_model(input_ids=ids, attention_mask=mask).last_hidden_state
 
-    def _continuation_logprobs(self, logits, ctx: list[int], cont: list[int]) -> list[float]:
+    def _logprobs(self, hidden, ctx: list[int], cont: list[int]) -> list[float]:
+        """log p(cont | ctx) per continuation token from one row's hidden states. The LM head runs on the
+        continuation positions only (a context's logits are never needed), with the final-logit scaling and
+        soft-capping some model families apply in their forward."""
         import torch
 
-        start = len(ctx) - 1  # logits at position t predict token t+1
-        lp = torch.log_softmax(logits[start : start + len(cont)].float(), dim=-1)
-        return lp.gather(-1, torch.tensor(cont)[:, None])[:, 0].tolist()
+        start = len(ctx) - 1  # position t predicts token t+1
+        with torch.inference_mode():
+            logits = self.hf_model.get_output_embeddings()(hidden[start : start + len(cont)]).float()
+            config = self.hf_model.config
+            if getattr(config, "logit_scale", None):
+                logits = logits * config.logit_scale
+            if getattr(config, "final_logit_softcapping", None):
+                logits = torch.tanh(logits / config.final_logit_softcapping) * config.final_logit_softcapping
+            lp = torch.log_softmax(logits, dim=-1)
+            return lp.gather(-1, torch.tensor(cont)[:, None])[:, 0].tolist()
 
     def _loglikelihood(self, requests):
         seqs = [c + x for c, x in requests]
         result: list[list[float]] = [[] for _ in requests]
         for batch in self._batches(len(seqs), [len(s) for s in seqs]):
-            out = self._forward([seqs[i] for i in batch])
+            hidden = self._hidden([seqs[i] for i in batch])
             for row, i in enumerate(batch):
-                result[i] = self._continuation_logprobs(out.logits[row], *requests[i])
+                result[i] = self._logprobs(hidden[row], *requests[i])
         return result
 
     def _loglikelihood_and_embed(self, requests, max_tokens):
-        """One forward per batch: continuation logprobs from the logits, the embedding from the last hidden
-        states of the same pass."""
+        """One forward per batch: continuation logprobs and the embedding from the same hidden states."""
         seqs = [c + x for c, x in requests]
         lls: list[list[float]] = [[] for _ in requests]
         vecs: list[np.ndarray | None] = [None] * len(requests)
         for batch in self._batches(len(seqs), [len(s) for s in seqs]):
-            out = self._forward([seqs[i] for i in batch], hidden=True)
-            last = out.hidden_states[-1]
+            hidden = self._hidden([seqs[i] for i in batch])
             for row, i in enumerate(batch):
                 ctx, cont = requests[i]
-                lls[i] = self._continuation_logprobs(out.logits[row], ctx, cont)
-                span = last[row, len(ctx) : len(ctx) + min(len(cont), max_tokens)].float()
-                vecs[i] = span.mean(0).numpy()
+                lls[i] = self._logprobs(hidden[row], ctx, cont)
+                vecs[i] = hidden[row, len(ctx) : len(ctx) + min(len(cont), max_tokens)].float().mean(0).numpy()
         return lls, np.stack(vecs)
 
     def _embed(self, texts, max_tokens):
-        """Hidden states only (the base model without its LM head): cheaper than a scoring pass."""
-        import torch
-
+        """Hidden states only (no LM head): cheaper than a scoring pass."""
         seqs = [[self.eos_token_id] + (self.encode(t)[:max_tokens] or [self.eos_token_id]) for t in texts]
         vecs: list[np.ndarray | None] = [None] * len(seqs)
         for batch in self._batches(len(seqs), [len(s) for s in seqs]):
-            ids, mask = self._inputs([seqs[i] for i in batch])
-            with torch.inference_mode():
-                last = self.hf_model.base_model(input_ids=ids, attention_mask=mask).last_hidden_state
+            hidden = self._hidden([seqs[i] for i in batch])
             for row, i in enumerate(batch):
-                vecs[i] = last[row, 1 : len(seqs[i])].float().mean(0).numpy()
+                vecs[i] = hidden[row, 1 : len(seqs[i])].float().mean(0).numpy()
         return np.stack(vecs)
 
     def _generate(self, prompts, sampling):

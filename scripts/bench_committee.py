@@ -91,6 +91,8 @@ def main() -> None:
     ap.add_argument("--members", default=CANDIDATES,
                     help="comma-separated candidates; ':opts' are appended to the generator's name")
     ap.add_argument("--dpo-steps", type=int, default=3, help="champion: DPO steps (the demo trains 3)")
+    ap.add_argument("--system", action="append", default=[], metavar="NAME=TEXT",
+                    help="add or replace a system prompt usable as ':system=NAME' (repeatable)")
     args = ap.parse_args()
 
     cfg = load_config(args.config)
@@ -98,7 +100,13 @@ def main() -> None:
     cfg = dataclasses.replace(cfg, project=work / "project")
     generator = cfg.generation.models[0]
     candidates = [generator + m if m.startswith(":") else m for m in args.members.split(",") if m]
-    scoring = dataclasses.replace(cfg.scoring, committee=[generator, *candidates])
+    prompts = dict(cfg.scoring.system_prompts)
+    for item in args.system:
+        name, sep, text = item.partition("=")
+        if not sep:
+            ap.error(f"--system {item!r}: expected NAME=TEXT")
+        prompts[name] = text
+    scoring = dataclasses.replace(cfg.scoring, committee=[generator, *candidates], system_prompts=prompts)
     cfg = dataclasses.replace(cfg, scoring=scoring)
     rnd = Project(cfg.project).round(1, create=True)
     times = {}
@@ -112,7 +120,7 @@ def main() -> None:
         if not (registry_root(cfg) / "index.json").is_file():
             train_champion(cfg, registry_root(cfg), args.dpo_steps, work)
     t0 = time.perf_counter()
-    manifest = run_score(cfg, rnd, progress=True)
+    manifest = run_score(cfg, rnd, progress=True, force=True)  # another committee than a previous run's
     times["score"] = time.perf_counter() - t0
     print("wall time: " + ", ".join(f"{k} {v:.0f} s" for k, v in times.items()))
     comps = read_rows(rnd.step("score").file("completion_scores.parquet"))
