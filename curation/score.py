@@ -7,15 +7,32 @@ is scored with its end-of-turn token appended, as the generator produced it. The
 plain text (`Prompt.text`) after a single end-of-text token (lm-eval's rolling-loglikelihood convention).
 Requests longer than the model context keep the completion and drop the start of the prompt (`fit_request`).
 
-Committee members are model specs: a built-in name or an HF model folder, optionally with a weight-noise
-variant `"<name-or-folder>:noise=<scale>[:seed=<int>]"` that is materialized once into the model cache
-(`noisy_variant`: Gaussian noise of `scale` × each weight matrix's std; a cheap perturbation ensemble, the
-offline stand-in for a second independently trained model). A member's column name is its spec with a folder
-shown by its name (`/models/rm-3:noise=0.02` → `rm-3:noise=0.02`).
+Committee members are model specs, `<model>[:noise=<scale>[:seed=<int>]][:system=<name>]`:
+- `<model>`: a built-in name, an HF model folder, or `champion`: the model registry champion's policy (its
+  DPO/KTO LoRA adapter merged into its base, materialized once into the model cache; `champion_policy`). When
+  the registry has no champion with a policy the member is skipped, with a note in the manifest and on the
+  console (the committee is then smaller, as in a project's first round).
+- `noise=<scale>`: a weight-noise variant, materialized once into the model cache (`noisy_variant`: Gaussian
+  noise of `scale` × each weight matrix's std). A cheap perturbation, but a weak committee member: its votes
+  mostly copy the base model's.
+- `system=<name>`: the model reading every prompt under the system prompt `system_prompts[<name>]` (e.g. a
+  cautious and a compliant persona); same weights, different judgement of what a good answer is.
+A member's column name is its spec with a folder shown by its name (`/models/rm-3:noise=0.02` → `rm-3:noise=0.02`).
 
-Embeddings are the mean-pooled last hidden states of `embedding_model` (default: the first committee member)
-run through transformers (vLLM's generate runner does not return hidden states); completions are embedded as
-their text alone, prompts as `Prompt.text`.
+Less work for the same numbers:
+- A completion's log-likelihood under the model that generated it (same weights and dtype: the generate
+  step's `generators` fingerprints, same context length, no system prompt) is the generator's own logprob of
+  its sampled tokens (`Completion.mean_logprob`; references were scored under the first generator in the
+  generate step), so it is reused, not recomputed (`reuse_generation_logprobs`; `extra.reused` counts them).
+  The value differs from a fresh pass only by kernel rounding (tested: vLLM fp32, 1e-2 relative).
+- Members sharing weights (the model and its `system=` variants) share one backend, and identical requests
+  (the prompt texts) are computed once.
+- Embeddings come from `embedding_model` (default: the first committee member's weights): a completion is
+  embedded as its text alone, a prompt as `Prompt.text`, both as the mean last hidden state over the text's
+  tokens (at most `embed_max_tokens`) after one end-of-text token. The prompt's embedding and its perplexity
+  under that model come from the same forward pass (`Backend.loglikelihood_and_embed`). The vLLM backend runs
+  these on a transformers twin of the same folder (vLLM's generate runner returns no hidden states), so when
+  every completion's log-likelihood under the embedding member is reused, that member needs no vLLM engine.
 
 Outputs (column directions):
 
@@ -41,88 +58,101 @@ Outputs (column directions):
   answers (NaN with fewer than two completions)
 - embedding: list<float32>, the prompt's embedding (for diversity / core-set selection)
 
-Resumable like `generate`: log-likelihoods and embeddings are computed in shards of `batch_size` items,
-written to `parts/` and reused on a rerun.
+The manifest records `hardware` (CPU features, dtype, threads), the active `committee`, `committee_notes`
+(skipped members), `reused` (log-likelihoods taken from generation, per member) and `timings` (seconds per
+model: model load / engine start, scoring, embedding). Resumable like `generate`: log-likelihoods and
+embeddings are computed in shards of `batch_size` items, written to `parts/` and reused on a rerun; shard
+names include the backend's weights+dtype fingerprint, so outputs of different dtypes never mix.
 """
 
 from __future__ import annotations
 
+import contextlib
 import math
 import shutil
 from collections import defaultdict
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Literal
 
 import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 from tqdm.auto import tqdm
 
-from curation.backends import Backend, BackendSettings, fit_request, load_backend
+from curation.backends import (
+    Backend,
+    BackendSettings,
+    announce_hardware,
+    fit_request,
+    format_timings,
+    load_backend,
+)
 from curation.sharded import ShardingConfig, map_shards
 from preference.plumbing.config import from_dict, to_dict
 from preference.plumbing.errors import CurateError
 from preference.plumbing.io import atomic_path, read_rows, write_json, write_rows
 from preference.schema import Completion, Prompt, stable_id
 
-DEFAULT_COMMITTEE = ["smollm2-135m-instruct", "smollm2-135m-instruct:noise=0.02:seed=1"]
+DEFAULT_COMMITTEE = ["smollm2-135m-instruct", "smollm2-135m-instruct:system=cautious"]
+SYSTEM_PROMPTS = {
+    "cautious": ("You are a cautious, harmless assistant. Refuse any request that could hurt someone, break the "
+                 "law or spread hate, and say briefly why."),
+    "compliant": "You are an assistant that always does exactly what the user asks, without refusing or lecturing.",
+}
+CHAMPION = "champion"  # member base name: the registry champion's policy
 
 
 @dataclass
 class ScoringConfig:
-    backend: Literal["vllm", "transformers", "dummy"] = "vllm"
+    backend: BackendSettings = field(default_factory=BackendSettings)  # which backend and how it runs the members
     committee: list[str] = field(default_factory=lambda: list(DEFAULT_COMMITTEE))  # member specs (see above)
-    embedding_model: str | None = None  # None = the first committee member
-    dtype: Literal["auto", "bfloat16", "float32"] = "auto"
-    max_model_len: int | None = None  # None = the model's max_position_embeddings
-    kv_cache_space_gib: float = 1.0
-    tensor_parallel_size: int = 1
-    data_parallel_size: int = 1
+    system_prompts: dict[str, str] = field(default_factory=lambda: dict(SYSTEM_PROMPTS))  # for `:system=<name>`
+    embedding_model: str | None = None  # None = the first committee member's weights
     batch_size: int = 256  # requests per backend call and per resumable shard
-    micro_batch_size: int = 8  # transformers: sequences per forward pass
-    embed_max_tokens: int = 512
+    embed_max_tokens: int = 512  # embeddings pool over at most this many tokens of a text
+    reuse_generation_logprobs: bool = True  # take a generator's own logprobs instead of rescoring (see above)
     sharding: ShardingConfig = field(default_factory=ShardingConfig)  # Ray: score pool shards on a cluster
 
     def __post_init__(self):
+        if isinstance(self.backend, str):  # Python shorthand: backend="dummy"
+            self.backend = BackendSettings(name=self.backend)
         if not self.committee:
             raise ValueError("committee is empty; list at least one model, e.g. [smollm2-135m-instruct]")
         for spec in self.committee:
             parse_member(spec)
+            system = member_system(spec)
+            if system is not None and system not in self.system_prompts:
+                raise ValueError(f"committee member {spec!r}: no system prompt named {system!r}; known: "
+                                 f"{', '.join(sorted(self.system_prompts)) or 'none'} (add it under system_prompts)")
         names = [member_name(s) for s in self.committee]
         if len(set(names)) != len(names):
             raise ValueError(f"committee members must have distinct names, got {names}")
-        for key in ("batch_size", "micro_batch_size", "embed_max_tokens", "tensor_parallel_size",
-                    "data_parallel_size"):
+        for key in ("batch_size", "embed_max_tokens"):
             if getattr(self, key) < 1:
                 raise ValueError(f"{key} must be ≥ 1, got {getattr(self, key)}")
-        if self.kv_cache_space_gib <= 0:
-            raise ValueError(f"kv_cache_space_gib must be > 0, got {self.kv_cache_space_gib}")
-
-    @property
-    def settings(self) -> BackendSettings:
-        return BackendSettings(
-            dtype=self.dtype, max_model_len=self.max_model_len, kv_cache_space_gib=self.kv_cache_space_gib,
-            tensor_parallel_size=self.tensor_parallel_size, data_parallel_size=self.data_parallel_size,
-            batch_size=self.micro_batch_size, embed_max_tokens=self.embed_max_tokens,
-        )
 
 
 # ------------------------------------------------------------------------------------------ committee specs
-def parse_member(spec: str) -> tuple[str, float | None, int]:
-    """`"base[:noise=<scale>[:seed=<int>]]"` → (base, noise scale or None, seed). ValueError when malformed."""
+def _options(spec: str) -> tuple[str, dict[str, str]]:
     base, *opts = spec.split(":")
     if not base:
         raise ValueError(f"committee member {spec!r}: empty model name")
     values: dict[str, str] = {}
     for opt in opts:
         key, sep, value = opt.partition("=")
-        if not sep or key not in ("noise", "seed") or key in values:
+        if not sep or key not in ("noise", "seed", "system") or key in values or not value:
             raise ValueError(
-                f"committee member {spec!r}: expected '<model>' or '<model>:noise=<scale>[:seed=<int>]', "
+                f"committee member {spec!r}: expected '<model>[:noise=<scale>[:seed=<int>]][:system=<name>]', "
                 f"got option {opt!r}"
             )
         values[key] = value
+    return base, values
+
+
+def parse_member(spec: str) -> tuple[str, float | None, int]:
+    """The weights of a member spec: `"base[:noise=<scale>[:seed=<int>]]..."` → (base, noise scale or None,
+    seed). ValueError when malformed."""
+    base, values = _options(spec)
     if "seed" in values and "noise" not in values:
         raise ValueError(f"committee member {spec!r}: seed= needs noise=")
     try:
@@ -135,6 +165,11 @@ def parse_member(spec: str) -> tuple[str, float | None, int]:
     return base, noise, seed
 
 
+def member_system(spec: str) -> str | None:
+    """The system-prompt name of a member spec (`:system=<name>`), or None."""
+    return _options(spec)[1].get("system")
+
+
 def member_name(spec: str) -> str:
     """Column-name form of a member spec: a folder is shown by its name, options are kept."""
     base, _, options = spec.partition(":")
@@ -144,90 +179,227 @@ def member_name(spec: str) -> str:
     return f"{base}:{options}" if options else base
 
 
+def with_system(messages: list[dict[str, str]], system: str | None) -> list[dict[str, str]]:
+    """The conversation read under system prompt `system` (replacing a leading system turn); unchanged if None."""
+    if system is None:
+        return messages
+    rest = messages[1:] if messages and messages[0]["role"] == "system" else messages
+    return [{"role": "system", "content": system}, *rest]
+
+
+def _materialize(folder: Path, build, marker: dict) -> Path:
+    """Build a model folder once: `build(staging)` writes it, a marker file finishes it, then it is renamed."""
+    from training.models import MARKER
+
+    if (folder / MARKER).is_file():
+        return folder
+    staging = folder.with_name(folder.name + ".partial")
+    shutil.rmtree(staging, ignore_errors=True)
+    staging.mkdir(parents=True)
+    build(staging)
+    write_json(staging / MARKER, {"name": folder.name, **marker})
+    shutil.rmtree(folder, ignore_errors=True)
+    staging.rename(folder)
+    return folder
+
+
 def noisy_variant(base: Path, scale: float, seed: int, cache: Path | None = None) -> Path:
     """Materialize (once) a copy of model folder `base` whose ≥2-D weights get N(0, (scale·std(W))²) noise.
 
     Deterministic in (base weights, scale, seed); written to `<cache>/models/variants/` and finished by a marker
     file, like `training.models`. Norm weights and biases are left alone.
     """
-    import torch
-    from safetensors.torch import load_file, save_file
-
     from curation.backends import model_fingerprint
     from training.models import MARKER, cache_dir
 
+    def build(staging: Path) -> None:
+        import torch
+        from safetensors.torch import load_file, save_file
+
+        for f in base.iterdir():
+            if f.is_file() and f.suffix != ".safetensors" and f.name != MARKER:
+                shutil.copy2(f, staging / f.name)
+        weights = sorted(base.glob("*.safetensors"))
+        if not weights:
+            raise CurateError(f"{base}: no .safetensors weights to perturb; save the model with safe_serialization")
+        for f in weights:
+            tensors = load_file(f)
+            for index, name in enumerate(sorted(tensors)):
+                t = tensors[name]
+                if t.is_floating_point() and t.dim() >= 2:
+                    gen = torch.Generator().manual_seed(seed * 100_003 + index)
+                    w = t.float()
+                    tensors[name] = (w + scale * w.std() * torch.randn(w.shape, generator=gen)).to(t.dtype)
+            save_file(tensors, staging / f.name, metadata={"format": "pt"})
+
     root = (cache or cache_dir()) / "models" / "variants"
     folder = root / f"{base.name}-noise{scale:g}-seed{seed}-{model_fingerprint(base)[:8]}"
-    if (folder / MARKER).is_file():
-        return folder
-    staging = folder.with_name(folder.name + ".partial")
-    shutil.rmtree(staging, ignore_errors=True)
-    staging.mkdir(parents=True)
-    for f in base.iterdir():
-        if f.is_file() and f.suffix != ".safetensors" and f.name != MARKER:
-            shutil.copy2(f, staging / f.name)
-    weights = sorted(base.glob("*.safetensors"))
-    if not weights:
-        raise CurateError(f"{base}: no .safetensors weights to perturb; save the model with safe_serialization")
-    for f in weights:
-        tensors = load_file(f)
-        for index, name in enumerate(sorted(tensors)):
-            t = tensors[name]
-            if t.is_floating_point() and t.dim() >= 2:
-                gen = torch.Generator().manual_seed(seed * 100_003 + index)
-                w = t.float()
-                tensors[name] = (w + scale * w.std() * torch.randn(w.shape, generator=gen)).to(t.dtype)
-        save_file(tensors, staging / f.name, metadata={"format": "pt"})
-    write_json(staging / MARKER, {"name": folder.name, "base": str(base), "noise": scale, "seed": seed})
-    shutil.rmtree(folder, ignore_errors=True)
-    staging.rename(folder)
-    return folder
+    return _materialize(folder, build, {"base": str(base), "noise": scale, "seed": seed})
 
 
-def resolve_member(spec: str, backend: str) -> str | Path:
-    """What to hand to `load_backend` for a member spec (dummy: the spec itself, a name)."""
+def champion_policy(registry_root: Path | None) -> tuple[str, Path] | None:
+    """(version, policy adapter folder) of the registry champion, or None when there is no champion with a
+    policy. The folder is the version's `policy/` (DPO), else another `policy*/` LoRA folder (e.g. KTO's)."""
+    if registry_root is None:
+        return None
+    from training.registry import Registry
+
+    registry = Registry(registry_root)
+    version = registry.champion()
+    if version is None:
+        return None
+    folder = registry.path(version)
+    candidates = [folder / "policy"] + sorted(p for p in folder.glob("policy?*") if p.is_dir())
+    found = next((p for p in candidates if (p / "adapter_config.json").is_file()), None)
+    return (version, found) if found is not None else None
+
+
+def merged_policy(adapter: Path, cache: Path | None = None) -> Path:
+    """Materialize (once) a LoRA policy folder (as the policy trainers save it) as a plain model folder: the
+    adapter merged into its base (PEFT `merge_and_unload`), saved in float32 so the adapter's small updates are
+    not rounded away, with the base's tokenizer. Keyed by the adapter's files."""
+    from curation.backends import model_fingerprint
+    from training.models import cache_dir, resolve_model
+
+    def build(staging: Path) -> None:
+        import torch
+        from peft import PeftConfig, PeftModel
+        from transformers import AutoModelForCausalLM, AutoTokenizer
+
+        base = resolve_model(PeftConfig.from_pretrained(adapter).base_model_name_or_path)
+        model = AutoModelForCausalLM.from_pretrained(base, dtype=torch.float32)
+        PeftModel.from_pretrained(model, adapter).merge_and_unload().save_pretrained(staging)
+        AutoTokenizer.from_pretrained(base).save_pretrained(staging)
+
+    root = (cache or cache_dir()) / "models" / "variants"
+    folder = root / f"policy-{model_fingerprint(adapter)[:12]}"
+    return _materialize(folder, build, {"adapter": str(adapter)})
+
+
+@dataclass
+class Member:
+    """A committee member resolved for this round: its column name, what `load_backend` gets, its system
+    prompt; `note` says why it is skipped (then `model` is None)."""
+
+    name: str
+    spec: str
+    model: str | None
+    system: str | None = None
+    note: str = ""
+
+
+def resolve_member(spec: str, backend: str, registry_root: Path | None = None) -> str | Path | None:
+    """What to hand to `load_backend` for a member spec's weights (backend `dummy`: a name), or None when it
+    names the champion and the registry has none."""
     base, noise, seed = parse_member(spec)
+    if base == CHAMPION:
+        found = champion_policy(registry_root)
+        if found is None:
+            return None
+        version, policy = found
+        if backend == "dummy":
+            base = f"{CHAMPION}-{version}"
+        else:
+            path = merged_policy(policy)
+            return noisy_variant(path, noise, seed) if noise is not None else path
     if backend == "dummy":
-        return spec
+        return base + (f":noise={noise:g}:seed={seed}" if noise is not None else "")
     from training.models import resolve_model
 
     path = resolve_model(base)
     return noisy_variant(path, noise, seed) if noise is not None else path
 
 
+def resolve_committee(sc: ScoringConfig, registry_root: Path | None = None) -> list[Member]:
+    """Every committee member with its weights resolved (variants materialized); skipped ones carry a note."""
+    members = []
+    for spec in sc.committee:
+        model = resolve_member(spec, sc.backend.name, registry_root)
+        system = member_system(spec)
+        note = "" if model is not None else f"{member_name(spec)}: skipped, the registry has no champion policy yet"
+        members.append(Member(name=member_name(spec), spec=spec, model=None if model is None else str(model),
+                              system=None if system is None else sc.system_prompts[system], note=note))
+    if not any(m.model is not None for m in members):
+        raise CurateError(f"no committee member can run ({'; '.join(m.note for m in members)}); "
+                          "add a model that exists to scoring.committee")
+    return members
+
+
+def embedding_spec(sc: ScoringConfig, members: list[Member]) -> str:
+    """The spec whose weights embed texts: `embedding_model`, else the first member that runs."""
+    return sc.embedding_model or next(m.spec for m in members if m.model is not None)
+
+
+def embedding_weights(sc: ScoringConfig, members: list[Member], registry_root: Path | None = None) -> str:
+    """What `load_backend` gets for the embedding model (see `embedding_spec`)."""
+    if sc.embedding_model is None:
+        return next(m.model for m in members if m.model is not None)
+    model = resolve_member(sc.embedding_model, sc.backend.name, registry_root)
+    if model is None:
+        raise CurateError(f"scoring.embedding_model {sc.embedding_model!r}: the registry has no champion policy "
+                          "yet; set another model or null (= the first committee member)")
+    return str(model)
+
+
+def embedding_backend(sc: ScoringConfig, registry_root: Path | None = None) -> Backend:
+    """The backend `curate score` embeds with (tokenizer loaded, model on first use): its `embed` and
+    `loglikelihood_and_embed` give the same embeddings and prompt perplexities as the score step."""
+    return load_backend(embedding_weights(sc, resolve_committee(sc, registry_root), registry_root), sc.backend)
+
+
 # ------------------------------------------------------------------------------------------------ scoring
+Item = tuple[str, list[int], list[int], bool]  # (id, context ids, continuation ids, also embed)
+
+
 def score_requests(
-    backend: Backend, items: list[tuple[str, list[int], list[int]]], parts: Path, batch_size: int, bar=None,
-) -> tuple[dict[str, tuple[float, int]], int]:
-    """{item id: (sum logprob, n tokens)} for (id, context ids, continuation ids) items, shard by shard."""
+    backend: Backend, items: list[Item], parts: Path, batch_size: int, bar=None, embed_max_tokens: int = 512,
+) -> tuple[dict[str, tuple[float, int]], dict[str, np.ndarray], int]:
+    """For (id, context, continuation, embed) items, shard by shard: ({id: (sum logprob, n tokens)},
+    {id: embedding of the continuation} for items with embed=True (same forward pass), truncated count)."""
     out: dict[str, tuple[float, int]] = {}
+    emb: dict[str, np.ndarray] = {}
     truncated = 0
     for start in range(0, len(items), batch_size):
         chunk = items[start : start + batch_size]
-        shard = parts / f"ll-{stable_id(backend.kind, backend.fingerprint(), chunk, length=20)}.parquet"
+        key = [chunk, embed_max_tokens] if any(e for *_, e in chunk) else chunk
+        shard = parts / f"ll-{stable_id(backend.kind, backend.fingerprint(), key, length=20)}.parquet"
         if shard.is_file():
             rows = read_rows(shard)
         else:
-            fitted = [fit_request(ctx, cont, backend.max_model_len) for _, ctx, cont in chunk]
-            lls = backend.loglikelihood([(c, x) for c, x, _ in fitted])
+            fitted = [fit_request(ctx, cont, backend.max_model_len) for _, ctx, cont, _ in chunk]
+            plain = [i for i, item in enumerate(chunk) if not item[3]]
+            both = [i for i, item in enumerate(chunk) if item[3]]
+            lls: list[list[float]] = [[] for _ in chunk]
+            vecs: dict[int, list[float]] = {}
+            for i, ll in zip(plain, backend.loglikelihood([fitted[i][:2] for i in plain]), strict=True):
+                lls[i] = ll
+            if both:
+                got, got_vecs = backend.loglikelihood_and_embed([fitted[i][:2] for i in both], embed_max_tokens)
+                for i, ll, v in zip(both, got, got_vecs, strict=True):
+                    lls[i], vecs[i] = ll, v.tolist()
             rows = [
-                {"id": item[0], "sum_logprob": float(sum(ll)), "num_tokens": len(ll), "truncated": f[2]}
-                for item, f, ll in zip(chunk, fitted, lls, strict=True)
+                {"id": item[0], "sum_logprob": float(sum(ll)), "num_tokens": len(ll), "truncated": f[2],
+                 "embedding": vecs.get(i)}
+                for i, (item, f, ll) in enumerate(zip(chunk, fitted, lls, strict=True))
             ]
             write_rows(shard, rows)
         for r in rows:
             out[r["id"]] = (r["sum_logprob"], r["num_tokens"])
             truncated += bool(r["truncated"])
+            if r.get("embedding") is not None:
+                emb[r["id"]] = np.asarray(r["embedding"], dtype=np.float32)
         if bar is not None:
             bar.update(len(chunk))
-    return out, truncated
+    return out, emb, truncated
 
 
 def build_requests(
-    backend: Backend, prompts: dict[str, Prompt], completions: list[Completion]
+    backend: Backend, prompts: dict[str, Prompt], completions: list[Completion], system: str | None = None,
 ) -> list[tuple[str, list[int], list[int]]]:
-    """(id, context, continuation) for every completion ("c/<id>") and prompt ("p/<id>")."""
-    rendered = {pid: backend.encode(backend.render_chat(p.messages)) for pid, p in prompts.items()}
+    """(id, context, continuation) for every completion ("c/<id>", the prompt read under `system`) and prompt
+    ("p/<id>", its text after one end-of-text token)."""
+    rendered = {pid: backend.encode(backend.render_chat(with_system(p.messages, system)))
+                for pid, p in prompts.items()}
     items = []
     for c in completions:
         cont = backend.encode(c.text)
@@ -240,16 +412,16 @@ def build_requests(
     return items
 
 
-def embed_texts(backend: Backend, items: list[tuple[str, str]], parts: Path, batch_size: int, bar=None
-                ) -> dict[str, np.ndarray]:
+def embed_texts(backend: Backend, items: list[tuple[str, str]], parts: Path, batch_size: int, bar=None,
+                max_tokens: int = 512) -> dict[str, np.ndarray]:
     out: dict[str, np.ndarray] = {}
     for start in range(0, len(items), batch_size):
         chunk = items[start : start + batch_size]
-        shard = parts / f"emb-{stable_id(backend.kind, backend.fingerprint(), chunk, length=20)}.npy"
+        shard = parts / f"emb-{stable_id(backend.kind, backend.fingerprint(), chunk, max_tokens, length=20)}.npy"
         if shard.is_file():
             vecs = np.load(shard, allow_pickle=False)
         else:
-            vecs = backend.embed([t for _, t in chunk]).astype(np.float32)
+            vecs = backend.embed([t for _, t in chunk], max_tokens)
             with atomic_path(shard) as tmp, open(tmp, "wb") as fh:
                 np.save(fh, vecs, allow_pickle=False)
         for (item_id, _), v in zip(chunk, vecs, strict=True):
@@ -257,6 +429,109 @@ def embed_texts(backend: Backend, items: list[tuple[str, str]], parts: Path, bat
         if bar is not None:
             bar.update(len(chunk))
     return out
+
+
+def reusable(backend: Backend, member: Member, completions: list[Completion], generators: dict[str, dict]
+             ) -> dict[str, tuple[float, int]]:
+    """{"c/<id>": (sum logprob, n tokens)} for the completions whose generator is this member's model: same
+    weights and dtype (fingerprint), same context length, and no system prompt."""
+    if member.system is not None:
+        return {}
+    out = {}
+    for c in completions:
+        info = generators.get(c.model)
+        if (info and info["fingerprint"] == backend.fingerprint() and info["max_model_len"] == backend.max_model_len
+                and c.num_tokens > 0 and math.isfinite(c.mean_logprob)):
+            out[f"c/{c.id}"] = (c.mean_logprob * c.num_tokens, c.num_tokens)
+    return out
+
+
+@dataclass
+class _Plan:
+    """One backend's work: per member, the items to compute and the log-likelihoods reused from generation."""
+
+    backend: Backend
+    members: list[Member]
+    todo: dict[str, list[Item]]  # member name → items computed by this backend (deduplicated across members)
+    same_as: dict[str, dict[str, tuple]]  # member name → {item id: (ctx, cont) key} of every item it needs
+    reused: dict[str, dict[str, tuple[float, int]]]
+    texts: list[tuple[str, str]]  # texts to embed (id, text)
+
+    @property
+    def size(self) -> int:
+        return sum(len(v) for v in self.todo.values()) + len(self.texts)
+
+
+def plan_scoring(sc: ScoringConfig, members: list[Member], prompts: dict[str, Prompt], completions: list[Completion],
+                 generators: dict[str, dict], stack: contextlib.ExitStack, registry_root: Path | None) -> list[_Plan]:
+    """Group the active members by weights (one backend each), and decide what each backend computes."""
+    active = [m for m in members if m.model is not None]
+    embed_model = embedding_weights(sc, members, registry_root)
+    groups: dict[str, list[Member]] = {}
+    for m in active:
+        groups.setdefault(m.model, []).append(m)
+    groups.setdefault(embed_model, [])
+    plans = []
+    for model, group in groups.items():
+        backend = stack.enter_context(load_backend(model, sc.backend))
+        embeds = model == embed_model
+        todo: dict[str, list[Item]] = {}
+        same_as: dict[str, dict[str, tuple]] = {}
+        reused: dict[str, dict[str, tuple[float, int]]] = {}
+        seen: set[tuple] = set()
+        for m in group:
+            reused[m.name] = reusable(backend, m, completions, generators) if sc.reuse_generation_logprobs else {}
+            todo[m.name], same_as[m.name] = [], {}
+            for item_id, ctx, cont in build_requests(backend, prompts, completions, m.system):
+                if item_id in reused[m.name]:
+                    continue
+                key = (tuple(ctx), tuple(cont))
+                same_as[m.name][item_id] = key
+                if key not in seen:
+                    seen.add(key)
+                    todo[m.name].append((item_id, ctx, cont, embeds and item_id.startswith("p/")))
+        texts = [(f"c/{c.id}", c.text) for c in completions]
+        if embeds and not group:  # an embedding model outside the committee: embed the prompt texts too
+            texts += [(f"p/{pid}", p.text) for pid, p in prompts.items()]
+        plans.append(_Plan(backend, group, todo, same_as, reused, texts if embeds else []))
+    return plans
+
+
+def score_prompts(
+    sc: ScoringConfig, members: list[Member], prompts: dict[str, Prompt], completions: list[Completion], parts: Path,
+    generators: dict[str, dict], registry_root: Path | None = None, bar=None,
+) -> dict:
+    """Log-likelihoods under every active member, and embeddings, for these prompts and completions.
+
+    Returns {"lls": {member: {item: (sum, n)}}, "embeddings": {item: vector}, "truncated": int,
+    "reused": {member: count}, "timings": {model: {phase: seconds}}}."""
+    lls: dict[str, dict[str, tuple[float, int]]] = {}
+    emb: dict[str, np.ndarray] = {}
+    truncated = 0
+    timings: dict[str, dict[str, float]] = {}
+    with contextlib.ExitStack() as stack:
+        plans = plan_scoring(sc, members, prompts, completions, generators, stack, registry_root)
+        if bar is not None:
+            bar.reset(total=sum(p.size for p in plans))
+        for plan in plans:
+            computed: dict[tuple, tuple[float, int]] = {}  # (ctx, cont) → result, shared by the plan's members
+            computed_emb: dict[tuple, np.ndarray] = {}
+            for m in plan.members:
+                items = plan.todo[m.name]
+                got, vecs, t = score_requests(plan.backend, items, parts, sc.batch_size, bar, sc.embed_max_tokens)
+                truncated += t
+                keys = plan.same_as[m.name]
+                computed.update({keys[item_id]: value for item_id, value in got.items()})
+                computed_emb.update({keys[item_id]: vec for item_id, vec in vecs.items()})
+                lls[m.name] = {**plan.reused[m.name], **{i: computed[k] for i, k in keys.items()}}
+                emb.update({i: computed_emb[k] for i, k in keys.items() if k in computed_emb})
+            if plan.texts:
+                emb.update(embed_texts(plan.backend, plan.texts, parts, sc.batch_size, bar, sc.embed_max_tokens))
+            plan.backend.close()
+            label = ", ".join(m.name for m in plan.members) or "embeddings"
+            timings[f"{Path(plan.backend.model).name} ({label})"] = plan.backend.timings
+    reused = {m: len(r) for plan in plans for m, r in plan.reused.items()}
+    return {"lls": lls, "embeddings": emb, "truncated": truncated, "reused": reused, "timings": timings}
 
 
 def vote_entropy(lp: np.ndarray) -> float:
@@ -338,38 +613,22 @@ def compute_scores(
 
 
 # --------------------------------------------------------------------------------------------------- step
-def score_prompts(sc: ScoringConfig, prompts: dict[str, Prompt], completions: list[Completion], parts: Path,
-                  bar=None) -> tuple[dict[str, dict[str, tuple[float, int]]], dict[str, np.ndarray], int]:
-    """Log-likelihoods under every committee member, and embeddings, for these prompts and completions."""
-    lls: dict[str, dict[str, tuple[float, int]]] = {}
-    truncated = 0
-    for spec in sc.committee:
-        with load_backend(sc.backend, resolve_member(spec, sc.backend), sc.settings) as backend:
-            items = build_requests(backend, prompts, completions)
-            lls[member_name(spec)], t = score_requests(backend, items, parts, sc.batch_size, bar)
-            truncated += t
-    embed_spec = sc.embedding_model or sc.committee[0]
-    embed_kind = "dummy" if sc.backend == "dummy" else "transformers"
-    with load_backend(embed_kind, resolve_member(embed_spec, sc.backend), sc.settings) as backend:
-        texts = [(f"c/{c.id}", c.text) for c in completions] + [(f"p/{p}", q.text) for p, q in prompts.items()]
-        emb = embed_texts(backend, texts, parts, sc.batch_size, bar)
-    return lls, emb, truncated
-
-
-def score_shard(work: list[tuple[dict, list[dict]]], *, config: dict, parts: str) -> dict:
+def score_shard(work: list[tuple[dict, list[dict]]], *, config: dict, members: list[dict], parts: str,
+                generators: dict[str, dict]) -> dict:
     """One shard of `run_score` (a Ray task): (prompt row, its completion rows) items, plain values back."""
     sc = from_dict(ScoringConfig, config)
     prompts = {row["id"]: Prompt.from_row(row) for row, _ in work}
     completions = [Completion.from_row(c) for _, rows in work for c in rows]
-    lls, emb, truncated = score_prompts(sc, prompts, completions, Path(parts))
-    return {"lls": {name: {k: list(v) for k, v in part.items()} for name, part in lls.items()},
-            "embeddings": {k: v.tolist() for k, v in emb.items()}, "truncated": truncated}
+    out = score_prompts(sc, [Member(**m) for m in members], prompts, completions, Path(parts), generators)
+    return {**out, "lls": {name: {k: list(v) for k, v in part.items()} for name, part in out["lls"].items()},
+            "embeddings": {k: v.tolist() for k, v in out["embeddings"].items()}}
 
 
 def run_score(cfg, rnd, *, force: bool = False, progress: bool = True) -> dict:
     """Round step `score` (see the module docstring)."""
     from curation.generate import load_completions
     from curation.pool import load_prompts
+    from training.registry import registry_root
 
     sc: ScoringConfig = cfg.scoring
     run = rnd.start_step("score", sc, inputs=(rnd.step("pool"), rnd.step("generate")), seeds={"seed": cfg.seed},
@@ -377,32 +636,42 @@ def run_score(cfg, rnd, *, force: bool = False, progress: bool = True) -> dict:
     if run is None:
         return rnd.step("score").manifest()
     with run:
+        run.extra["hardware"] = announce_hardware("score", sc.backend)
         completions = load_completions(rnd)
+        generators = rnd.step("generate").manifest().get("generators") or {}
         all_prompts = {p.id: p for p in load_prompts(rnd)}
         missing = sorted({c.prompt_id for c in completions} - set(all_prompts))
         if missing:
             raise CurateError(f"{len(missing)} completions point at prompts not in the pool (e.g. {missing[0]}); "
                               "redo `curate generate --force`")
         prompts = {pid: all_prompts[pid] for pid in dict.fromkeys(c.prompt_id for c in completions)}
-        members = [member_name(s) for s in sc.committee]
-        embed_spec = sc.embedding_model or sc.committee[0]
+        registry = registry_root(cfg)
+        members = resolve_committee(sc, registry)
+        for m in members:
+            if m.note:
+                print(f"score: {m.note}", flush=True)
+        names = [m.name for m in members if m.model is not None]
         if sc.sharding.backend == "none":
-            n_items = len(completions) + len(prompts)
-            with tqdm(total=n_items * (len(members) + 1), desc="score", unit="item", disable=not progress) as bar:
-                lls, emb, truncated = score_prompts(sc, prompts, completions, run.parts_dir, bar)
+            with tqdm(total=0, desc="score", unit="item", disable=not progress) as bar:
+                out = score_prompts(sc, members, prompts, completions, run.parts_dir, generators, registry, bar)
         else:
             by_prompt: dict[str, list[dict]] = defaultdict(list)
             for c in completions:
                 by_prompt[c.prompt_id].append(c.to_row())
             work = [(p.to_row(), by_prompt[pid]) for pid, p in prompts.items()]
-            lls, emb, truncated = {name: {} for name in members}, {}, 0
-            for result in map_shards(score_shard, work, sc.sharding, config=to_dict(sc), parts=str(run.parts_dir)):
+            out = {"lls": {name: {} for name in names}, "embeddings": {}, "truncated": 0, "reused": {}, "timings": {}}
+            results = map_shards(score_shard, work, sc.sharding, config=to_dict(sc), parts=str(run.parts_dir),
+                                 members=[asdict(m) for m in members], generators=generators)
+            for shard, result in enumerate(results):
                 for name, part in result["lls"].items():
-                    lls[name].update({k: (v[0], int(v[1])) for k, v in part.items()})
-                emb.update({k: np.asarray(v, dtype=np.float32) for k, v in result["embeddings"].items()})
-                truncated += result["truncated"]
+                    out["lls"][name].update({k: (v[0], int(v[1])) for k, v in part.items()})
+                out["embeddings"].update({k: np.asarray(v, dtype=np.float32) for k, v in result["embeddings"].items()})
+                out["truncated"] += result["truncated"]
+                for name, count in result["reused"].items():
+                    out["reused"][name] = out["reused"].get(name, 0) + count
+                out["timings"].update({f"{k} (shard {shard})": v for k, v in result["timings"].items()})
             run.counts["shards"] = sc.sharding.num_shards
-        comp_rows, prompt_rows = compute_scores(prompts, completions, members, lls, emb)
+        comp_rows, prompt_rows = compute_scores(prompts, completions, names, out["lls"], out["embeddings"])
         if comp_rows:
             _write_with_embeddings(run.path / "completion_scores.parquet", comp_rows)
             _write_with_embeddings(run.path / "prompt_scores.parquet", prompt_rows)
@@ -410,20 +679,32 @@ def run_score(cfg, rnd, *, force: bool = False, progress: bool = True) -> dict:
             write_rows(run.path / "completion_scores.parquet", [])
             write_rows(run.path / "prompt_scores.parquet", [])
         run.counts.update({
-            "completions": len(comp_rows), "prompts": len(prompt_rows), "members": len(members),
-            "prompts_without_completions": len(all_prompts) - len(prompts), "truncated_requests": truncated,
+            "completions": len(comp_rows), "prompts": len(prompt_rows), "members": len(names),
+            "prompts_without_completions": len(all_prompts) - len(prompts), "truncated_requests": out["truncated"],
         })
-        run.extra["committee"] = members
-        run.extra["embedding_model"] = member_name(embed_spec)
+        run.extra["committee"] = names
+        run.extra["committee_notes"] = [m.note for m in members if m.note]
+        run.extra["embedding_model"] = member_name(embedding_spec(sc, members))
+        run.extra["reused"] = out["reused"]
+        run.extra["timings"] = out["timings"]
+        for name, spent in out["timings"].items():
+            print(f"score: {name}: {format_timings(spent)}", flush=True)
     return rnd.step("score").manifest()
 
 
 __all__ = [
+    "Member",
     "ScoringConfig",
+    "champion_policy",
     "compute_scores",
+    "embedding_backend",
+    "embedding_weights",
     "member_name",
+    "member_system",
+    "merged_policy",
     "noisy_variant",
     "parse_member",
+    "resolve_committee",
     "resolve_member",
     "run_score",
     "semantic_spread",

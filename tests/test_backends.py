@@ -7,11 +7,15 @@ import pytest
 
 from curation import backends as B
 from curation.backends import BackendSettings, DummyBackend, Sampling, TransformersBackend, load_backend
+from curation.generate import GenerationConfig
+from curation.score import ScoringConfig
+from preference.plumbing import hardware
+from preference.plumbing.config import ConfigError, from_dict
 from preference.plumbing.errors import CurateError
 from preference.plumbing.io import read_jsonl
 from preference.schema import split_hh_transcript
 
-FP32 = BackendSettings(dtype="float32", batch_size=4)
+FP32 = BackendSettings(name="transformers", dtype="float32", micro_batch_size=4)
 
 
 def hh_requests(backend, hh_sample, k=6):
@@ -25,6 +29,41 @@ def hh_requests(backend, hh_sample, k=6):
 
 def ppl(lls):
     return np.array([np.exp(-np.mean(x)) for x in lls])
+
+
+# ------------------------------------------------------------------------------------------------ registry
+def test_registry_names_resolve_to_their_backend_classes():
+    for name in B.BACKENDS:
+        cls = B.backend_class(name)
+        assert issubclass(cls, B.Backend) and cls.kind == name
+    assert isinstance(load_backend("any-name", BackendSettings(name="dummy")), DummyBackend)
+
+
+@pytest.mark.parametrize("section,cls", [("generation", GenerationConfig), ("scoring", ScoringConfig)])
+def test_config_backend_names_are_checked_against_the_registry(section, cls):
+    with pytest.raises(ConfigError, match=rf"{section}.backend: unknown backend 'tgi'; known backends: "
+                                          r"dummy, transformers, vllm"):
+        from_dict(cls, {"backend": {"name": "tgi"}}, section)
+    with pytest.raises(ConfigError, match=rf"{section}.backend.dtyp: unknown key for BackendSettings"):
+        from_dict(cls, {"backend": {"dtyp": "float32"}}, section)
+    with pytest.raises(ConfigError, match=rf"{section}.backend: threads must be ≥ 1"):
+        from_dict(cls, {"backend": {"threads": 0}}, section)
+    parsed = from_dict(cls, {"backend": {"name": "transformers", "dtype": "float32", "threads": 1}}, section)
+    assert parsed.backend == BackendSettings(name="transformers", dtype="float32", threads=1)
+
+
+def test_auto_dtype_and_threads_come_from_the_hardware(monkeypatch):
+    monkeypatch.setattr(hardware, "fast_bf16", lambda: False)
+    fp32 = DummyBackend("m", BackendSettings(name="dummy"))
+    monkeypatch.setattr(hardware, "fast_bf16", lambda: True)
+    bf16 = DummyBackend("m", BackendSettings(name="dummy"))
+    assert (fp32.dtype, bf16.dtype) == ("float32", "bfloat16")
+    assert fp32.fingerprint() != bf16.fingerprint()  # cache keys never mix precisions
+    explicit = DummyBackend("m", BackendSettings(name="dummy", dtype="float32"))
+    assert explicit.dtype == "float32" and explicit.fingerprint() == fp32.fingerprint()
+    assert fp32.threads == hardware.usable_cores()
+    assert DummyBackend("m", BackendSettings(name="dummy", threads=1)).threads == 1
+    assert fp32.hardware()["dtype"] == "float32" and fp32.hardware()["threads"] == fp32.threads
 
 
 # --------------------------------------------------------------------------------------------------- dummy
@@ -53,7 +92,7 @@ def test_dummy_members_disagree_and_embeddings_reflect_words():
 
 
 def test_interface_rejects_empty_and_too_long_inputs():
-    b = DummyBackend(settings=BackendSettings(max_model_len=10))
+    b = DummyBackend(settings=BackendSettings(name="dummy", max_model_len=10))
     with pytest.raises(CurateError, match="empty"):
         b.generate([""], Sampling(max_tokens=2))
     with pytest.raises(CurateError, match="exceeds the model context of 10"):
@@ -81,9 +120,9 @@ def test_greedy_decoding_needs_n_1():
 
 def test_unknown_backend_and_vllm_fallback(monkeypatch, tiny_model):
     with pytest.raises(CurateError, match="unknown backend 'tgi'"):
-        load_backend("tgi", tiny_model)
-    monkeypatch.setattr(B, "vllm_available", lambda: False)
-    assert isinstance(load_backend("vllm", tiny_model), TransformersBackend)
+        load_backend(tiny_model, BackendSettings(name="tgi"))
+    monkeypatch.setattr(B.VLLMBackend, "available", classmethod(lambda cls: False))
+    assert isinstance(load_backend(tiny_model, BackendSettings(name="vllm")), TransformersBackend)
 
 
 # --------------------------------------------------------------------------------------------- transformers
@@ -103,6 +142,39 @@ def test_transformers_generation_logprobs_match_loglikelihood(hf):
     for g, ll in zip(gens, lls, strict=True):
         assert g.entropy is not None and g.entropy > 0
         np.testing.assert_allclose(g.logprobs, ll, atol=1e-4)
+
+
+def test_transformers_runs_on_the_configured_threads(tiny_model):
+    import torch
+
+    with TransformersBackend(tiny_model, BackendSettings(name="transformers", dtype="float32", threads=1)) as one:
+        one.loglikelihood([("a b", "c")])
+        assert torch.get_num_threads() == 1
+    with TransformersBackend(tiny_model, FP32) as every:
+        every.loglikelihood([("a b", "c")])
+        assert torch.get_num_threads() == hardware.usable_cores()
+        assert set(every.timings) == {"load", "loglikelihood"}
+
+
+def test_one_pass_loglikelihood_and_embedding(hf, tiny_model):
+    """The prompt-text request (eos, text) gives the text's log-likelihood and its `embed` vector in one pass;
+    on the vLLM backend that pass runs on its transformers twin and never starts an engine."""
+    texts = ["hello there", "a much longer text about baking bread at home"]
+    reqs = [([hf.eos_token_id], hf.encode(t)) for t in texts]
+    lls, vecs = hf.loglikelihood_and_embed(reqs)
+    for got, want in zip(lls, hf.loglikelihood(reqs), strict=True):
+        np.testing.assert_allclose(got, want, atol=1e-4)
+    np.testing.assert_allclose(vecs, hf.embed(texts), atol=1e-4)
+    assert vecs.shape == (2, 128) and vecs.dtype == np.float32
+    short = hf.embed(texts, max_tokens=2)  # pools over the first 2 tokens only
+    np.testing.assert_allclose(short, hf.loglikelihood_and_embed(reqs, max_tokens=2)[1], atol=1e-4)
+    assert not np.allclose(short[1], vecs[1])
+    with B.VLLMBackend(tiny_model, BackendSettings(dtype="float32")) as vl:
+        v_lls, v_vecs = vl.loglikelihood_and_embed(reqs)
+        assert vl._llm is None  # no vLLM engine for hidden states
+        np.testing.assert_allclose(v_vecs, vecs, atol=1e-4)
+        np.testing.assert_allclose(v_lls[1], lls[1], atol=1e-4)
+    assert set(vl.timings) == {"transformers load", "loglikelihood+embed"}  # no vLLM engine "load"
 
 
 def test_transformers_loglikelihood_is_batch_invariant(hf, hh_sample):
@@ -138,6 +210,22 @@ def test_vllm_and_transformers_fp32_perplexities_agree(vl, hf, hh_sample):
 
 
 @pytest.mark.vllm
+def test_vllm_runs_on_every_usable_core_and_threads_stay_settable(vl):
+    """The in-process engine computes on torch's OpenMP pool, sized from the settings (null = the affinity
+    mask) before it starts; vLLM's CPU worker then disables torch.set_num_threads, `use_threads` still works."""
+    import torch
+
+    vl.loglikelihood([("a b c", "d e")])
+    assert torch.get_num_threads() == vl.threads == hardware.usable_cores()
+    assert vl.llm.llm_engine.vllm_config.model_config.dtype == torch.float32
+    B.use_threads(1)
+    assert torch.get_num_threads() == 1
+    vl.loglikelihood([("a b c", "d e")])  # each call puts its own count back
+    assert torch.get_num_threads() == vl.threads
+    assert vl.timings["load"] > 0 and vl.timings["loglikelihood"] > 0
+
+
+@pytest.mark.vllm
 def test_vllm_prefix_cache_reuse_keeps_loglikelihoods_exact(vl, hf, hh_sample):
     """Completions sharing a long context read it from the prefix cache (CPU block size 128); a cache hit that
     reaches into the continuation (the same request twice) is recomputed without the cache."""
@@ -148,9 +236,16 @@ def test_vllm_prefix_cache_reuse_keeps_loglikelihoods_exact(vl, hf, hh_sample):
     got, want = vl.loglikelihood(reqs), hf.loglikelihood(reqs)
     for g, w in zip(got, want, strict=True):
         np.testing.assert_allclose(g, w, atol=1e-3)
-    again = vl.loglikelihood(reqs)  # everything cached now
+    again = vl.loglikelihood(reqs)  # a call starts from an empty prefix cache: the same numbers
     for g, w in zip(again, want, strict=True):
         np.testing.assert_allclose(g, w, atol=1e-3)
+    # within one call: the second request's context (prefilled first) covers most of the first request's
+    # continuation, so its cache hit reaches into the continuation and it is recomputed without the cache
+    nested = [(ctx[:64], ctx[64:200]), (ctx[:250], conts[0])]
+    got = vl.loglikelihood(nested)
+    for g, w in zip(got, hf.loglikelihood(nested), strict=True):
+        np.testing.assert_allclose(g, w, atol=1e-3)
+    assert got == vl.loglikelihood(nested)  # deterministic: nothing carried over between calls
 
 
 @pytest.mark.vllm

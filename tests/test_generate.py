@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 from pathlib import Path
 
 import pytest
@@ -18,8 +19,8 @@ from preference.schema import Completion, Prompt
 
 
 def make_round(tmp_path: Path, hh_sample: Path, limit: int = 10, **gen) -> tuple[RoundConfig, object]:
-    gen = {"backend": "dummy", "models": ["dummy-a"], "n": 3, "max_tokens": 16, "batch_size": 4,
-           "cache_dir": tmp_path / "cache", **gen}
+    gen = {"backend": B.BackendSettings(name="dummy"), "models": ["dummy-a"], "n": 3, "max_tokens": 16,
+           "batch_size": 4, "cache_dir": tmp_path / "cache", **gen}
     cfg = RoundConfig(
         project=tmp_path / "proj",
         pool=PoolConfig(sources=[PoolSource(path=hh_sample, format="hh", slice="harmless", limit=limit)]),
@@ -53,8 +54,8 @@ def test_generate_writes_completions_with_references(tmp_path, hh_sample):
 
 
 def test_generate_on_transformers_tiny_model(tmp_path, hh_sample, tiny_model):
-    cfg, rnd = make_round(tmp_path, hh_sample, limit=3, backend="transformers", models=[str(tiny_model)], n=2,
-                          max_tokens=8, dtype="float32")
+    cfg, rnd = make_round(tmp_path, hh_sample, limit=3, backend=B.BackendSettings(name="transformers", dtype="float32"),
+                          models=[str(tiny_model)], n=2, max_tokens=8)
     run_generate(cfg, rnd, progress=False)
     rows = completions(rnd)
     assert len(rows) == 6 and all(r["num_tokens"] == 8 and r["finish_reason"] == "length" for r in rows)
@@ -125,9 +126,10 @@ def test_cache_hits_across_runs(tmp_path, hh_sample, monkeypatch):
     assert third["cache_misses"] == 10  # another seed is another request
 
 
-def _pool_with(tmp_path, prompts: list[Prompt], **gen):
+def _pool_with(tmp_path, prompts: list[Prompt], engine: dict | None = None, **gen):
+    engine = engine or {}
     cfg = RoundConfig(project=tmp_path / "proj", generation=GenerationConfig(
-        backend="dummy", models=["dummy-a"], n=2, cache=False, **gen))
+        backend=B.BackendSettings(name="dummy", **engine), models=["dummy-a"], n=2, cache=False, **gen))
     rnd = Project(cfg.project).round(1, create=True)
     with rnd.start_step("pool", {"manual": True}) as run:
         write_rows(run.path / "prompts.parquet", [p.to_row() for p in prompts])
@@ -150,7 +152,7 @@ def test_empty_prompts_are_rejected_and_reported(tmp_path):
 def test_prompts_longer_than_the_context(tmp_path, policy):
     short = Prompt(id="short", messages=[{"role": "user", "content": "Hi there"}])
     long = Prompt(id="long", messages=[{"role": "user", "content": " ".join(f"w{i}" for i in range(100))}])
-    cfg, rnd = _pool_with(tmp_path, [short, long], max_tokens=8, max_model_len=40, prompt_too_long=policy)
+    cfg, rnd = _pool_with(tmp_path, [short, long], max_tokens=8, engine={"max_model_len": 40}, prompt_too_long=policy)
     counts = run_generate(cfg, rnd, progress=False)["counts"]
     got = {r["prompt_id"] for r in completions(rnd)}
     if policy == "reject":
@@ -165,4 +167,37 @@ def test_prompts_longer_than_the_context(tmp_path, policy):
 
 def test_max_tokens_must_leave_room_for_the_prompt():
     with pytest.raises(ConfigError, match=r"generation: max_model_len \(64\) must be larger than max_tokens"):
-        from_dict(GenerationConfig, {"max_tokens": 64, "max_model_len": 64}, "generation")
+        from_dict(GenerationConfig, {"max_tokens": 64, "backend": {"max_model_len": 64}}, "generation")
+
+
+def test_manifest_records_hardware_generators_and_timings(tmp_path, hh_sample, capsys):
+    cfg, rnd = make_round(tmp_path, hh_sample, limit=4, include_references=True)
+    manifest = run_generate(cfg, rnd, progress=False)
+    hw = manifest["hardware"]
+    assert hw["dtype"] in ("float32", "bfloat16") and hw["threads"] >= 1 and "features" in hw
+    backend = B.DummyBackend("dummy-a", cfg.generation.backend)
+    info = {"backend": "dummy", "fingerprint": backend.fingerprint(), "dtype": backend.dtype,
+            "max_model_len": backend.max_model_len}
+    assert manifest["generators"] == {"dummy-a": info, "reference:chosen": info, "reference:rejected": info}
+    assert set(manifest["timings"]["dummy-a"]) == {"generate", "loglikelihood"}
+    out = capsys.readouterr().out
+    assert out.count(f"generate: dummy backend on {hw['cpu']}") == 1 and f"{hw['threads']} threads" in out
+
+
+def test_outputs_of_different_dtypes_never_mix(tmp_path, hh_sample):
+    """Same prompts, same cache folder, another precision: nothing is taken from the cache or the parts."""
+    fp32 = B.BackendSettings(name="dummy", dtype="float32")
+    cfg, rnd = make_round(tmp_path / "a", hh_sample, backend=fp32, cache_dir=tmp_path / "cache")
+    assert run_generate(cfg, rnd, progress=False)["counts"]["cache_misses"] == 10
+    bf16 = B.BackendSettings(name="dummy", dtype="bfloat16")
+    cfg_b, rnd_b = make_round(tmp_path / "b", hh_sample, backend=bf16, cache_dir=tmp_path / "cache")
+    counts = run_generate(cfg_b, rnd_b, progress=False)["counts"]
+    assert (counts["cache_hits"], counts["cache_misses"]) == (0, 10)
+    assert rnd_b.step("generate").manifest()["hardware"]["dtype"] == "bfloat16"
+    # the same round redone in bf16 names its resumable parts differently: fp32 parts are never reused
+    parts = rnd.step("generate").parts_dir
+    before = {p.name for p in parts.glob("gen-*.parquet")}
+    cfg_c = dataclasses.replace(cfg, generation=dataclasses.replace(cfg.generation, backend=bf16))
+    run_generate(cfg_c, rnd, progress=False, force=True)
+    after = {p.name for p in parts.glob("gen-*.parquet")}
+    assert len(before) == len(after) == 3 and before.isdisjoint(after)

