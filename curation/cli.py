@@ -98,8 +98,43 @@ _step_command("pool", "Ingest the prompt pool (round 1) or carry it over from th
 _step_command("generate", "Sample n completions per prompt with the generator model(s) (vLLM or transformers).")
 _step_command("score", "Score completions: perplexities, committee disagreement, embeddings.")
 _step_command("select", "Pick the top-k items with the acquisition strategy, beside a random arm.")
-_step_command("push", "Send the selected items to reviewers (Argilla or simulated).")
-_step_command("pull", "Fetch reviewers' answers, measure agreement, build preference pairs.")
+
+
+@app.command()
+def push(
+    config: ConfigOpt, round_: RoundOpt = None, force: ForceOpt = False, set_: SetOpt = None, quiet: QuietOpt = False,
+    new_version: Annotated[bool, typer.Option(
+        "--new-version", help="Push to the next version of the round's Argilla dataset (<name>-v2, …): for changed "
+        "questions or labels, which Argilla cannot apply to a published dataset.")] = False,
+) -> None:
+    """Send the selected items to reviewers (Argilla or simulated)."""
+    from curation.annotate import run_push
+
+    run_step("push", lambda cfg, rnd, **kw: run_push(cfg, rnd, new_version=new_version, **kw), config, round_,
+             force, set_, quiet)
+
+
+@app.command()
+def pull(config: ConfigOpt, round_: RoundOpt = None, force: ForceOpt = False, set_: SetOpt = None,
+         quiet: QuietOpt = False) -> None:
+    """Fetch reviewers' answers, measure agreement, build preference pairs; print the reviewer report."""
+    from curation.annotate import run_pull
+    from curation.report import section_reviewers
+
+    run_step("pull", run_pull, config, round_, force, set_, quiet)
+    section = section_reviewers(open_round(load(config, set_), round_))
+    typer.echo(f"{section.title}:")
+    for line in section.lines:
+        typer.echo(f"  {line}")
+    if section.table:
+        cols = list(dict.fromkeys(k for row in section.table for k in row))
+        cell = lambda v: f"{v:.3g}" if isinstance(v, float) else "-" if v is None else str(v)  # noqa: E731
+        widths = {c: max(len(c), *(len(cell(row.get(c))) for row in section.table)) for c in cols}
+        typer.echo("  " + "  ".join(c.ljust(widths[c]) for c in cols))
+        for row in section.table:
+            typer.echo("  " + "  ".join(cell(row.get(c)).ljust(widths[c]) for c in cols))
+
+
 _step_command("evaluate", "Evaluate the trained models on held-out pairs, per slice, with bootstrap CIs.")
 _step_command("gate", "Promote the candidate model only if it beats the champion.")
 _step_command("failures", "Send the pairs the reward model still gets wrong back to the next round's pool.")

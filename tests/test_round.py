@@ -103,6 +103,7 @@ def test_kill_during_generate_resumes_without_duplicates(tmp_path):
 def test_crash_during_push_resumes_without_duplicate_records(tmp_path, monkeypatch, argilla_server):  # noqa: F811
     """A push that dies after its first batch (no manifest) and is rerun: same records, none twice."""
     server = argilla_server
+    import preference.argilla as adapter
     from curation.annotate import AnnotationConfig, run_push
     from curation.config import load_config
     from preference.argilla import ArgillaClient, ArgillaConfig
@@ -117,24 +118,23 @@ def test_crash_during_push_resumes_without_duplicate_records(tmp_path, monkeypat
                             workspace=server.workspace, dataset="kill-{round:04d}", batch_size=2, retries=1)
     cfg.annotation = AnnotationConfig(backend="argilla", completions_per_record=5, argilla=argilla)
     rnd = Project(project).round(1)
-    real_request = ArgillaClient.request
-    puts = []
+    real_log = adapter.log_batch
+    batches = []
 
-    def dying_request(self, method, path, **kw):
-        if method == "PUT" and path.endswith("/records/bulk"):
-            puts.append(path)
-            if len(puts) == 2:
-                raise KeyboardInterrupt("killed mid-push")
-        return real_request(self, method, path, **kw)
+    def dying_log(client, dataset, batch, **kw):
+        batches.append(len(batch))
+        if len(batches) == 2:
+            raise KeyboardInterrupt("killed mid-push")
+        return real_log(client, dataset, batch, **kw)
 
-    monkeypatch.setattr(ArgillaClient, "request", dying_request)
+    monkeypatch.setattr(adapter, "log_batch", dying_log)
     with pytest.raises(KeyboardInterrupt):
         run_push(cfg, rnd, force=True, progress=False)
     assert not rnd.step("push").done
-    monkeypatch.setattr(ArgillaClient, "request", real_request)
+    monkeypatch.setattr(adapter, "log_batch", real_log)
     manifest = run_push(cfg, rnd, progress=False)
     with ArgillaClient.from_config(argilla) as client:
-        records = client.list_records(manifest["argilla"]["dataset_id"], include=())
+        records = client.list_records(manifest["argilla"]["dataset_id"])
     ids = [r["external_id"] for r in records]
     pushed = [r["record_id"] for r in read_jsonl(rnd.step("push").file("records.jsonl"))]
     assert sorted(ids) == sorted(pushed) and len(set(ids)) == len(ids) == 8
