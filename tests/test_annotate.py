@@ -163,3 +163,25 @@ def test_argilla_config_rejects_bad_values():
         ArgillaConfig(harm_labels=["none"])
     with pytest.raises(ValueError, match="gold.share"):
         GoldConfig(share=1.0)
+
+
+def test_curate_pull_prints_the_reviewer_report(tmp_path, hh_sample):
+    import yaml
+    from typer.testing import CliRunner
+
+    from curation.cli import app
+
+    sim = {"source": str(hh_sample), "annotators": 3, "profiles": ["careful", "noisy", "adversarial"]}
+    ann = AnnotationConfig(backend="simulated", simulated=SimulatedConfig(**sim))
+    simulated_round(tmp_path, hh_sample, ann, n=8)
+    config = tmp_path / "round.yaml"
+    config.write_text(yaml.safe_dump({"project": str(tmp_path / "proj"),
+                                      "annotation": {"backend": "simulated", "simulated": sim}}))
+    out = CliRunner().invoke(app, ["pull", "-c", str(config), "-q"])
+    assert out.exit_code == 0, out.output
+    text = out.output
+    assert "round 1 pull: done" in text and "Reviewers:" in text
+    assert "Kendall τ between annotators' rankings: mean" in text and "Krippendorff α on harm flags" in text
+    header = next(line for line in text.splitlines() if line.strip().startswith("annotator"))
+    assert "gold_accuracy" in header and "agreement_with_consensus" in header and "seconds_per_record" in header
+    assert any(line.strip().startswith("sim-2") for line in text.splitlines())

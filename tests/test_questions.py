@@ -75,10 +75,11 @@ def test_a_new_question_type_reaches_push_pull_simulation_and_agreement(monkeypa
     assert spec["questions"][-1]["name"] == "helpfulness" and spec["questions"][-1]["settings"]["type"] == "rating"
     assert "helpfulness" not in {x["name"] for x in review_spec(cfg, 3)["questions"]}
 
+    from test_aggregate import simulated_round
+
     from curation.annotate import AnnotationConfig, push_key
     from preference.plumbing.io import read_json, read_jsonl
     from preference.simulated import SimulatedConfig
-    from test_aggregate import simulated_round
 
     plain = AnnotationConfig(backend="argilla")
     extended = AnnotationConfig(backend="argilla", argilla=cfg)
