@@ -26,7 +26,8 @@ pull (step `pull`):
        dataset; its answers are read back (`review_responses.jsonl`; waited for with `review.wait`) and override
        the first stage (`preference.aggregate`: drop / keep / fix, the reviewers' harm flags win);
     5. pairs: `pull/pairs/` (HF dataset, TRL conversational format + provenance, `stage` = which stage decided)
-       and `pull/pairs.parquet` (`PreferencePair` rows). Gold records, low-agreement records nobody reviewed
+       and `pull/pairs.parquet` (`PreferencePair` rows); the other questions' answers per record, combined by each
+       question type's consensus, in `pull/answers.jsonl`. Gold records, low-agreement records nobody reviewed
        (`review.exclude_low_agreement`) and, with `aggregation.exclude_unreliable`, unreliable annotators' answers
        stay out.
 
@@ -50,7 +51,14 @@ from typing import Any, Literal
 
 import numpy as np
 
-from preference.aggregate import AggregationConfig, aggregate, consensus_scores, review_decision, save_pairs
+from preference.aggregate import (
+    AggregationConfig,
+    aggregate,
+    consensus_scores,
+    question_consensus,
+    review_decision,
+    save_pairs,
+)
 from preference.agreement import (
     ReviewConfig,
     agreement_report,
@@ -497,7 +505,9 @@ def _review_stage(ann, cfg, rnd, push_manifest, records, first, routed, out, pro
     if not chosen:
         return [], info
     if ann.backend == "simulated":
-        review = SimulatedAnnotator(ann.simulated).review(chosen, first) if ann.review.wait else []
+        if not ann.review.wait:
+            return [], info
+        review = SimulatedAnnotator(ann.simulated).review(chosen, first)
         write_jsonl(out / "raw" / f"simulated-review-{_stamp()}.jsonl", [r.to_row() for r in review])
         return review, info
     a = ann.argilla
@@ -616,6 +626,7 @@ def run_pull(cfg, rnd, *, force: bool = False, progress: bool = True) -> dict:
         pairs = aggregate(records, used, ann.aggregation, source=source, round_number=rnd.number,
                           exclude=low | gold, review=review)
         save_pairs(pairs, run.path / "pairs")
+        write_jsonl(run.path / "answers.jsonl", question_consensus(records, used, questions))
         write_rows(run.path / "pairs.parquet", [p.to_row() for p in pairs], schema=pair_schema())
         subs = submitted(responses)
         outcomes = {d: sum(v == d for v in decisions.values()) for d in ("keep", "fix", "drop")}

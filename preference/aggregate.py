@@ -306,6 +306,27 @@ def aggregate(
     return out
 
 
+def question_consensus(records: Sequence[AnnotationRecord], responses: Sequence[Response],
+                       questions: Sequence) -> list[dict]:
+    """Per record and table question (other than ranking and harm, which become pairs): the reviewers' answers
+    combined by the question's own `consensus` (mean for interval questions, most common answer otherwise)."""
+    grouped: dict[str, list[Response]] = {}
+    for r in responses:
+        if r.status == "submitted":
+            grouped.setdefault(r.record_id, []).append(r)
+    out = []
+    for record in records:
+        subs = grouped.get(record.record_id, [])
+        for q in questions:
+            if q.kind in ("ranking", "harm"):
+                continue
+            values = [q.value(r) for r in subs if q.value(r) is not None]
+            if values:
+                out.append({"record_id": record.record_id, "question": q.kind, "consensus": q.consensus(values),
+                            "answers": len(values)})
+    return out
+
+
 def consensus_scores(
     records: Sequence[AnnotationRecord], responses: Sequence[Response], cfg: AggregationConfig
 ) -> dict[str, dict[str, float]]:
@@ -355,6 +376,7 @@ __all__ = [
     "bradley_terry_scores",
     "consensus_scores",
     "harmful_completions",
+    "question_consensus",
     "review_decision",
     "save_pairs",
     "win_matrix",

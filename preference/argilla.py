@@ -54,8 +54,12 @@ import httpx
 from preference.plumbing.errors import CurateError
 from preference.questions import (
     EMPTY_SLOT,
+    Correction,
+    Harm,
     Layout,
     Question,
+    Ranking,
+    Rating,
     first_stage_questions,
     read_response,
     review_questions,
@@ -663,7 +667,7 @@ def responses_from_raw(raw_records: Sequence[dict], completion_ids: dict[str, li
     `completion_ids`: record id → the completion ids in slot order (from the push); a record's own
     `completion_ids` metadata is the fallback. Ranks of empty slots are dropped; harm "none" → [].
     """
-    qs = list(questions if questions is not None else first_stage_questions(10, True))
+    qs = list(questions if questions is not None else [Ranking(), Harm(), Rating(), Correction()])
     out = []
     for rec in raw_records:
         rid = rec.get("external_id") or rec["id"]

@@ -95,6 +95,8 @@ def test_a_new_question_type_reaches_push_pull_simulation_and_agreement(monkeypa
     assert agreement["questions"]["helpfulness"]["level"] == "interval"
     assert agreement["questions"]["helpfulness"]["alpha"] is None or -1 <= agreement["questions"]["helpfulness"]["alpha"] <= 1
     assert Helpfulness().consensus([2, 4, None]) == pytest.approx(3.0)
+    consensus = [r for r in read_jsonl(out / "answers.jsonl") if r["question"] == "helpfulness"]
+    assert len(consensus) == 4 and all(r["answers"] == 2 and 1 <= r["consensus"] <= 5 for r in consensus)
 
 
 def test_unknown_extra_question_is_one_clear_line():
