@@ -127,8 +127,10 @@ def pull(config: ConfigOpt, round_: RoundOpt = None, force: ForceOpt = False, se
     for line in section.lines:
         typer.echo(f"  {line}")
     if section.table:
+        def cell(v) -> str:
+            return f"{v:.3g}" if isinstance(v, float) else "-" if v is None else str(v)
+
         cols = list(dict.fromkeys(k for row in section.table for k in row))
-        cell = lambda v: f"{v:.3g}" if isinstance(v, float) else "-" if v is None else str(v)  # noqa: E731
         widths = {c: max(len(c), *(len(cell(row.get(c))) for row in section.table)) for c in cols}
         typer.echo("  " + "  ".join(c.ljust(widths[c]) for c in cols))
         for row in section.table:

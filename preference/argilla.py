@@ -540,8 +540,7 @@ def ensure_dataset(client: ArgillaClient, name: str, workspace: str, spec: dict,
         client.rest("PUT", f"/api/v1/datasets/{ds.id}/publish")
         ds = client.dataset(name, workspace)
         return DatasetSync(ds, completed_draft=True)
-    structural = [d for d in schema_differences({**spec, "metadata": [], "vectors": []},
-                                                {**have, "metadata": [], "vectors": []})]
+    structural = schema_differences({**spec, "metadata": [], "vectors": []}, {**have, "metadata": [], "vectors": []})
     dims = {v["name"]: v["dimensions"] for v in have["vectors"]}
     structural += [f"vector {v['name']}: server has {dims[v['name']]} dimensions, wanted {v['dimensions']}"
                    for v in spec["vectors"] if v["name"] in dims and dims[v["name"]] != v["dimensions"]]

@@ -203,8 +203,11 @@ class Harm(Question):
                 into.harm[cid] = sorted(set(labels) - {NONE_LABEL})
 
     def write(self, response, slots, layout):
-        return {f"harm_{i}": response.harm.get(cid) or [NONE_LABEL]
-                for i, cid in enumerate(slots, 1) if cid in response.harm}
+        def options(labels):  # only the dataset's own labels can be ticked
+            return [x for x in labels if not layout.harm_labels or x in layout.harm_labels] or [NONE_LABEL]
+
+        return {f"harm_{i}": options(response.harm.get(cid) or []) for i, cid in enumerate(slots, 1)
+                if cid in response.harm}
 
     def simulate(self, ctx, into):
         into.harm = {cid: list(ctx.harm.get(cid, [])) for cid in ctx.completion_ids}
