@@ -124,8 +124,8 @@ def test_config_validation():
         AggregationConfig(min_annotators=0)
 
 
-def simulated_round(tmp_path, hh_sample, ann, n: int = 4):
-    """A round store with pool/generate/select from the first `n` HH rows (reference answers as completions),
+def simulated_round(tmp_path, hh_sample, ann, n: int = 4, round_number: int = 1, offset: int = 0):
+    """A round store with pool/generate/select from `n` HH rows from `offset` (reference answers as completions),
     pushed and pulled with annotation config `ann` (backend simulated). Returns the round."""
     from curation.annotate import run_pull, run_push
     from curation.config import RoundConfig
@@ -134,9 +134,9 @@ def simulated_round(tmp_path, hh_sample, ann, n: int = 4):
     from preference.schema import split_hh_transcript
     from preference.simulated import reference_completions
 
-    rnd = Project(tmp_path / "proj").round(1, create=True)
+    rnd = Project(tmp_path / "proj").round(round_number, create=True)
     prompts, comps = [], []
-    for i, row in enumerate(read_jsonl(hh_sample)[:n]):
+    for i, row in enumerate(read_jsonl(hh_sample)[offset : offset + n], start=offset):
         messages, chosen = split_hh_transcript(row["chosen"])
         _, rejected = split_hh_transcript(row["rejected"])
         p = Prompt(id=f"p{i}", messages=messages, slice="harmless",

@@ -185,3 +185,22 @@ def test_curate_pull_prints_the_reviewer_report(tmp_path, hh_sample):
     header = next(line for line in text.splitlines() if line.strip().startswith("annotator"))
     assert "gold_accuracy" in header and "agreement_with_consensus" in header and "seconds_per_record" in header
     assert any(line.strip().startswith("sim-2") for line in text.splitlines())
+
+
+def test_annotator_drift_over_rounds(tmp_path, hh_sample):
+    """Round 2's annotator table carries each annotator's history and the change against earlier rounds."""
+    sim = SimulatedConfig(source=hh_sample, annotators=3, profiles=["careful", "careful", "careful"])
+    ann = AnnotationConfig(backend="simulated", simulated=sim)
+    first = simulated_round(tmp_path, hh_sample, ann, n=10)
+    second = simulated_round(tmp_path, hh_sample, dataclasses.replace(  # sim-1 turns adversarial in round 2
+        ann, simulated=dataclasses.replace(sim, profiles=["careful", "adversarial", "careful"])),
+        n=10, round_number=2, offset=10)
+    before = read_json(first.step("pull").file("annotators.json"))
+    after = read_json(second.step("pull").file("annotators.json"))
+    assert before["sim-1"]["history"] == [] and before["sim-1"]["drift"]["agreement_with_consensus"] is None
+    (past,) = after["sim-1"]["history"]
+    assert past["round"] == 1 and past["agreement_with_consensus"] == before["sim-1"]["agreement_with_consensus"]
+    drift = after["sim-1"]["drift"]["agreement_with_consensus"]
+    assert drift == pytest.approx(after["sim-1"]["agreement_with_consensus"] - past["agreement_with_consensus"])
+    assert drift < -0.5  # its agreement with the consensus fell
+    assert abs(after["sim-0"]["drift"]["agreement_with_consensus"]) < 0.2
