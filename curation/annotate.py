@@ -2,23 +2,39 @@
 
 push (step `push`):
     select/selected.parquet + the round's prompts + generate/completions.parquet (+ score/prompt_scores.parquet
-    for embeddings) → `AnnotationRecord`s, one per selected prompt with up to `completions_per_record`
-    completions (round-robin over the models, then shown in a seeded per-record random order so position says
-    nothing), saved to `push/records.jsonl`. Backend `argilla`: created/reused dataset, records upserted by id
-    (answered ones untouched; a rerun after a crash resumes). Backend `simulated`: nothing else to do.
-    An optional `reward` column in completions.parquet (with `reward_model` naming the model) becomes the
-    dataset's suggested ranking.
+    for embeddings, + rewards/completion_rewards.parquet for suggestions) → `AnnotationRecord`s, one per selected
+    prompt. Its completions: the selection's `completion_ids` (in that display order) when the select step chose
+    them, else up to `completions_per_record` round-robin over the models, shown in a seeded per-record random
+    order so position says nothing. With `gold`, known-answer records from a labelled set are mixed into the
+    queue at seeded positions (they look like any other record to reviewers; their answers measure the reviewers
+    and never become training pairs). Saved to `push/records.jsonl`. Backend `argilla`: the dataset is created
+    or reused (guidelines and distribution synced in place; other setting changes need `--new-version`), records
+    upserted by id (answered ones untouched; a rerun after a crash resumes), and the champion reward model's
+    ranking (the round's `rewards` step) is each record's suggestion (agent = the registry version). Backend
+    `simulated`: nothing else to do.
 
 pull (step `pull`):
-    1. fetch: Argilla records with their responses (or the simulated annotator's answers); saved as received to
-       `pull/raw/` and as `Response` rows to `pull/responses.jsonl` before anything else;
+    1. fetch: Argilla records with their responses (the current dataset version and earlier versions of it), or
+       the simulated annotator's answers; saved as received to `pull/raw/` before anything else; an annotator
+       who answered a record twice (e.g. in two dataset versions) counts once: the latest answer is kept;
     2. wait mode (Argilla): unless enough submitted responses are in (`argilla.min_responses`, polled for
        `argilla.poll_timeout_s`), stop with an error saying how many are in; the manifest is not written;
-    3. `agreement.json` (Kendall τ on rankings, Krippendorff α on harm flags), `annotators.json`;
-    4. routing: harm-flagged and low-agreement records → `review.parquet` (+ a second-stage Argilla dataset);
-       low-agreement records stay out of the pairs when `review.exclude_low_agreement`;
-    5. pairs: `pull/pairs/` (HF dataset, TRL conversational format + provenance) and `pull/pairs.parquet`
-       (`PreferencePair` rows).
+    3. `agreement.json` (Kendall τ on rankings, Krippendorff α on harm flags overall and per label, α per other
+       question), `annotators.json` (per annotator: answers, gold accuracy, agreement with the consensus,
+       Dawid–Skene reliability, seconds per record, unreliable flag, drift against earlier rounds);
+    4. second stage: harm-flagged and low-agreement records → `review.parquet` and a `<dataset>-review` Argilla
+       dataset; its answers are read back (`review_responses.jsonl`; waited for with `review.wait`) and override
+       the first stage (`preference.aggregate`: drop / keep / fix, the reviewers' harm flags win);
+    5. pairs: `pull/pairs/` (HF dataset, TRL conversational format + provenance, `stage` = which stage decided)
+       and `pull/pairs.parquet` (`PreferencePair` rows); the other questions' answers per record, combined by each
+       question type's consensus, in `pull/answers.jsonl`. Gold records, low-agreement records nobody reviewed
+       (`review.exclude_low_agreement`) and, with `aggregation.exclude_unreliable`, unreliable annotators' answers
+       stay out.
+
+Step identity: the push step's key is a hash of the annotation section without its operational fields
+(`OPERATIONAL` metadata: url, env names, timeouts, retries, polling, batch size) and without the sections only
+the pull reads (`PULL_ONLY`), plus the dataset settings the config puts on the server. A changed setting makes
+the push stale (`--force` re-pushes and syncs); an operational change does not.
 """
 
 from __future__ import annotations
@@ -30,11 +46,19 @@ from collections import defaultdict
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
+from statistics import mean
 from typing import Any, Literal
 
 import numpy as np
 
-from preference.aggregate import AggregationConfig, aggregate, consensus_scores, save_pairs
+from preference.aggregate import (
+    AggregationConfig,
+    aggregate,
+    consensus_scores,
+    question_consensus,
+    review_decision,
+    save_pairs,
+)
 from preference.agreement import (
     ReviewConfig,
     agreement_report,
@@ -49,17 +73,35 @@ from preference.argilla import (
     ArgillaConfig,
     annotation_spec,
     ensure_dataset,
+    latest_version,
     responses_from_raw,
     review_spec,
     upsert_records,
+    versioned,
 )
-from preference.plumbing.config import to_dict
 from preference.plumbing.errors import CurateError, WaitingForReviewers
-from preference.plumbing.io import read_jsonl, read_rows, write_json, write_jsonl, write_rows
+from preference.plumbing.io import read_json, read_jsonl, read_rows, write_json, write_jsonl, write_rows
+from preference.questions import review_questions
+from preference.reliability import annotator_quality
 from preference.schema import AnnotationRecord, Completion, Prompt, Response, stable_id
-from preference.simulated import SimulatedAnnotator, SimulatedConfig
+from preference.simulated import SimulatedAnnotator, SimulatedConfig, load_labelled
 
-KNOWN_SELECT_COLUMNS = {"prompt_id", "slice", "arm", "strategy", "score", "rank", "reason", "embedding"}
+KNOWN_SELECT_COLUMNS = {"prompt_id", "slice", "arm", "strategy", "score", "rank", "reason", "embedding",
+                        "completion_ids"}
+PULL_ONLY = {"pull_only": True}  # field metadata: read by the pull step only, not part of the push's identity
+GOLD_CHOSEN, GOLD_REJECTED = "gold:chosen", "gold:rejected"  # model names of gold completions (never shown)
+
+
+@dataclass
+class GoldConfig:
+    """Known-answer records mixed into the queue to measure reviewers (never used as training pairs)."""
+
+    source: Path = Path("data/hh-harmless-dev.jsonl.gz")  # labelled pairs: HH transcripts or {prompt,chosen,rejected}
+    share: float = 0.1  # share of the queue that is gold
+
+    def __post_init__(self):
+        if not 0.0 < self.share < 1.0:
+            raise ValueError(f"gold.share must be in (0, 1) (share of the queue), got {self.share}")
 
 
 @dataclass
@@ -68,41 +110,51 @@ class AnnotationConfig:
     completions_per_record: int = 4  # k: completion slots per record (the dataset's layout; fixed per round)
     models: list[str] = field(default_factory=list)  # only completions of these models (empty = all)
     shuffle: bool = True  # show a record's completions in a seeded random order (no position bias)
+    gold: GoldConfig | None = None  # known-answer records mixed into the queue
     # backend argilla only: simulated reviewers (from `simulated:`) answer through the real server's API before
     # each pull, as users of their own — for unattended demos and end-to-end tests of the Argilla path.
-    simulate_reviewers: bool = False
+    simulate_reviewers: bool = field(default=False, metadata=PULL_ONLY)
     argilla: ArgillaConfig = field(default_factory=ArgillaConfig)
-    simulated: SimulatedConfig = field(default_factory=SimulatedConfig)
-    aggregation: AggregationConfig = field(default_factory=AggregationConfig)
-    review: ReviewConfig = field(default_factory=ReviewConfig)
+    simulated: SimulatedConfig = field(default_factory=SimulatedConfig, metadata=PULL_ONLY)
+    aggregation: AggregationConfig = field(default_factory=AggregationConfig, metadata=PULL_ONLY)
+    review: ReviewConfig = field(default_factory=ReviewConfig, metadata=PULL_ONLY)
 
     def __post_init__(self):
         if not 2 <= self.completions_per_record <= 16:
             raise ValueError(f"completions_per_record must be in 2..16, got {self.completions_per_record}")
 
 
-# Operational settings that do not change what a step produces: left out of the step keys.
-_OPERATIONAL = {"timeout_s", "retries", "backoff_s", "batch_size", "poll_timeout_s", "poll_interval_s", "url",
-                "url_env", "api_key_env"}
+# ---------------------------------------------------------------------------------------------------------------
+# step identity
 
 
-def _push_key(ann: AnnotationConfig) -> dict:
-    out = {k: v for k, v in to_dict(ann).items() if k not in ("simulated", "aggregation", "review", "argilla")}
-    if ann.backend == "argilla":
-        argilla = to_dict(ann.argilla)
-        out["argilla"] = {k: argilla[k] for k in ("workspace", "dataset", "harm_labels", "guidelines",
-                                                   "min_submitted", "rating_scale", "correction")}
-        out["argilla"]["server"] = ann.argilla.resolved_url()  # another server is another push
-    return out
+def identity(obj: Any, skip: tuple[str, ...] = ("operational",)) -> Any:
+    """A config as plain data without the dataclass fields whose metadata carries any of the `skip` tags."""
+    if dataclasses.is_dataclass(obj) and not isinstance(obj, type):
+        return {f.name: identity(getattr(obj, f.name), skip) for f in dataclasses.fields(obj)
+                if not any(f.metadata.get(tag) for tag in skip)}
+    if isinstance(obj, dict):
+        return {k: identity(v, skip) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [identity(v, skip) for v in obj]
+    return str(obj) if isinstance(obj, Path) else obj
 
 
-def _pull_key(ann: AnnotationConfig) -> dict:
-    out = {"backend": ann.backend, "aggregation": to_dict(ann.aggregation), "review": to_dict(ann.review)}
-    if ann.backend == "argilla":
-        out["argilla"] = {k: v for k, v in to_dict(ann.argilla).items() if k not in _OPERATIONAL}
+def push_key(ann: AnnotationConfig) -> dict:
+    """What the push step's result depends on: the annotation settings and the dataset settings they produce."""
+    out = {"annotation": identity(ann, skip=("operational", "pull_only"))}
+    if ann.backend != "argilla":
+        del out["annotation"]["argilla"]  # the simulated backend pushes nothing to a server
     else:
-        out["simulated"] = to_dict(ann.simulated)
+        spec = annotation_spec(ann.argilla, ann.completions_per_record)
+        out["dataset_settings"] = {k: spec[k] for k in ("guidelines", "min_submitted", "fields", "questions")}
     return out
+
+
+def pull_key(ann: AnnotationConfig) -> dict:
+    return {"annotation": identity(ann, skip=("operational",)),
+            "review_settings": review_spec(ann.argilla, ann.completions_per_record)["questions"]
+            if ann.backend == "argilla" else None}
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -129,8 +181,24 @@ def _pick_completions(comps: list[Completion], k: int, rng: np.random.Generator 
     return picked
 
 
+def load_rewards(rnd) -> tuple[dict[str, float], str | None]:
+    """The champion reward model's scores of this round's completions (the `rewards` step, contract 2):
+    completion id → reward_mean, and the registry version that scored them (None: no step or no champion)."""
+    step = rnd.step("rewards")
+    if not step.done:
+        return {}, None
+    info = step.manifest().get("reward_model")
+    if not info:
+        return {}, None
+    rows = read_rows(step.file("completion_rewards.parquet"))
+    rewards = {str(r["completion_id"]): float(r["reward_mean"]) for r in rows
+               if r.get("reward_mean") is not None and np.isfinite(r["reward_mean"])}
+    return rewards, str(info["version"])
+
+
 def build_records(cfg, rnd) -> tuple[list[AnnotationRecord], dict[str, float], str, dict[str, int]]:
-    """The round's annotation records (selection order), rewards by completion id, reward agent, counts."""
+    """The round's annotation records (selection order, gold mixed in), rewards by completion id, the reward
+    agent (registry version), counts."""
     from curation.pool import load_prompts
 
     ann: AnnotationConfig = cfg.annotation
@@ -143,16 +211,14 @@ def build_records(cfg, rnd) -> tuple[list[AnnotationRecord], dict[str, float], s
             if row.get("embedding") is not None:
                 embeddings[row["prompt_id"]] = row["embedding"]
     by_prompt: dict[str, list[Completion]] = defaultdict(list)
-    rewards: dict[str, float] = {}
-    agent = "reward-model"
+    by_id: dict[str, Completion] = {}
     for row in comp_rows:
         c = Completion.from_row(row)
+        by_id[c.id] = c
         if ann.models and c.model not in ann.models:
             continue
         by_prompt[c.prompt_id].append(c)
-        if row.get("reward") is not None and np.isfinite(row["reward"]):
-            rewards[c.id] = float(row["reward"])
-            agent = str(row.get("reward_model") or agent)
+    rewards, agent = load_rewards(rnd)
     missing = [r["prompt_id"] for r in selected if r["prompt_id"] not in prompts]
     if missing:
         raise CurateError(
@@ -163,8 +229,19 @@ def build_records(cfg, rnd) -> tuple[list[AnnotationRecord], dict[str, float], s
     for row in sorted(selected, key=lambda r: (r.get("rank") if r.get("rank") is not None else 1 << 30,
                                                 -(r.get("score") or 0.0), r["prompt_id"])):
         pid = row["prompt_id"]
-        rng = np.random.default_rng([cfg.seed, int(stable_id(pid, length=12), 16)]) if ann.shuffle else None
-        comps = _pick_completions(by_prompt.get(pid, []), ann.completions_per_record, rng)
+        chosen = row.get("completion_ids")
+        if chosen is not None and len(chosen):  # the select step chose the completions and their order
+            unknown = [cid for cid in chosen if cid not in by_id]
+            if unknown or len(chosen) > ann.completions_per_record:
+                raise CurateError(
+                    f"select/selected.parquet gives prompt {pid} the completions {list(chosen)[:6]}: "
+                    + (f"{unknown[0]} is not in generate/completions.parquet" if unknown else
+                       f"{len(chosen)} > annotation.completions_per_record ({ann.completions_per_record})")
+                    + "; rerun `curate select --force` (or raise annotation.completions_per_record)")
+            comps = [by_id[cid] for cid in chosen]
+        else:
+            rng = np.random.default_rng([cfg.seed, int(stable_id(pid, length=12), 16)]) if ann.shuffle else None
+            comps = _pick_completions(by_prompt.get(pid, []), ann.completions_per_record, rng)
         if len(comps) < 2:
             few += 1
             continue
@@ -176,7 +253,48 @@ def build_records(cfg, rnd) -> tuple[list[AnnotationRecord], dict[str, float], s
         vector = row.get("embedding") if row.get("embedding") is not None else embeddings.get(pid)
         records.append(AnnotationRecord(prompt=prompts[pid], completions=comps, metadata=meta,
                                         vector=[float(x) for x in vector] if vector is not None else None))
-    return records, rewards, agent, {"selected": len(selected), "skipped_fewer_than_2_completions": few}
+    counts = {"selected": len(selected), "skipped_fewer_than_2_completions": few, "gold": 0}
+    if ann.gold is not None and records:
+        records, counts["gold"] = mix_gold(records, ann.gold, prompts, seed=cfg.seed, round_number=rnd.number)
+    return records, rewards, agent or "reward-model", counts
+
+
+def mix_gold(records: list[AnnotationRecord], gold, pool: dict[str, Prompt], *, seed: int,
+             round_number: int) -> tuple[list[AnnotationRecord], int]:
+    """`records` with gold records (known chosen > rejected) at seeded positions; they share the prompts' id
+    scheme and completion id scheme, so nothing tells them apart in the reviewers' queue."""
+    real = [r for r in records if "gold" not in r.metadata]
+    n = max(1, round(gold.share * len(real) / (1.0 - gold.share)))
+    pool_texts = {p.text.strip() for p in pool.values()}
+    candidates = []
+    for messages, chosen, rejected in load_labelled(gold.source):
+        pid = stable_id(messages, prefix="p")  # the pool's id scheme (curation/pool.py)
+        prompt = Prompt(id=pid, messages=messages, slice="default", source=f"gold:{Path(gold.source).name}")
+        if pid not in pool and prompt.text.strip() not in pool_texts:
+            candidates.append((prompt, chosen, rejected))
+    if len(candidates) < n:
+        raise CurateError(
+            f"annotation.gold: {gold.source} has {len(candidates)} labelled pairs whose prompts are not in this round's "
+            f"pool, the queue needs {n} (share {gold.share} of {len(real)} records); point annotation.gold.source at "
+            "a larger labelled set (HH transcripts or {prompt, chosen, rejected} rows) or lower annotation.gold.share"
+        )
+    rng = np.random.default_rng([seed, round_number, 0x601D])
+    out = list(real)
+    for i in sorted(rng.choice(len(candidates), size=n, replace=False)):
+        prompt, chosen, rejected = candidates[i]
+        comps = [Completion(id=Completion.make_id(prompt.id, model, 0, "gold"), prompt_id=prompt.id, model=model,
+                            text=text) for model, text in ((GOLD_CHOSEN, chosen), (GOLD_REJECTED, rejected))]
+        comps = [comps[j] for j in rng.permutation(2)]
+        rec = AnnotationRecord(prompt=prompt, completions=comps,
+                               metadata={"gold": {"chosen": comps[[c.model for c in comps].index(GOLD_CHOSEN)].id,
+                                                  "rejected": comps[[c.model for c in comps].index(GOLD_REJECTED)].id,
+                                                  "source": str(gold.source)}})
+        out.insert(int(rng.integers(0, len(out) + 1)), rec)
+    return out, n
+
+
+def gold_ids(records: list[AnnotationRecord]) -> set[str]:
+    return {r.record_id for r in records if isinstance(r.metadata.get("gold"), dict)}
 
 
 def record_to_row(record: AnnotationRecord) -> dict:
@@ -224,12 +342,14 @@ def _spec(ann: AnnotationConfig, records: list[AnnotationRecord]) -> dict:
 # push
 
 
-def run_push(cfg, rnd, *, force: bool = False, progress: bool = True) -> dict:
+def run_push(cfg, rnd, *, force: bool = False, progress: bool = True, new_version: bool = False) -> dict:
+    """The push step. `new_version`: push to the next version of the round's dataset (`<name>-v2`, …), for
+    setting changes Argilla cannot apply to a published dataset (questions, labels, fields)."""
     ann: AnnotationConfig = cfg.annotation
     inputs = [rnd.step("pool"), rnd.step("generate"), rnd.step("select")]
-    if rnd.step("score").done:
-        inputs.append(rnd.step("score"))
-    run = rnd.start_step("push", _push_key(ann), inputs=tuple(inputs), seeds={"seed": cfg.seed}, force=force)
+    inputs += [rnd.step(s) for s in ("score", "rewards") if rnd.step(s).done]
+    run = rnd.start_step("push", push_key(ann), inputs=tuple(inputs), seeds={"seed": cfg.seed},
+                         force=force or new_version)
     if run is None:
         return rnd.step("push").manifest()
     with run:
@@ -241,17 +361,26 @@ def run_push(cfg, rnd, *, force: bool = False, progress: bool = True) -> dict:
             )
         write_jsonl(run.path / "records.jsonl", [record_to_row(r) for r in records])
         run.counts.update(counts, records=len(records), with_suggestions=sum(
-            all(c.id in rewards for c in r.completions) for r in records))
+            len(r.completions) >= 2 and all(c.id in rewards for c in r.completions) for r in records))
+        run.extra["reward_model"] = agent if rewards else None
         if ann.backend == "argilla":
             a = ann.argilla
-            name = dataset_name(a.dataset, cfg, rnd)
+            base = dataset_name(a.dataset, cfg, rnd)
             spec = _spec(ann, records)
             with ArgillaClient.from_config(a) as client:
-                dataset = ensure_dataset(client, name, a.workspace, spec)
-                run.counts.update(upsert_records(client, dataset, spec, records, rewards=rewards, agent=agent,
-                                                 batch_size=a.batch_size, progress=progress))
+                version = max(1, latest_version(client, base, a.workspace) + (1 if new_version else 0))
+                name = versioned(base, version)
+                sync = ensure_dataset(client, name, a.workspace, spec, next_version=versioned(base, version + 1))
+                run.counts.update(upsert_records(client, sync.dataset, spec, records, questions=a.questions(),
+                                                 rewards=rewards, agent=agent, batch_size=a.batch_size,
+                                                 progress=progress))
+            run.counts["settings_synced"] = len(sync.updated)
             run.extra["argilla"] = {"url": client.url, "workspace": a.workspace, "dataset": name,
-                                    "dataset_id": dataset["id"]}
+                                    "dataset_id": sync.id, "version": version,
+                                    "previous": [versioned(base, v) for v in range(1, version)],
+                                    "created": sync.created, "settings_updated": sync.updated}
+            if progress and sync.updated:
+                print(f"push: dataset {name!r} settings updated in place: {', '.join(sync.updated)}", flush=True)
     return rnd.step("push").manifest()
 
 
@@ -260,35 +389,72 @@ def run_push(cfg, rnd, *, force: bool = False, progress: bool = True) -> dict:
 
 
 def _stamp() -> str:
-    return datetime.now(UTC).strftime("%Y%m%dT%H%M%SZ")
+    return datetime.now(UTC).strftime("%Y%m%dT%H%M%S%fZ")
+
+
+def dedupe(responses: list[Response]) -> tuple[list[Response], list[str]]:
+    """One answer per (record, annotator, stage): the latest (`updated_at`) wins. Returns (kept, warnings)."""
+    groups: dict[tuple[str, str, str], list[Response]] = defaultdict(list)
+    for r in responses:
+        groups[(r.record_id, r.annotator, r.stage)].append(r)
+    kept, warnings = [], []
+    for (rid, who, stage), items in groups.items():
+        items = sorted(items, key=lambda r: r.updated_at)
+        kept.append(items[-1])
+        if len(items) > 1:
+            warnings.append(
+                f"annotator {who} answered record {rid} {len(items)} times ({stage} stage; from "
+                f"{', '.join(sorted({r.source for r in items}))}): kept the latest ({items[-1].updated_at}), "
+                "ignored the rest; nothing to fix unless an earlier answer was the intended one"
+            )
+    order = {id(r): i for i, r in enumerate(responses)}
+    return sorted(kept, key=lambda r: order[id(r)]), warnings
+
+
+def _fetch_dataset(client: ArgillaClient, name: str, workspace: str, ids: dict[str, list[str]], out: Path,
+                   stage: str, questions=None) -> list[Response]:
+    """Raw records of dataset `name` (saved to `out/raw/argilla-<name>.json` first) → `Response`s of the records
+    in `ids`."""
+    ds = client.dataset(name, workspace)
+    if ds is None:
+        raise CurateError(f"Argilla dataset {name!r} (workspace {workspace!r}) is not on {client.url}; the push "
+                          "went elsewhere or the dataset was deleted: rerun `curate push --force`")
+    raw = client.list_records(str(ds.id))
+    users = client.users()
+    write_json(out / "raw" / f"argilla-{name}.json",  # the latest fetch (polls overwrite it; the server keeps all)
+               {"url": client.url, "dataset": name, "dataset_id": str(ds.id), "stage": stage,
+                "fetched_at": _stamp(), "users": users, "records": raw})
+    responses = responses_from_raw(raw, ids, users, f"argilla:{name}", questions=questions, stage=stage)
+    return [r for r in responses if r.record_id in ids]
 
 
 def _fetch_argilla(ann: AnnotationConfig, push_manifest: dict, records: list[AnnotationRecord], out: Path,
-                   progress: bool) -> list[Response]:
-    """Fetch responses (polling up to poll_timeout_s); raw and converted copies are saved on every fetch."""
+                   progress: bool) -> tuple[list[Response], list[str]]:
+    """First-stage responses of this and earlier dataset versions (polling up to poll_timeout_s)."""
     a = ann.argilla
     info = push_manifest.get("argilla") or {}
-    if not info.get("dataset_id"):
+    if not info.get("dataset"):
         raise CurateError("the push step of this round did not use Argilla; rerun `curate push --force` with "
                           "annotation.backend: argilla, or pull with the backend it was pushed with")
     ids = {r.record_id: [c.id for c in r.completions] for r in records}
-    raw_path = out / "raw" / f"argilla-{_stamp()}.json"
     deadline = time.monotonic() + a.poll_timeout_s
     with ArgillaClient.from_config(a) as client:
         if ann.simulate_reviewers:
             from preference.argilla_reviewers import submit_simulated
 
-            counts = submit_simulated(client, info["dataset_id"], client.workspace_id(a.workspace), records,
+            counts = submit_simulated(client, info["dataset_id"], a.workspace, records,
                                       SimulatedAnnotator(ann.simulated), k=ann.completions_per_record,
+                                      questions=a.questions(), layout=a.layout(ann.completions_per_record),
                                       progress=progress)
             write_json(out / "simulated_reviewers.json", counts)
+        earlier = []
+        for name in info.get("previous") or []:  # answers given in earlier versions of the dataset are kept
+            if client.dataset(name, a.workspace) is not None:
+                earlier += _fetch_dataset(client, name, a.workspace, {rid: None for rid in ids}, out, "first",
+                                          a.questions())
         while True:
-            raw = client.list_records(info["dataset_id"], include=("responses",))
-            users = client.users()
-            write_json(raw_path, {"url": client.url, "dataset": info["dataset"], "dataset_id": info["dataset_id"],
-                                  "fetched_at": _stamp(), "users": users, "records": raw})
-            responses = [r for r in responses_from_raw(raw, ids, users, f"argilla:{info['dataset']}")
-                         if r.record_id in ids]
+            responses = _fetch_dataset(client, info["dataset"], a.workspace, ids, out, "first", a.questions())
+            responses, warnings = dedupe(earlier + responses)
             write_jsonl(out / "responses.jsonl", [r.to_row() for r in responses])
             per_record = {rid: len(rs) for rid, rs in by_record(submitted(responses)).items()}
             total = sum(per_record.values())
@@ -298,14 +464,14 @@ def _fetch_argilla(ann: AnnotationConfig, push_manifest: dict, records: list[Ann
             else:
                 have, needed = total, a.min_responses
             if have >= needed:
-                return responses
+                return responses, warnings
             if time.monotonic() >= deadline:
                 raise WaitingForReviewers(
                     f"Argilla dataset {info['dataset']!r}: {total} submitted responses are in, {complete} of "
                     f"{len(ids)} records have their {a.min_submitted}; this pull needs "
                     + (f"{needed} (every record × min_submitted)" if a.min_responses is None else f"{needed}")
                     + f". Ask reviewers to continue at {client.url}/dataset/{info['dataset_id']}/annotation-mode "
-                    f"and rerun `curate pull` (what is in is saved in {raw_path.parent}), or lower "
+                    f"and rerun `curate pull` (what is in is saved in {out / 'raw'}), or lower "
                     "annotation.argilla.min_responses, or wait longer with annotation.argilla.poll_timeout_s"
                 )
             if progress:
@@ -314,7 +480,7 @@ def _fetch_argilla(ann: AnnotationConfig, push_manifest: dict, records: list[Ann
 
 
 def _fetch_simulated(ann: AnnotationConfig, records: list[AnnotationRecord], out: Path) -> list[Response]:
-    responses = SimulatedAnnotator(ann.simulated).annotate(records)
+    responses = SimulatedAnnotator(ann.simulated).annotate(records, questions=ann.argilla.questions())
     write_jsonl(out / "raw" / f"simulated-{_stamp()}.jsonl", [r.to_row() for r in responses])
     write_jsonl(out / "responses.jsonl", [r.to_row() for r in responses])
     return responses
@@ -332,76 +498,155 @@ def _summary_markdown(record: AnnotationRecord, routed: dict, responses: list[Re
     return "\n".join(lines)
 
 
-def _push_review(ann, cfg, rnd, records, responses, routed, progress) -> dict:
+def _review_stage(ann, cfg, rnd, push_manifest, records, first, routed, out, progress) -> tuple[list[Response], dict]:
+    """Second stage: push the routed records to the review dataset, (simulate,) fetch its answers, maybe wait."""
+    chosen = [r for r in records if r.record_id in routed]
+    info: dict[str, Any] = {"routed": len(chosen)}
+    if not chosen:
+        return [], info
+    if ann.backend == "simulated":
+        if not ann.review.wait:
+            return [], info
+        review = SimulatedAnnotator(ann.simulated).review(chosen, first)
+        write_jsonl(out / "raw" / f"simulated-review-{_stamp()}.jsonl", [r.to_row() for r in review])
+        return review, info
     a = ann.argilla
-    base = dataset_name(a.dataset, cfg, rnd)
+    base = (push_manifest.get("argilla") or {}).get("dataset") or dataset_name(a.dataset, cfg, rnd)
     name = dataset_name(a.review_dataset, cfg, rnd, dataset=base)
     spec = review_spec(a, ann.completions_per_record)
-    grouped = by_record(submitted(responses))
-    chosen = [  # the review dataset's metadata: why it was routed
-        dataclasses.replace(r, metadata={**r.metadata, "reasons": ",".join(routed[r.record_id]["reasons"]),
-                                         "tau": routed[r.record_id]["tau"]})
-        for r in records if r.record_id in routed
-    ]
+    grouped = by_record(submitted(first))
+    with_meta = [dataclasses.replace(r, metadata={**r.metadata, "reasons": ",".join(routed[r.record_id]["reasons"]),
+                                                  "tau": routed[r.record_id]["tau"]}) for r in chosen]
     summaries = {r.record_id: {"first_stage": _summary_markdown(r, routed[r.record_id], grouped.get(r.record_id, []))}
                  for r in chosen}
+    ids = {r.record_id: [c.id for c in r.completions] for r in chosen}
+    questions = review_questions()
     with ArgillaClient.from_config(a) as client:
-        dataset = ensure_dataset(client, name, a.workspace, spec)
-        counts = upsert_records(client, dataset, spec, chosen, batch_size=a.batch_size, extra_fields=summaries,
-                                progress=progress)
-    return {"dataset": name, "dataset_id": dataset["id"], **counts}
+        sync = ensure_dataset(client, name, a.workspace, spec, next_version=None)
+        info.update(dataset=name, dataset_id=sync.id, **upsert_records(
+            client, sync.dataset, spec, with_meta, questions=questions, batch_size=a.batch_size,
+            extra_fields=summaries, progress=progress))
+        if ann.simulate_reviewers:
+            from preference.argilla_reviewers import submit_responses
+
+            answers = SimulatedAnnotator(ann.simulated).review(chosen, first)
+            info.update(submit_responses(client, sync.id, a.workspace, chosen, answers, questions=questions,
+                                         layout=a.layout(ann.completions_per_record), progress=progress))
+        review = _fetch_dataset(client, name, a.workspace, ids, out, "review", questions)
+    if ann.review.wait:
+        per_record = {rid: len(rs) for rid, rs in by_record(submitted(review)).items()}
+        done = sum(per_record.get(rid, 0) >= a.review_min_submitted for rid in ids)
+        if done < len(ids):
+            raise WaitingForReviewers(
+                f"Argilla review dataset {name!r}: {done} of {len(ids)} routed records have their "
+                f"{a.review_min_submitted} review answer(s); annotation.review.wait holds the round until all have. "
+                f"Ask reviewers to continue at {a.resolved_url()}/dataset/{sync.id}/annotation-mode and rerun "
+                "`curate pull` (first-stage answers are saved), or set annotation.review.wait: false"
+            )
+    return review, info
+
+
+def _earlier_quality(rnd, limit: int = 10) -> dict[str, list[dict]]:
+    """annotator → [{round, reliability, agreement_with_consensus, gold_accuracy}] from earlier rounds' pulls."""
+    out: dict[str, list[dict]] = defaultdict(list)
+    for r in rnd.earlier(limit):
+        path = r.step("pull").path / "annotators.json"
+        if r.step("pull").done and path.is_file():
+            for name, row in read_json(path).items():
+                out[name].append({"round": r.number, **{k: row.get(k) for k in
+                                  ("reliability", "agreement_with_consensus", "gold_accuracy")}})
+    return out
+
+
+def _drift(current: dict, history: list[dict]) -> dict[str, float | None]:
+    out = {}
+    for key in ("reliability", "agreement_with_consensus", "gold_accuracy"):
+        before = [h[key] for h in history if h.get(key) is not None]
+        out[key] = current[key] - mean(before) if before and current.get(key) is not None else None
+    return out
 
 
 def run_pull(cfg, rnd, *, force: bool = False, progress: bool = True) -> dict:
     ann: AnnotationConfig = cfg.annotation
     push = rnd.step("push")
-    run = rnd.start_step("pull", _pull_key(ann), inputs=(push,), seeds={"seed": cfg.seed}, force=force)
+    run = rnd.start_step("pull", pull_key(ann), inputs=(push,), seeds={"seed": cfg.seed}, force=force)
     if run is None:
         return rnd.step("pull").manifest()
     with run:
         records = load_records(rnd)
+        gold = gold_ids(records)
+        warnings: list[str] = []
         # 1-2. fetch and persist raw before any processing (kept if anything below fails)
         if ann.backend == "argilla":
-            responses = _fetch_argilla(ann, push.manifest(), records, run.path, progress)
+            responses, warnings = _fetch_argilla(ann, push.manifest(), records, run.path, progress)
             source = f"human:{push.manifest()['argilla']['dataset']}"
         else:
             responses = _fetch_simulated(ann, records, run.path)
             source = f"simulated:{ann.simulated.source}"
-        # 3. agreement and annotators
+        # 3. agreement and annotators (gold items are answered like any record, so they count here)
+        questions = ann.argilla.questions()
         consensus = consensus_scores(records, responses, ann.aggregation)
-        report = agreement_report(responses)
+        report = agreement_report(responses, questions)
         report["items"] = {rid: item_tau(rs) for rid, rs in sorted(by_record(submitted(responses)).items())}
         write_json(run.path / "agreement.json", report)
-        write_json(run.path / "annotators.json", annotator_stats(responses, consensus))
-        # 4. routing to second-stage review
-        routed = route_for_review(responses, ann.review)
+        quality = annotator_quality(responses, records, min_reliability=ann.aggregation.min_reliability,
+                                    min_gold=ann.aggregation.min_gold)
+        history = _earlier_quality(rnd)
+        stats = annotator_stats(responses, consensus)
+        annotators = {name: {**stats.get(name, {}), **q, "history": history.get(name, []),
+                             "drift": _drift(q, history.get(name, []))} for name, q in quality.items()}
+        write_json(run.path / "annotators.json", annotators)
+        # 4. second-stage review: routing, the review dataset, its answers read back
+        routed = route_for_review(responses, ann.review, skip=gold)
+        review, review_info = _review_stage(ann, cfg, rnd, push.manifest(), records, responses, routed, run.path,
+                                            progress)
+        review, review_warnings = dedupe(review)
+        warnings += review_warnings
+        write_jsonl(run.path / "review_responses.jsonl", [r.to_row() for r in review])
+        decisions = {rid: review_decision(rs) for rid, rs in by_record(review).items()}
         slices = {r.record_id: r.prompt.slice for r in records}
         review_rows = [{"record_id": rid, "reasons": v["reasons"], "tau": v["tau"], "flags": json.dumps(v["flags"]),
-                        "annotators": v["annotators"], "slice": slices.get(rid, "")} for rid, v in routed.items()]
+                        "annotators": v["annotators"], "slice": slices.get(rid, ""),
+                        "decision": decisions.get(rid) or "",
+                        "reviewers": sorted({r.annotator for r in review if r.record_id == rid})}
+                       for rid, v in routed.items()]
         import pyarrow as pa
 
         review_schema = pa.schema([("record_id", pa.string()), ("reasons", pa.list_(pa.string())),
                                    ("tau", pa.float64()), ("flags", pa.string()),
-                                   ("annotators", pa.list_(pa.string())), ("slice", pa.string())])
+                                   ("annotators", pa.list_(pa.string())), ("slice", pa.string()),
+                                   ("decision", pa.string()), ("reviewers", pa.list_(pa.string()))])
         write_rows(run.path / "review.parquet", review_rows, schema=review_schema)
-        if ann.backend == "argilla" and routed:
-            run.extra["review"] = _push_review(ann, cfg, rnd, records, responses, routed, progress)
         # 5. pairs
-        exclude = {rid for rid, v in routed.items() if "low_agreement" in v["reasons"]} \
+        low = {rid for rid, v in routed.items() if "low_agreement" in v["reasons"]} \
             if ann.review.exclude_low_agreement else set()
-        pairs = aggregate(records, responses, ann.aggregation, source=source, round_number=rnd.number,
-                          exclude=exclude)
+        unreliable = {name for name, q in quality.items() if q["unreliable"]}
+        used = [r for r in responses if r.annotator not in unreliable] if ann.aggregation.exclude_unreliable \
+            else responses
+        pairs = aggregate(records, used, ann.aggregation, source=source, round_number=rnd.number,
+                          exclude=low | gold, review=review)
         save_pairs(pairs, run.path / "pairs")
+        write_jsonl(run.path / "answers.jsonl", question_consensus(records, used, questions))
         write_rows(run.path / "pairs.parquet", [p.to_row() for p in pairs], schema=pair_schema())
         subs = submitted(responses)
+        outcomes = {d: sum(v == d for v in decisions.values()) for d in ("keep", "fix", "drop")}
         run.counts.update(
-            records=len(records), responses=len(responses), submitted=len(subs),
+            records=len(records), gold_records=len(gold), responses=len(responses), submitted=len(subs),
             discarded=sum(r.status == "discarded" for r in responses), annotators=len({r.annotator for r in subs}),
-            routed_to_review=len(routed), excluded_low_agreement=len(exclude), pairs=len(pairs),
+            duplicate_answers=len(warnings), unreliable_annotators=len(unreliable),
+            excluded_unreliable=len(unreliable) if ann.aggregation.exclude_unreliable else 0,
+            routed_to_review=len(routed), review_answers=len(submitted(review)), reviewed=len(decisions),
+            excluded_low_agreement=len(low - set(decisions)), pairs=len(pairs),
+            pairs_from_review=sum(p.stage == "review" for p in pairs),
             pairs_rejected_harmful=sum(p.rejected_harmful for p in pairs),
         )
         run.extra["agreement"] = {"kendall_tau_mean": report["ranking"]["kendall_tau_mean"],
                                   "harm_alpha_nominal": report["harm"]["alpha_nominal_sets"]}
+        run.extra["review"] = {**review_info, "outcomes": outcomes}
+        run.extra["warnings"] = warnings
+        if progress:
+            for line in warnings:
+                print(f"pull: {line}", flush=True)
     return rnd.step("pull").manifest()
 
 
@@ -414,8 +659,9 @@ def pair_schema():
         ("id", pa.string()), ("prompt_id", pa.string()), ("prompt", msgs), ("chosen", msgs), ("rejected", msgs),
         ("margin", pa.float64()), ("slice", pa.string()), ("chosen_id", pa.string()), ("rejected_id", pa.string()),
         ("source", pa.string()), ("round", pa.int64()), ("annotators", pa.list_(pa.string())),
-        ("rejected_harmful", pa.bool_()),
+        ("rejected_harmful", pa.bool_()), ("stage", pa.string()),
     ])
 
 
-__all__ = ["AnnotationConfig", "build_records", "load_records", "run_pull", "run_push"]
+__all__ = ["AnnotationConfig", "GoldConfig", "build_records", "identity", "load_records", "load_rewards",
+           "pull_key", "push_key", "run_pull", "run_push"]

@@ -113,18 +113,55 @@ STEP_HELP = {  # one line per round step of `curation.round.STEPS` (train steps:
     "score": "Score completions: perplexities, committee disagreement, embeddings.",
     "rewards": "Score the completions with the champion reward model (its heads' margin and disagreement).",
     "select": "Pick the top-k items with the acquisition strategy, beside a random arm.",
-    "push": "Send the selected items to reviewers (Argilla or simulated).",
-    "pull": "Fetch reviewers' answers, measure agreement, build preference pairs.",
     "evaluate": "Evaluate the trained models on held-out pairs, per slice, with bootstrap CIs.",
     "gate": "Promote the candidate model only if it beats the champion.",
     "failures": "Send the pairs the reward model still gets wrong back to the next round's pool.",
     "report": "Write the round's HTML report (plots embedded) and print a terminal summary.",
 }
 for _name, _ in STEPS:  # a command per step: `curate <step>`, and `curate train <kind>` per trainer of the table
+    if _name in ("push", "pull"):  # their own commands below (extra option / reviewer summary)
+        continue
     if _name in TRAIN_STEPS:
         _step_command(_name, TRAIN_STEPS[_name].help, train_app)
     else:
         _step_command(_name, STEP_HELP.get(_name, f"Run the round step {_name!r}."))
+
+
+@app.command()
+def push(
+    config: ConfigOpt, round_: RoundOpt = None, force: ForceOpt = False, set_: SetOpt = None, quiet: QuietOpt = False,
+    verbose: VerboseOpt = False, new_version: Annotated[bool, typer.Option(
+        "--new-version", help="Push to the next version of the round's Argilla dataset (<name>-v2, …): for changed "
+        "questions or labels, which Argilla cannot apply to a published dataset.")] = False,
+) -> None:
+    """Send the selected items to reviewers (Argilla or simulated)."""
+    from curation.annotate import run_push
+
+    run_step("push", lambda cfg, rnd, **kw: run_push(cfg, rnd, new_version=new_version, **kw), config, round_,
+             force, set_, quiet, verbose)
+
+
+@app.command()
+def pull(config: ConfigOpt, round_: RoundOpt = None, force: ForceOpt = False, set_: SetOpt = None,
+         quiet: QuietOpt = False, verbose: VerboseOpt = False) -> None:
+    """Fetch reviewers' answers, measure agreement, build preference pairs; print the reviewer report."""
+    from curation.annotate import run_pull
+    from curation.report import section_reviewers
+
+    run_step("pull", run_pull, config, round_, force, set_, quiet, verbose)
+    section = section_reviewers(open_round(load(config, set_), round_))
+    typer.echo(f"{section.title}:")
+    for line in section.lines:
+        typer.echo(f"  {line}")
+    if section.table:
+        def cell(v) -> str:
+            return f"{v:.3g}" if isinstance(v, float) else "-" if v is None else str(v)
+
+        cols = list(dict.fromkeys(k for row in section.table for k in row))
+        widths = {c: max(len(c), *(len(cell(row.get(c))) for row in section.table)) for c in cols}
+        typer.echo("  " + "  ".join(c.ljust(widths[c]) for c in cols))
+        for row in section.table:
+            typer.echo("  " + "  ".join(cell(row.get(c)).ljust(widths[c]) for c in cols))
 
 
 @app.command()

@@ -238,6 +238,28 @@ def section_selection(rnd) -> Section:
     return Section("Selection (what and why)", lines, [], table)
 
 
+def _num(v: Any, digits: int = 3) -> str:
+    return "n/a" if v is None else f"{v:.{digits}f}" if isinstance(v, float) else str(v)
+
+
+def agreement_lines(agreement: dict) -> list[str]:
+    """τ and α from a pull step's `agreement.json` (the shape `preference.agreement.agreement_report` writes)."""
+    ranking, harm = agreement.get("ranking") or {}, agreement.get("harm") or {}
+    lines = [f"Kendall τ between annotators' rankings: mean {_num(ranking.get('kendall_tau_mean'))}, "
+             f"min {_num(ranking.get('kendall_tau_min'))} over {ranking.get('annotator_pairs', 0)} (record, "
+             "annotator pair) comparisons",
+             f"Krippendorff α on harm flags: label sets {_num(harm.get('alpha_nominal_sets'))} (nominal), "
+             f"{_num(harm.get('alpha_jaccard_sets'))} (Jaccard), flagged at all {_num(harm.get('alpha_flagged'))}; "
+             f"{harm.get('pairable_units', 0)} answers judged by ≥ 2 annotators, flag rate "
+             f"{_num(harm.get('flag_rate'), 2)}"]
+    per_label = harm.get("alpha_per_label") or {}
+    if per_label:
+        lines.append("α per harm label: " + ", ".join(f"{k} {_num(v)}" for k, v in sorted(per_label.items())))
+    for name, q in sorted((agreement.get("questions") or {}).items()):
+        lines.append(f"α on {name} ({q.get('level')}): {_num(q.get('alpha'))}")
+    return lines
+
+
 def section_annotation(rnd) -> Section:
     c = _counts(rnd, "pull")
     if not c:
@@ -246,15 +268,52 @@ def section_annotation(rnd) -> Section:
     lines = [f"{k.replace('_', ' ')}: {v}" for k, v in c.items()]
     agreement = _json(rnd, "pull", "agreement.json")
     if agreement:
-        lines += [f"agreement {k}: {v if not isinstance(v, float) else f'{v:.3f}'}" for k, v in agreement.items()
-                  if not isinstance(v, (dict, list))]
-    annotators = _json(rnd, "pull", "annotators.json")
-    table = None
-    if isinstance(annotators, dict):
-        table = [{"annotator": k, **(v if isinstance(v, dict) else {"value": v})} for k, v in annotators.items()]
-    elif isinstance(annotators, list):
-        table = annotators
-    return Section("Annotation progress and agreement", lines, [], table)
+        lines += agreement_lines(agreement)
+    return Section("Annotation progress and agreement", lines, [])
+
+
+REVIEWER_COLUMNS = ("answers", "gold_items", "gold_accuracy", "agreement_with_consensus", "reliability",
+                    "reliability_basis", "unreliable", "seconds_per_record", "tau_vs_peers", "harm_flag_rate",
+                    "corrections")
+
+
+def section_reviewers(rnd) -> Section:
+    """The reviewer report: agreement, the per-annotator table (gold accuracy, agreement with the consensus,
+    reliability, time per record, drift), unreliable annotators and the second-stage review's outcomes."""
+    pull = rnd.step("pull")
+    if not pull.done:
+        return Section("Reviewers", ["pull has not run"], [])
+    manifest, counts = pull.manifest(), _counts(rnd, "pull")
+    lines = agreement_lines(_json(rnd, "pull", "agreement.json") or {})
+    annotators = _json(rnd, "pull", "annotators.json") or {}
+    gold = counts.get("gold_records", 0)
+    if gold:
+        scored = {k: v["gold_accuracy"] for k, v in annotators.items() if v.get("gold_accuracy") is not None}
+        lines.append(f"gold: {gold} known-answer records in the queue (kept out of the pairs); accuracy "
+                     + (", ".join(f"{k} {v:.2f}" for k, v in sorted(scored.items())) or "n/a (no gold answered)"))
+    unreliable = sorted(k for k, v in annotators.items() if v.get("unreliable"))
+    if unreliable:
+        how = "their answers were left out of the pairs" if counts.get("excluded_unreliable") else \
+            "flagged only (aggregation.exclude_unreliable: false)"
+        lines.append(f"unreliable annotators: {', '.join(unreliable)}; {how}")
+    review = manifest.get("review") or {}
+    outcomes = review.get("outcomes") or {}
+    lines.append(f"second-stage review: {counts.get('routed_to_review', 0)} records routed"
+                 + (f" to {review['dataset']}" if review.get("dataset") else "")
+                 + f", {counts.get('reviewed', 0)} reviewed (keep {outcomes.get('keep', 0)}, fix "
+                   f"{outcomes.get('fix', 0)}, drop {outcomes.get('drop', 0)}), "
+                   f"{counts.get('pairs_from_review', 0)} pairs decided by the review, "
+                   f"{counts.get('excluded_low_agreement', 0)} low-agreement records left out unreviewed")
+    drifts = [f"{k} {v['drift']['agreement_with_consensus']:+.2f}" for k, v in sorted(annotators.items())
+              if (v.get("drift") or {}).get("agreement_with_consensus") is not None]
+    if drifts:
+        lines.append("drift of agreement with the consensus vs earlier rounds: " + ", ".join(drifts))
+    for warning in manifest.get("warnings") or []:
+        lines.append(f"warning: {warning}")
+    table = [{"annotator": name, **{c: row.get(c) for c in REVIEWER_COLUMNS},
+              "drift": (row.get("drift") or {}).get("agreement_with_consensus")}
+             for name, row in sorted(annotators.items())]
+    return Section("Reviewers", lines, [], table or None)
 
 
 def section_pairs(rnd) -> Section:
@@ -444,8 +503,8 @@ def section_labels(rnd) -> Section:
     return Section("Labels used so far, across rounds", lines, figures, table)
 
 
-SECTIONS = (section_steps, section_pool, section_scores, section_selection, section_annotation, section_pairs,
-            section_training, section_evaluation, section_labels)
+SECTIONS = (section_steps, section_pool, section_scores, section_selection, section_annotation, section_reviewers,
+            section_pairs, section_training, section_evaluation, section_labels)
 
 
 def build_sections(rnd) -> list[Section]:
@@ -552,4 +611,4 @@ def run_report(cfg, rnd, *, force: bool = False, progress: bool = True) -> dict:
     return rnd.step("report").manifest()
 
 
-__all__ = ["run_report", "build_sections", "render_html", "summary_text"]
+__all__ = ["run_report", "build_sections", "render_html", "section_reviewers", "summary_text"]

@@ -8,10 +8,13 @@ For each record, from its *submitted* responses:
      (ties = ½), in [0, 1]; margins are score differences (≤ 1);
    - `bradley_terry`: strengths p fitted to all comparisons by the MM algorithm (Hunter 2004), with `bt_prior`
      pseudo-comparisons of ½ win each way between every two completions so that perfect separation stays
-     finite; score = log p, so a margin is the log-odds that the chosen answer is preferred.
+     finite; score = log p, so a margin is the log-odds that the chosen answer is preferred;
+   - `dawid_skene`: reliability-weighted (`preference.reliability`): Dawid–Skene over every annotator's pairwise
+     votes across all records (gold items anchor it); score = mean soft win share, in [0, 1].
    Higher score = better.
 2. Harm. A completion is *harmful* when at least `harm_vote` of the record's annotators flagged it (any label)
-   and at least one did. A harmful completion is never chosen over an unflagged one: every (unflagged, harmful)
+   and at least one did (`harm_method: vote`), or when its Dawid–Skene posterior of being harmful is ≥ ½
+   (`harm_method: dawid_skene`). A harmful completion is never chosen over an unflagged one: every (unflagged, harmful)
    pair is emitted with the unflagged answer chosen, whatever the ranks say, with margin
    max(score difference, `harm_margin`) and `rejected_harmful=True`. Two harmful answers are not paired unless
    `pairs_between_flagged` (then by score, `rejected_harmful=True`).
@@ -22,6 +25,11 @@ For each record, from its *submitted* responses:
    completion (margin `correction_margin`).
 
 Records with fewer than `min_annotators` submitted responses give no pairs.
+
+Second-stage review (`review` answers, `Response.stage == "review"`) overrides the first stage, per record:
+the reviewers' decision (most common; on a tie `drop` beats `fix` beats `keep`) — `drop`: no pairs; `keep`: the
+first-stage rankings stand; `fix`: the reviewers' own rankings replace them (a `fix` without a ranking drops the
+item). The reviewers' harm flags replace the first stage's. Pairs of reviewed records have `stage="review"`.
 """
 
 from __future__ import annotations
@@ -34,12 +42,14 @@ from typing import Literal
 
 import numpy as np
 
+from preference.reliability import consensus_harm, consensus_pairwise
 from preference.schema import AnnotationRecord, PreferencePair, Response, stable_id
 
 
 @dataclass
 class AggregationConfig:
-    method: Literal["borda", "bradley_terry"] = "borda"
+    method: Literal["borda", "bradley_terry", "dawid_skene"] = "borda"
+    harm_method: Literal["vote", "dawid_skene"] = "vote"
     pairs: Literal["all", "best_vs_rest"] = "all"
     tie_margin: float = 1e-9  # |score difference| ≤ this is a tie: no pair
     harm_vote: float = 0.5  # share of a record's annotators that must flag a completion to call it harmful
@@ -50,6 +60,11 @@ class AggregationConfig:
     correction_margin: float = 0.5
     bt_prior: float = 0.5  # pseudo-comparisons between every two completions (regularizes Bradley–Terry)
     bt_iterations: int = 200
+    # reviewer reliability (preference.reliability): below min_reliability an annotator is flagged unreliable
+    # (accuracy on gold when they answered ≥ min_gold gold items, else the Dawid–Skene estimate)
+    min_reliability: float = 0.5
+    min_gold: int = 3
+    exclude_unreliable: bool = False  # drop unreliable annotators' answers before building pairs
 
     def __post_init__(self):
         if not 0.0 < self.harm_vote <= 1.0:
@@ -60,6 +75,9 @@ class AggregationConfig:
             raise ValueError(f"min_annotators must be ≥ 1, got {self.min_annotators}")
         if self.bt_prior <= 0 or self.bt_iterations < 1:
             raise ValueError("bt_prior must be > 0 and bt_iterations ≥ 1")
+        if not 0.0 <= self.min_reliability <= 1.0 or self.min_gold < 1:
+            raise ValueError(f"min_reliability must be in [0, 1] and min_gold ≥ 1, got {self.min_reliability}, "
+                             f"{self.min_gold}")
 
 
 def win_matrix(rankings: Sequence[dict[str, int]], ids: Sequence[str]) -> np.ndarray:
@@ -133,11 +151,12 @@ def _assistant(text: str) -> list[dict[str, str]]:
 
 
 def record_scores(record: AnnotationRecord, responses: Sequence[Response], cfg: AggregationConfig) -> dict[str, float]:
+    """Per-record scores (`dawid_skene` needs all records at once: see `aggregate`; alone it falls back to Borda)."""
     ids = [c.id for c in record.completions]
     rankings = [r.ranks for r in responses if r.status == "submitted" and r.ranks]
-    if cfg.method == "borda":
-        return borda_scores(rankings, ids)
-    return bradley_terry_scores(rankings, ids, cfg.bt_prior, cfg.bt_iterations)
+    if cfg.method == "bradley_terry":
+        return bradley_terry_scores(rankings, ids, cfg.bt_prior, cfg.bt_iterations)
+    return borda_scores(rankings, ids)
 
 
 def aggregate_record(
@@ -147,15 +166,28 @@ def aggregate_record(
     *,
     source: str = "",
     round_number: int = 0,
+    scores: dict[str, float] | None = None,
+    harmful: set[str] | None = None,
+    harm_responses: Sequence[Response] | None = None,
+    stage: str = "first",
+    annotators: Sequence[str] | None = None,
 ) -> list[PreferencePair]:
-    """Preference pairs for one record from its responses (only submitted ones count). See the module docstring."""
+    """Preference pairs for one record from its responses (only submitted ones count). See the module docstring.
+
+    `scores` / `harmful` override the per-record computation (reliability-weighted consensus); `harm_responses`
+    are the answers whose harm flags count (a second-stage review's), default `responses`.
+    """
     subs = [r for r in responses if r.status == "submitted" and r.record_id == record.record_id]
     if len(subs) < cfg.min_annotators or len(record.completions) < 1:
         return []
     by_id = {c.id: c for c in record.completions}
-    scores = record_scores(record, subs, cfg)
-    harmful = harmful_completions(subs, cfg.harm_vote)
-    annotators = sorted({r.annotator for r in subs})
+    if scores is None:
+        scores = record_scores(record, subs, cfg)
+    scores = {c: scores.get(c, 0.0) for c in by_id}
+    if harmful is None:
+        harm_subs = subs if harm_responses is None else [r for r in harm_responses if r.status == "submitted"]
+        harmful = harmful_completions(harm_subs, cfg.harm_vote)
+    annotators = sorted(set(annotators) if annotators is not None else {r.annotator for r in subs})
 
     def pair(chosen_id: str, rejected_id: str, margin: float, chosen_text: str | None = None) -> PreferencePair:
         return PreferencePair(
@@ -172,6 +204,7 @@ def aggregate_record(
             round=round_number,
             annotators=annotators,
             rejected_harmful=rejected_id in harmful,
+            stage=stage,
         )
 
     # Order: unflagged by score (best first), then harmful by score; ties broken by id for determinism only
@@ -204,6 +237,21 @@ def aggregate_record(
     return pairs
 
 
+REVIEW_PRECEDENCE = {"drop": 2, "fix": 1, "keep": 0}  # ties between decisions: the more cautious wins
+
+
+def review_decision(review: Sequence[Response]) -> str | None:
+    """The reviewers' decision on one record: the most common; ties → drop > fix > keep. None if none given."""
+    votes: dict[str, int] = {}
+    for r in review:
+        d = r.extra.get("decision") if r.status == "submitted" else None
+        if d in REVIEW_PRECEDENCE:
+            votes[d] = votes.get(d, 0) + 1
+    if not votes:
+        return None
+    return max(votes, key=lambda d: (votes[d], REVIEW_PRECEDENCE[d]))
+
+
 def aggregate(
     records: Sequence[AnnotationRecord],
     responses: Sequence[Response],
@@ -212,16 +260,70 @@ def aggregate(
     source: str = "",
     round_number: int = 0,
     exclude: set[str] | frozenset[str] = frozenset(),
+    review: Sequence[Response] = (),
 ) -> list[PreferencePair]:
-    """Pairs for all records (those in `exclude` are skipped), in record order."""
+    """Pairs for all records (those in `exclude` are skipped unless a review kept or fixed them), record order.
+
+    `review`: second-stage answers, merged by the rule in the module docstring.
+    """
     grouped: dict[str, list[Response]] = {}
     for r in responses:
         grouped.setdefault(r.record_id, []).append(r)
+    reviewed: dict[str, list[Response]] = {}
+    for r in review:
+        if r.status == "submitted":
+            reviewed.setdefault(r.record_id, []).append(r)
+    scores: dict[str, dict[str, float]] = {}
+    if cfg.method == "dawid_skene":
+        scores, _ = consensus_pairwise([r for r in responses if r.record_id not in exclude], records)
+    harm_p: dict[str, dict[str, float]] | None = None
+    if cfg.harm_method == "dawid_skene":
+        harm_p, _ = consensus_harm(responses, records)
     out = []
     for record in records:
-        if record.record_id not in exclude:
-            out += aggregate_record(record, grouped.get(record.record_id, []), cfg, source=source,
-                                    round_number=round_number)
+        rid = record.record_id
+        first = grouped.get(rid, [])
+        decision = review_decision(reviewed.get(rid, []))
+        if decision is None:
+            if rid in exclude:
+                continue
+            harmful = None if harm_p is None else {c for c, p in harm_p.get(rid, {}).items() if p >= 0.5}
+            out += aggregate_record(record, first, cfg, source=source, round_number=round_number,
+                                    scores=scores.get(rid), harmful=harmful)
+            continue
+        rev = reviewed[rid]
+        if decision == "drop":
+            continue
+        rankers = [r for r in rev if r.ranks] if decision == "fix" else first
+        if not rankers:
+            continue  # a fix without a ranking: nothing to build pairs from
+        fixed_scores = borda_scores([r.ranks for r in rankers], [c.id for c in record.completions]) \
+            if decision == "fix" else scores.get(rid)
+        harm_from = [r for r in rev if r.harm] or first
+        names = {r.annotator for r in rankers if r.status == "submitted"} | {r.annotator for r in rev}
+        out += aggregate_record(record, rankers, cfg, source=source, round_number=round_number,
+                                scores=fixed_scores, harm_responses=harm_from, stage="review", annotators=names)
+    return out
+
+
+def question_consensus(records: Sequence[AnnotationRecord], responses: Sequence[Response],
+                       questions: Sequence) -> list[dict]:
+    """Per record and table question (other than ranking and harm, which become pairs): the reviewers' answers
+    combined by the question's own `consensus` (mean for interval questions, most common answer otherwise)."""
+    grouped: dict[str, list[Response]] = {}
+    for r in responses:
+        if r.status == "submitted":
+            grouped.setdefault(r.record_id, []).append(r)
+    out = []
+    for record in records:
+        subs = grouped.get(record.record_id, [])
+        for q in questions:
+            if q.kind in ("ranking", "harm"):
+                continue
+            values = [q.value(r) for r in subs if q.value(r) is not None]
+            if values:
+                out.append({"record_id": record.record_id, "question": q.kind, "consensus": q.consensus(values),
+                            "answers": len(values)})
     return out
 
 
@@ -257,6 +359,7 @@ def save_pairs(pairs: Sequence[PreferencePair], folder: str | Path) -> None:
             "round": datasets.Value("int64"),
             "annotators": [datasets.Value("string")],
             "rejected_harmful": datasets.Value("bool"),
+            "stage": datasets.Value("string"),
         }
     )
     if set(features) != set(columns):
@@ -273,6 +376,8 @@ __all__ = [
     "bradley_terry_scores",
     "consensus_scores",
     "harmful_completions",
+    "question_consensus",
+    "review_decision",
     "save_pairs",
     "win_matrix",
 ]

@@ -18,6 +18,8 @@ Two measures, both on *submitted* responses only (`Response.status == "submitted
   (1 − |A∩B| / |A∪B|) for partial credit on sets. Reported: α on the label sets (nominal and Jaccard), α on the
   binary "flagged at all", and α per label (binary). 1 = perfect agreement, 0 = chance level, < 0 = systematic
   disagreement; None when undefined (no pairable values, or every value identical so D_e = 0).
+- Other questions of the table (`preference.questions`) with an α level: α per question over records (units =
+  records, values = the answers), nominal or interval (δ = (x − y)², e.g. the rating).
 """
 
 from __future__ import annotations
@@ -61,6 +63,10 @@ def kendall_tau_b(a: dict[str, int], b: dict[str, int]) -> float | None:
 
 def nominal_distance(x: Hashable, y: Hashable) -> float:
     return 0.0 if x == y else 1.0
+
+
+def interval_distance(x: float, y: float) -> float:
+    return (float(x) - float(y)) ** 2
 
 
 def jaccard_distance(x: frozenset, y: frozenset) -> float:
@@ -129,8 +135,21 @@ def harm_units(responses: Sequence[Response]) -> list[list[frozenset]]:
     return [units[k] for k in sorted(units)]
 
 
-def agreement_report(responses: Sequence[Response]) -> dict[str, Any]:
-    """Dataset-level agreement figures (the content of `agreement.json`)."""
+def question_alpha(responses: Sequence[Response], question) -> float | None:
+    """Krippendorff α of one table question over records (its `level`: nominal or interval)."""
+    units: dict[str, list] = defaultdict(list)
+    for r in submitted(responses):
+        value = question.value(r)
+        if value is not None:
+            units[r.record_id].append(tuple(value) if isinstance(value, list) else value)
+    distance = interval_distance if question.level == "interval" else nominal_distance
+    return krippendorff_alpha([units[k] for k in sorted(units)], distance)
+
+
+def agreement_report(responses: Sequence[Response], questions: Sequence = ()) -> dict[str, Any]:
+    """Dataset-level agreement figures (the content of `agreement.json`).
+
+    `questions`: table questions (besides ranking and harm, which have their own sections) to measure with α."""
     subs = submitted(responses)
     taus = []
     for items in by_record(subs).values():
@@ -155,6 +174,8 @@ def agreement_report(responses: Sequence[Response]) -> dict[str, Any]:
             "alpha_per_label": {lab: krippendorff_alpha([[lab in s for s in u] for u in units]) for lab in labels},
             "flag_rate": (sum(bool(s) for u in units for s in u) / max(1, sum(len(u) for u in units))),
         },
+        "questions": {q.kind: {"level": q.level, "alpha": question_alpha(subs, q)} for q in questions
+                      if q.level and q.kind not in ("ranking", "harm")},
         "notes": "tau: Kendall tau-b between annotators' rankings, mean over (record, annotator pair); alpha: "
         "Krippendorff, units = (record, completion), values = harm label sets (empty = none).",
     }
@@ -205,16 +226,23 @@ class ReviewConfig:
     route_harm: bool = True  # any annotator flagged any completion with a harm label
     min_tau: float = 0.0  # route when the mean pairwise τ between annotators is below this (needs ≥ 2 rankings)
     exclude_low_agreement: bool = True  # keep low-agreement items out of the pairs until reviewed
+    # the pull includes the second stage: waits until every routed record has review_min_submitted answers
+    # (Argilla), or has the simulated reviewers answer it (backend simulated); false = merge what is in
+    wait: bool = False
 
     def __post_init__(self):
         if not -1.0 <= self.min_tau <= 1.0:
             raise ValueError(f"min_tau must be in [-1, 1] (a Kendall tau), got {self.min_tau}")
 
 
-def route_for_review(responses: Sequence[Response], cfg: ReviewConfig) -> dict[str, dict[str, Any]]:
-    """record_id → {"reasons": [...], "tau": ..., "flags": {completion_id: sorted labels}} for routed records."""
+def route_for_review(responses: Sequence[Response], cfg: ReviewConfig,
+                     skip: set[str] | frozenset[str] = frozenset()) -> dict[str, dict[str, Any]]:
+    """record_id → {"reasons": [...], "tau": ..., "flags": {completion_id: sorted labels}} for routed records
+    (records in `skip`, e.g. gold items, are never routed)."""
     routed = {}
     for record_id, items in sorted(by_record(submitted(responses)).items()):
+        if record_id in skip:
+            continue
         reasons = []
         flags: dict[str, set[str]] = defaultdict(set)
         for r in items:

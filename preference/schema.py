@@ -126,6 +126,7 @@ class PreferencePair(_Row):
     round: int = 0
     annotators: list[str] = field(default_factory=list)
     rejected_harmful: bool = False  # the rejected answer was flagged harmful by a reviewer
+    stage: str = "first"  # which review stage decided the pair: "first" | "review" (second-stage override)
 
     @staticmethod
     def make_id(prompt_id: str, chosen_id: str, rejected_id: str) -> str:
@@ -234,17 +235,19 @@ class Response(_Row):
     correction: str = ""  # a reviewer's corrected answer, if any
     source: str = ""  # "argilla:<dataset>" | "simulated:<file>"
     updated_at: str = ""
+    stage: str = "first"  # "first" (first-stage dataset) | "review" (second-stage review dataset)
+    extra: dict[str, Any] = field(default_factory=dict)  # answers to other questions, by question name
 
     def to_row(self) -> dict[str, Any]:
         row = dataclasses.asdict(self)
-        row["ranks"] = json.dumps(self.ranks, sort_keys=True)
-        row["harm"] = json.dumps(self.harm, sort_keys=True)
+        for key in ("ranks", "harm", "extra"):
+            row[key] = json.dumps(getattr(self, key), sort_keys=True)
         return row
 
     @classmethod
     def from_row(cls, row: dict[str, Any]) -> Response:
         row = dict(row)
-        for key in ("ranks", "harm"):
+        for key in ("ranks", "harm", "extra"):
             if isinstance(row.get(key), str):
                 row[key] = json.loads(row[key])
         names = {f.name for f in dataclasses.fields(cls)}

@@ -124,6 +124,39 @@ def test_config_validation():
         AggregationConfig(min_annotators=0)
 
 
+def simulated_round(tmp_path, hh_sample, ann, n: int = 4, round_number: int = 1, offset: int = 0):
+    """A round store with pool/generate/select from `n` HH rows from `offset` (reference answers as completions),
+    pushed and pulled with annotation config `ann` (backend simulated). Returns the round."""
+    from curation.annotate import run_pull, run_push
+    from curation.config import RoundConfig
+    from preference.plumbing.io import read_jsonl, write_rows
+    from preference.plumbing.store import Project
+    from preference.schema import split_hh_transcript
+    from preference.simulated import reference_completions
+
+    rnd = Project(tmp_path / "proj").round(round_number, create=True)
+    prompts, comps = [], []
+    for i, row in enumerate(read_jsonl(hh_sample)[offset : offset + n], start=offset):
+        messages, chosen = split_hh_transcript(row["chosen"])
+        _, rejected = split_hh_transcript(row["rejected"])
+        p = Prompt(id=f"p{i}", messages=messages, slice="harmless",
+                   metadata={"reference_chosen": chosen, "reference_rejected": rejected})
+        prompts.append(p)
+        comps += [c.to_row() for c in reference_completions(p)]
+    with rnd.start_step("pool", {"t": 1}) as run:
+        write_rows(run.path / "prompts.parquet", [p.to_row() for p in prompts])
+    with rnd.start_step("generate", {"t": 1}) as run:
+        write_rows(run.path / "completions.parquet", comps)
+    with rnd.start_step("select", {"t": 1}) as run:
+        write_rows(run.path / "selected.parquet", [
+            {"prompt_id": p.id, "slice": p.slice, "arm": "strategy", "strategy": "random", "score": 0.5,
+             "rank": i + 1, "reason": "t"} for i, p in enumerate(prompts)])
+    cfg = RoundConfig(project=tmp_path / "proj", annotation=ann)
+    run_push(cfg, rnd, progress=False)
+    run_pull(cfg, rnd, progress=False)
+    return rnd
+
+
 def test_simulated_backend_push_pull_round_trip(tmp_path, hh_sample):
     """backend: simulated — push stores the records, pull asks the simulated annotator and builds pairs."""
     from curation.annotate import AnnotationConfig, load_records, run_pull, run_push

@@ -44,6 +44,6 @@ def test_simulated_reviewers_submit_over_rest(argilla_server, tmp_path, monkeypa
     assert len(read_rows(pull_dir / "pairs.parquet")) == manifest["counts"]["pairs"]
     # rerunning the submission is idempotent: nothing new is submitted
     with ArgillaClient.from_config(cfg.annotation.argilla) as client:
-        again = submit_simulated(client, pushed["argilla"]["dataset_id"], client.workspace_id("curate"),
+        again = submit_simulated(client, pushed["argilla"]["dataset_id"], "curate",
                                  load_records(rnd), SimulatedAnnotator(cfg.annotation.simulated), k=3)
     assert again == {"simulated_submitted": 0, "simulated_skipped": 10}

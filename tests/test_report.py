@@ -25,7 +25,19 @@ def _step(rnd, name, files):
         run.counts["items"] = 3
 
 
-def test_report_embeds_plots_and_reads_artifacts(tmp_path):
+def real_pull(tmp_path, hh_sample):
+    """A pull step written by the real pull (simulated backend; 3 reviewers, one of them adversarial)."""
+    from test_aggregate import simulated_round
+
+    from curation.annotate import AnnotationConfig
+    from preference.simulated import SimulatedConfig
+
+    ann = AnnotationConfig(backend="simulated", simulated=SimulatedConfig(
+        source=hh_sample, annotators=3, profiles=["careful", "noisy", "adversarial"]))
+    return simulated_round(tmp_path / "reviewed", hh_sample, ann, n=12).step("pull")
+
+
+def test_report_embeds_plots_and_reads_artifacts(tmp_path, hh_sample):
     cfg = RoundConfig(project=tmp_path)
     rnd = Project(tmp_path).round(create=True)
     rng = np.random.default_rng(0)
@@ -39,18 +51,28 @@ def test_report_embeds_plots_and_reads_artifacts(tmp_path):
                 {"prompt_id": "p2", "slice": "s", "arm": "random", "strategy": "random", "score": 0.0, "rank": 2,
                  "reason": "random arm"}]
     _step(rnd, "select", {"selected.parquet": selected})
-    _step(rnd, "pull", {"agreement.json": {"kendall_tau": 0.41, "krippendorff_alpha": 0.3},
-                        "annotators.json": {"ann-1": {"submitted": 2}},
-                        "pairs.parquet": [{"prompt_id": "p1", "margin": 2.0, "rejected_harmful": True}]})
+    pulled = real_pull(tmp_path, hh_sample)
+    shutil.copytree(pulled.path, rnd.step("pull").path)
+    agreement = read_json(pulled.path / "agreement.json")
+    pairs = read_rows(pulled.path / "pairs.parquet")
     _step(rnd, "train_reward", {"log_history.json": {"log_history": [{"step": 1, "loss": 0.7},
                                                                      {"step": 2, "loss": 0.6}]}})
     manifest = run_report(cfg, rnd, progress=False)
     html = (rnd.step("report").path / "report.html").read_text()
     assert manifest["counts"]["figures"] == 2  # score histograms + reward loss curve
     assert len(re.findall(r"data:image/png;base64,", html)) == 2
-    for text in ("uncertainty", "random arm", "kendall_tau: 0.410", "pairs: 1 from 1 prompts",
+    tau, alpha = agreement["ranking"]["kendall_tau_mean"], agreement["harm"]["alpha_nominal_sets"]
+    for text in ("uncertainty", "random arm", f"Kendall τ between annotators&#x27; rankings: mean {tau:.3f}",
+                 f"pairs: {len(pairs)} from {len({p['prompt_id'] for p in pairs})} prompts",
                  "strategy arm 1, random arm 1", "train_dpo: has not run"):
         assert text in html, text
+    assert alpha is None or f"Krippendorff α on harm flags: label sets {alpha:.3f}" in html
+    # the reviewer section: per-annotator table from the real annotators.json, the adversarial one flagged
+    annotators = read_json(pulled.path / "annotators.json")
+    assert "<h2>Reviewers</h2>" in html and "unreliable annotators: sim-2" in html
+    for name, row in annotators.items():
+        assert f"<td>{name}</td><td>{row['answers']}</td>" in html
+    assert "second-stage review: " in html
     summary = (rnd.step("report").path / "summary.txt").read_text()
     assert "Labels used so far" in summary
     # unchanged inputs: kept; a changed upstream step: rebuilt, never stale

@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 from argilla_server_fixture import argilla_server  # noqa: F401  (session fixture)
 
-from preference.plumbing.io import read_jsonl, read_rows
+from preference.plumbing.io import read_json, read_jsonl, read_rows
 
 ROOT = Path(__file__).resolve().parent.parent
 TINY = ROOT / "configs" / "tiny.yaml"
@@ -103,6 +103,7 @@ def test_kill_during_generate_resumes_without_duplicates(tmp_path):
 def test_crash_during_push_resumes_without_duplicate_records(tmp_path, monkeypatch, argilla_server):  # noqa: F811
     """A push that dies after its first batch (no manifest) and is rerun: same records, none twice."""
     server = argilla_server
+    import preference.argilla as adapter
     from curation.annotate import AnnotationConfig, run_push
     from curation.config import load_config
     from preference.argilla import ArgillaClient, ArgillaConfig
@@ -117,40 +118,46 @@ def test_crash_during_push_resumes_without_duplicate_records(tmp_path, monkeypat
                             workspace=server.workspace, dataset="kill-{round:04d}", batch_size=2, retries=1)
     cfg.annotation = AnnotationConfig(backend="argilla", completions_per_record=5, argilla=argilla)
     rnd = Project(project).round(1)
-    real_request = ArgillaClient.request
-    puts = []
+    real_log = adapter.log_batch
+    batches = []
 
-    def dying_request(self, method, path, **kw):
-        if method == "PUT" and path.endswith("/records/bulk"):
-            puts.append(path)
-            if len(puts) == 2:
-                raise KeyboardInterrupt("killed mid-push")
-        return real_request(self, method, path, **kw)
+    def dying_log(client, dataset, batch, **kw):
+        batches.append(len(batch))
+        if len(batches) == 2:
+            raise KeyboardInterrupt("killed mid-push")
+        return real_log(client, dataset, batch, **kw)
 
-    monkeypatch.setattr(ArgillaClient, "request", dying_request)
+    monkeypatch.setattr(adapter, "log_batch", dying_log)
     with pytest.raises(KeyboardInterrupt):
         run_push(cfg, rnd, force=True, progress=False)
     assert not rnd.step("push").done
-    monkeypatch.setattr(ArgillaClient, "request", real_request)
+    monkeypatch.setattr(adapter, "log_batch", real_log)
     manifest = run_push(cfg, rnd, progress=False)
     with ArgillaClient.from_config(argilla) as client:
-        records = client.list_records(manifest["argilla"]["dataset_id"], include=())
+        records = client.list_records(manifest["argilla"]["dataset_id"])
     ids = [r["external_id"] for r in records]
     pushed = [r["record_id"] for r in read_jsonl(rnd.step("push").file("records.jsonl"))]
     assert sorted(ids) == sorted(pushed) and len(set(ids)) == len(ids) == 8
     assert manifest["counts"]["updated"] == 2 and manifest["counts"]["created"] == 6  # first batch reused
 
 
-@pytest.mark.argilla
-def test_round_end_to_end_on_real_argilla(tmp_path, argilla_server):  # noqa: F811
-    """`curate round run` with reviews going through the real Argilla server (simulated reviewers over REST)."""
-    project = tmp_path / "argilla-round"  # the dataset is named after it: unique on the shared test server
+@pytest.fixture(scope="module")
+def argilla_round(tmp_path_factory, argilla_server):  # noqa: F811
+    """Round 1 of configs/tiny.yaml with reviews through the real Argilla server (simulated reviewers over REST)."""
+    project = tmp_path_factory.mktemp("argilla") / "argilla-round"  # dataset named after it: unique on the server
     args = ["round", "run", "-c", TINY, "--set", f"project={project}", "--set", "annotation.backend=argilla",
             "--set", "annotation.simulate_reviewers=true", "-q"]
     env = {**os.environ, "OMP_NUM_THREADS": "1", "ARGILLA_API_URL": argilla_server.url,
            "ARGILLA_API_KEY": argilla_server.api_key}
     out = subprocess.run(curate_cmd(*args), capture_output=True, text=True, cwd=ROOT, env=env)
     assert out.returncode == 0, out.stderr[-3000:]
+    return project, args, env
+
+
+@pytest.mark.argilla
+def test_round_end_to_end_on_real_argilla(argilla_round):
+    """`curate round run` with reviews going through the real Argilla server (simulated reviewers over REST)."""
+    project, args, env = argilla_round
     r1 = project / "round-0001"
     for step in STEPS:
         assert (r1 / step / "manifest.json").is_file(), step
@@ -158,6 +165,60 @@ def test_round_end_to_end_on_real_argilla(tmp_path, argilla_server):  # noqa: F8
     assert responses and all(r["source"].startswith("argilla:") for r in responses)
     assert {r["annotator"] for r in responses} == {"sim-0", "sim-1"}
     assert read_rows(r1 / "pull" / "pairs.parquet")
+    # gold records went through the server and stay out of the pairs; the review stage was answered and read back
+    pull = read_json(r1 / "pull" / "manifest.json")
+    gold = {r["record_id"] for r in read_jsonl(r1 / "push" / "records.jsonl") if "gold" in r["metadata"]}
+    assert pull["counts"]["gold_records"] == len(gold) == 1
+    assert not gold & {p["prompt_id"] for p in read_rows(r1 / "pull" / "pairs.parquet")}
+    assert pull["counts"]["reviewed"] == pull["counts"]["routed_to_review"]
+    review = read_jsonl(r1 / "pull" / "review_responses.jsonl")
+    assert all(r["stage"] == "review" and r["source"].endswith("-review") for r in review)
+    assert len(review) == pull["counts"]["routed_to_review"]
     # a rerun does not push again (no duplicate records) and skips every finished step
     again = subprocess.run(curate_cmd(*args), capture_output=True, text=True, cwd=ROOT, env=env)
     assert again.returncode == 0 and again.stdout.count("skipped (finished earlier)") == len(STEPS)
+
+
+@pytest.mark.argilla
+def test_champion_suggestions_appear_on_the_real_server(argilla_server, request, monkeypatch):  # noqa: F811
+    """Round 2 after a promoted round 1: the champion reward model scores the completions (the `rewards` step)
+    and its ranking is each record's suggestion on the server (agent = the registry version)."""
+    from curation.round import STEPS as ROUND_STEPS
+
+    if "rewards" not in dict(ROUND_STEPS):
+        pytest.skip("needs the `rewards` round step (contract 2: rewards/completion_rewards.parquet, from helper "
+                    "acquisition's branch); the push side reads it already: un-skip once merged")
+    from curation.annotate import load_records
+    from curation.config import load_config
+    from curation.round import step_function
+    from preference.argilla import ArgillaClient, ArgillaConfig
+    from preference.plumbing.config import replace_path
+    from preference.plumbing.store import Project
+
+    project, _, env = request.getfixturevalue("argilla_round")  # round 1 promoted v0001
+    cfg = load_config(TINY)
+    for key, value in (("project", str(project)), ("annotation.backend", "argilla")):
+        cfg = replace_path(cfg, key, value)
+    monkeypatch.setenv("ARGILLA_API_URL", argilla_server.url)
+    monkeypatch.setenv("ARGILLA_API_KEY", env["ARGILLA_API_KEY"])
+    rnd = Project(project).new_round()
+    for name, path in ROUND_STEPS:  # round 2 up to and including push, in-process
+        step_function(path)(cfg, rnd, progress=False)
+        if name == "push":
+            break
+    push = read_json(rnd.step("push").manifest_path)
+    assert push["reward_model"] == "v0001" and push["counts"]["with_suggestions"] > 0
+    argilla = ArgillaConfig()
+    with ArgillaClient.from_config(argilla) as client:
+        ds = client.dataset(push["argilla"]["dataset"], "curate")
+        records = list(ds.records(with_suggestions=True))
+    rewards = {r["completion_id"]: r["reward_mean"] for r in read_rows(rnd.step("rewards").path /
+                                                                        "completion_rewards.parquet")}
+    shown = {r.record_id: [c.id for c in r.completions] for r in load_records(rnd)}
+    suggested = [r for r in records if len(r.suggestions)]
+    assert len(suggested) == push["counts"]["with_suggestions"]
+    for rec in suggested:
+        s = rec.suggestions["ranking"]
+        assert s.agent == "v0001"
+        order = [shown[rec.id][int(v.split("_")[1]) - 1] for v in s.value]
+        assert order == sorted(shown[rec.id], key=lambda c: -rewards[c])  # best first, by the champion's reward
