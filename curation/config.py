@@ -10,10 +10,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from curation.annotate import AnnotationConfig
+from curation.drift import DriftConfig
 from curation.generate import GenerationConfig
 from curation.pool import PoolConfig
 from curation.score import ScoringConfig
 from curation.select import SelectionConfig
+from curation.serve import ServeConfig
 from preference.plumbing.config import load_yaml
 from training.dpo import DPOTrainConfig
 from training.evaluate import EvalConfig
@@ -35,6 +37,8 @@ class RoundConfig:
     dpo: DPOTrainConfig = field(default_factory=DPOTrainConfig)
     evaluation: EvalConfig = field(default_factory=EvalConfig)
     gate: GateConfig = field(default_factory=GateConfig)
+    serve: ServeConfig = field(default_factory=ServeConfig)  # `curate serve`: the champion behind a logging layer
+    drift: DriftConfig = field(default_factory=DriftConfig)  # `curate drift`, `round run --next --if-drift`
 
 
 def load_config(path: str | Path) -> RoundConfig:
