@@ -270,6 +270,23 @@ def log_perplexities(backend, texts: list[str]) -> np.ndarray:
     return np.array([-float(np.mean(ll)) for ll in backend.loglikelihood(requests)])
 
 
+def embed_and_score(backend, traffic: list[str], reference: list[str], progress: bool, batch: int = 32):
+    """(traffic embeddings, traffic log-perplexities, reference embeddings, reference log-perplexities)."""
+    from tqdm.auto import tqdm
+
+    texts = traffic + reference
+    emb, ppl = [], []
+    with tqdm(total=len(texts), desc="drift", unit="prompt", disable=not progress) as bar:
+        for start in range(0, len(texts), batch):
+            chunk = texts[start : start + batch]
+            emb.append(backend.embed(chunk))
+            ppl.append(log_perplexities(backend, chunk))
+            bar.update(len(chunk))
+    emb_all, ppl_all = np.concatenate(emb), np.concatenate(ppl)
+    n = len(traffic)
+    return emb_all[:n], ppl_all[:n], emb_all[n:], ppl_all[n:]
+
+
 # ------------------------------------------------------------------------------------------------- the check
 def check(cfg, *, progress: bool = True, echo=print) -> tuple[dict, Path]:
     """Run the drift check for a round config; returns (the report, its folder)."""
@@ -311,8 +328,7 @@ def check(cfg, *, progress: bool = True, echo=print) -> tuple[dict, Path]:
     else:
         echo(f"drift: {len(recent)} new served prompts vs {len(reference)} prompts champion {version} trained on")
         with scoring_backend(cfg) as backend:
-            emb_t, emb_r = backend.embed(texts), backend.embed([s.text for s in reference])
-            ppl_t, ppl_r = log_perplexities(backend, texts), log_perplexities(backend, [s.text for s in reference])
+            emb_t, ppl_t, emb_r, ppl_r = embed_and_score(backend, texts, [s.text for s in reference], progress)
         report["embedding"] = embedding_tests(emb_t, [r.slice or "untagged" for r in recent], emb_r,
                                               [s.slice for s in reference], d, rng)
         null = report["embedding"]["overall"].pop("_null")

@@ -27,9 +27,7 @@ The champion is `training.registry.Registry(registry_root(cfg)).champion()`; its
 `champion_policy_folder` (a version without one serves the base policy, and says so). No champion → one error line.
 """
 
-from __future__ import annotations
-
-import argparse
+import argparse  # no `from __future__ import annotations`: FastAPI reads the handlers' annotations at runtime
 import contextlib
 import hmac
 import json
@@ -273,17 +271,22 @@ class Processes:
         lines = path.read_text(errors="replace").splitlines()[-n:] if path.is_file() else []
         return f"last lines of {path}:\n" + "\n".join(lines)
 
-    def wait(self, name: str, proc: subprocess.Popen | None, check, timeout_s: float) -> None:
+    def start_and_wait(self, name: str, cmd: list[str], env: dict[str, str], ready, timeout_s: float) -> None:
+        """Spawn `name` and wait until `ready()`; on a failure or a timeout it is stopped and the error says why."""
+        proc = self.spawn(name, cmd, env)
         deadline = time.monotonic() + timeout_s
-        while time.monotonic() < deadline:
-            if check():
-                return
-            if proc is not None and proc.poll() is not None:
-                raise CurateError(f"the {name} process exited (code {proc.returncode}) before it was ready; "
-                                  + self.log_tail(name))
-            time.sleep(1.0)
-        raise CurateError(f"the {name} process was not ready after {timeout_s:.0f} s (serve.ready_timeout_s); "
-                          + self.log_tail(name))
+        try:
+            while not ready():
+                if proc.poll() is not None:
+                    raise CurateError(f"the {name} process exited (code {proc.returncode}) before it was ready; "
+                                      + self.log_tail(name))
+                if time.monotonic() > deadline:
+                    raise CurateError(f"the {name} process was not ready after {timeout_s:.0f} s "
+                                      f"(serve.ready_timeout_s); " + self.log_tail(name))
+                time.sleep(1.0)
+        except BaseException:  # a timeout, a crash or Ctrl-C: leave nothing running
+            self.stop(name)
+            raise
 
 
 def _http_ok(url: str, key: str | None = None) -> bool:
@@ -319,6 +322,16 @@ def _cuda() -> bool:
     return cuda_available()
 
 
+def gateway_settings(cfg) -> dict:
+    """What the logging layer runs with (a change restarts it, not vLLM)."""
+    s = cfg.serve
+    return {"model_name": s.model_name, "gateway": {"host": s.host, "port": s.port},
+            "traffic": str(traffic_dir(cfg).resolve()), "api_key_env": s.api_key_env,
+            "limits": {"max_tokens": s.max_tokens, "default_max_tokens": s.default_max_tokens,
+                       "max_request_bytes": s.max_request_bytes, "max_comment_chars": s.max_comment_chars,
+                       "rotate_bytes": s.rotate_bytes}}
+
+
 def start(cfg, *, echo=print) -> dict:
     """Serve the champion (see the module docstring). Idempotent: a healthy server of the same champion is left
     alone; a dead logging layer in front of a healthy model server is restarted alone (seconds, not minutes)."""
@@ -327,13 +340,16 @@ def start(cfg, *, echo=print) -> dict:
     s, root = cfg.serve, serve_dir(cfg)
     procs = Processes(root)
     state = read_json(procs.state_path) if procs.state_path.is_file() else {}
-    same = state.get("plan") == plan.key() and state.get("gateway", {}).get("port") == s.port
-    if same and procs.alive("vllm") and procs.alive("gateway"):
+    gateway = gateway_settings(cfg)
+    vllm_ok = state.get("plan") == plan.key() and procs.alive("vllm")
+    if vllm_ok and procs.alive("gateway") and all(state.get(k) == v for k, v in gateway.items()):
         echo(f"already serving champion {plan.version} at {state['url']}")
         return status(cfg)
-    if not (same and procs.alive("vllm")):
-        for name in ("gateway", "vllm"):
-            procs.stop(name)
+    for name in ("gateway",) if vllm_ok else ("gateway", "vllm"):
+        procs.stop(name)
+    if _port_busy(s.host, s.port):
+        raise CurateError(f"port {s.port} on {s.host} is in use by another program; set serve.port (or --port)")
+    if not vllm_ok:
         if plan.policy == "merged":
             echo(f"merging champion {plan.version}'s adapter into {plan.base.name} (once)")
             model_dir = merge_adapter(plan.base, plan.adapter, root / "models" / f"{plan.version}-merged")
@@ -345,31 +361,20 @@ def start(cfg, *, echo=print) -> dict:
         what = {"lora": "base + LoRA", "merged": "base + adapter merged", "base": "base policy: the champion has "
                 "no policy adapter"}[plan.policy]
         echo(f"starting vLLM for champion {plan.version} ({what}) on 127.0.0.1:{port}; logs: {procs.logs}")
-        proc = procs.spawn("vllm", vllm_command(cfg, plan, model_dir, port), env)
         upstream = f"http://127.0.0.1:{port}"
-        procs.wait("vllm", proc, lambda: _http_ok(f"{upstream}/v1/models", key), s.ready_timeout_s)
+        procs.start_and_wait("vllm", vllm_command(cfg, plan, model_dir, port), env,
+                             lambda: _http_ok(f"{upstream}/v1/models", key), s.ready_timeout_s)
         state = {"plan": plan.key(), "upstream": {"url": upstream, "model": plan.version}}
     else:
-        procs.stop("gateway")
         echo(f"vLLM for champion {plan.version} is running; restarting the logging layer")
-    if _port_busy(s.host, s.port):
-        raise CurateError(f"port {s.port} on {s.host} is in use by another program; set serve.port (or --port)")
     host_shown = "127.0.0.1" if s.host in ("0.0.0.0", "") else s.host
-    state.update({
-        "version": plan.version, "policy": plan.policy, "model_name": s.model_name,
-        "gateway": {"host": s.host, "port": s.port}, "url": f"http://{host_shown}:{s.port}/v1",
-        "traffic": str(traffic_dir(cfg).resolve()), "api_key_env": s.api_key_env,
-        "limits": {"max_tokens": s.max_tokens, "default_max_tokens": s.default_max_tokens,
-                   "max_request_bytes": s.max_request_bytes, "max_comment_chars": s.max_comment_chars,
-                   "rotate_bytes": s.rotate_bytes},
-        "started_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
-    })
+    state.update(gateway, version=plan.version, policy=plan.policy, url=f"http://{host_shown}:{s.port}/v1",
+                 started_at=time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()))
     write_json(procs.state_path, state)
     code_root = str(Path(__file__).resolve().parent.parent)  # the child runs this very code, whatever the cwd
     env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [code_root, os.environ.get("PYTHONPATH")]))}
-    proc = procs.spawn("gateway", [sys.executable, "-m", GATEWAY_MODULE, "--state", str(procs.state_path.resolve())],
-                       env)
-    procs.wait("gateway", proc, lambda: _http_ok(f"http://{host_shown}:{s.port}/health"), 120)
+    procs.start_and_wait("gateway", [sys.executable, "-m", GATEWAY_MODULE, "--state", str(procs.state_path.resolve())],
+                         env, lambda: _http_ok(f"http://{host_shown}:{s.port}/health"), 120)
     echo(f"serving champion {plan.version} at {state['url']} (model \"{s.model_name}\", key in "
          f"${s.api_key_env}); traffic log: {state['traffic']}")
     return status(cfg)

@@ -68,7 +68,7 @@ dpo: {{base_model: tiny-llama, max_steps: 2, batch_size: 2, grad_accum: 1, max_p
 evaluation: {{heldout: data/hh-harmless-sample.jsonl.gz, heldout_size: 40, bootstrap: 50, flip_check_pairs: 4,
              dpo_pairs: 4, win_rate_prompts: 2, max_new_tokens: 8, threads: 1}}
 gate: {{metrics: [reward.accuracy], min_value: 0.0, min_improvement: -1.0}}
-serve: {{port: {port}, dir: {root / "serve"}, api_key_env: {KEY_ENV}, max_model_len: 512, max_tokens: 48,
+serve: {{port: {port}, dir: {root / "serve"}, api_key_env: {KEY_ENV}, max_model_len: 1024, max_tokens: 48,
         default_max_tokens: 16, max_request_bytes: 20000, max_comment_chars: 200}}
 drift: {{min_samples: 15, min_slice_samples: 10, permutations: 300, feedback_trigger: 5}}
 """
@@ -130,16 +130,17 @@ def test_closed_loop_serve_feedback_drift_next_round(loop):
     people = users.SimulatedUsers(labels)
     url = f"http://127.0.0.1:{cfg.serve.port}/v1"
     # same-distribution traffic (HH prompts the champion never saw): no drift, nothing to do → exit 10
-    hh = users.load_prompts(labels, 40, seed=7)[20:]
+    hh = [p for p in users.load_prompts(labels, 80, seed=7) if len(p.text) < 600][-24:]  # fit tiny-llama's context
     sent = users.simulate(url, KEY, hh, people, slice_name="harmless", rate_share=0.0, max_tokens=12)
-    assert sent["answered"] == 20
+    assert sent["answered"] == len(hh) == 24
     out = curate("round", "run", "-c", path, "--next", "--if-drift", "-q", env_extra={KEY_ENV: KEY})
     assert out.returncode == 10, out.stderr[-2000:]
     assert "drift: nothing to do" in out.stdout and not (Path(cfg.project) / "round-0002").exists()
     # traffic switches to moderation prompts, users rate every answer: drift + feedback → round 2 runs → exit 0
-    moderation = users.load_prompts(ROOT / "data" / "moderation-dev.jsonl.gz", 30, seed=7)
+    moderation = [p for p in users.load_prompts(ROOT / "data" / "moderation-dev.jsonl.gz", 80, seed=7)
+                  if len(p.text) < 600][:30]
     sent = users.simulate(url, KEY, moderation, people, slice_name="moderation", rate_share=1.0, max_tokens=12)
-    assert sent["answered"] == 30 and sent["up"] + sent["down"] == 30
+    assert sent["answered"] == len(moderation) == 30 and sent["up"] + sent["down"] == 30
     out = curate("round", "run", "-c", path, "--next", "--if-drift", "-q", env_extra={KEY_ENV: KEY})
     assert out.returncode == 0, out.stderr[-3000:]
     assert "a round is warranted" in out.stdout and "round 2 finished" in out.stdout
@@ -149,7 +150,7 @@ def test_closed_loop_serve_feedback_drift_next_round(loop):
     # round 2's pool: the served prompts with their answers and thumbs; feedback.parquet for KTO
     pool = {r["id"]: r for r in read_rows(r2 / "pool" / "prompts.parquet")}
     served = [p for p in pool.values() if p["source"].startswith("traffic:")]
-    assert len(served) == 1 + 20 + 30
+    assert len(served) == 1 + 24 + 30
     down = [p for p in served if "feedback: thumbs down" in p["metadata"]]
     assert len(down) == sent["down"]
     feedback = read_rows(r2 / "pool" / "feedback.parquet")
@@ -184,7 +185,7 @@ def test_bad_requests_get_4xx_with_a_reason(loop):
         for body, status, reason in cases:
             r = c.post("/chat/completions", content=body, headers={"Content-Type": "application/json"})
             assert r.status_code == status and reason in r.json()["error"]["message"], (body[:60], r.text)
-        long_prompt = {"messages": [{"role": "user", "content": "word " * 600}], "max_tokens": 8}
+        long_prompt = {"messages": [{"role": "user", "content": "word " * 1200}], "max_tokens": 8}
         r = c.post("/chat/completions", json=long_prompt)  # longer than the model's context: vLLM's own 400
         assert r.status_code == 400 and "the model server refused the request" in r.json()["error"]["message"]
         for fb, status, reason in [
