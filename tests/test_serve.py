@@ -7,6 +7,7 @@ a killed logging layer loses no acknowledged request and restarts alone."""
 from __future__ import annotations
 
 import importlib.util
+import json
 import os
 import signal
 import socket
@@ -157,7 +158,8 @@ def test_closed_loop_serve_feedback_drift_next_round(loop):
     assert len(feedback) == 1 + 30 and sum(not f["label"] for f in feedback) == sent["down"]
     assert all(f["model_version"] == champion and f["round"] == 2 for f in feedback)
     completions = read_rows(r2 / "generate" / "completions.parquet")
-    assert sum(c["model"] == "served" for c in completions) == len(served)
+    answered = [p for p in served if json.loads(p["metadata"])["served_completion"].strip()]  # tiny-llama: some ""
+    assert sum(c["model"] == "served" for c in completions) == len(answered) > 40
     select = read_json(r2 / "select" / "manifest.json")
     assert select["counts"]["error_items"] >= sent["down"] > 0
 
