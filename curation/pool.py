@@ -204,8 +204,9 @@ def read_source(src: PoolSource, *, strict: bool, max_chars: int) -> tuple[list[
     if not path.exists() and src.format != "traffic":  # a traffic folder appears once `curate serve` ran
         raise CurateError(f"pool source {path} does not exist; fix `pool.sources[].path` (relative to the cwd)")
     fmt = detect_format(path) if src.format == "auto" else src.format
-    if fmt == "traffic":
-        raise CurateError(f"{path}: traffic sources are read by `read_traffic_source`")  # ingest routes them
+    if fmt == "traffic":  # the served prompts only (`ingest` also collects their feedback)
+        result = read_traffic_source(src, seen=TrafficSeen(), max_chars=max_chars, round_number=0)
+        return result.prompts, result.rejected, result.read
     prompts, rejected, read = [], [], 0
     for where, row in _iter_rows(path, fmt):
         read += 1
@@ -314,7 +315,10 @@ def read_traffic_source(src: PoolSource, *, seen: TrafficSeen, max_chars: int, r
     if src.limit is not None:
         kept = kept[-src.limit :]  # the most recent traffic
     items = traffic_items(kept, default_slice=src.slice, round_number=round_number)
-    counts = {**log.counts(), "traffic_new_responses": len(kept)}
+    counts = {"traffic_responses": len(kept), "thumbs_down": sum(r.rating == "down" for r in kept),
+              "traffic_corrupt_lines": len(log.corrupt)}
+    if log.orphan_feedback:
+        counts["traffic_orphan_feedback"] = log.orphan_feedback
     return IngestResult(items.prompts, rejected, read=log.lines, feedback=items.feedback, traffic=items.rows,
                         traffic_counts=counts)
 

@@ -18,7 +18,7 @@ Two processes, each in its own session (process group), pids in `<serve.dir>/pid
      answers. The response's `id` is the response id for feedback; it also carries `model_version`.
      Optional `metadata: {"slice": ...}` tags the request for per-slice drift checks.
    - `POST /v1/feedback {response_id, rating: "up"|"down", comment?}`: appended to the same log.
-   - `GET /v1/models`, `GET /health` (no key).
+   - `GET /v1/models` (with the key), `GET /health` (without).
    Errors are `{"error": {"message", "type", "code"}}` with a 4xx status saying what is wrong: 401 missing or
    wrong key, 400 malformed JSON or request, 404 unknown model or response id, 413 too large; 502 when the
    model server does not answer.
@@ -27,7 +27,8 @@ The champion is `training.registry.Registry(registry_root(cfg)).champion()`; its
 `champion_policy_folder` (a version without one serves the base policy, and says so). No champion → one error line.
 """
 
-import argparse  # no `from __future__ import annotations`: FastAPI reads the handlers' annotations at runtime
+# No `from __future__ import annotations` here: FastAPI reads the request handlers' annotations at runtime.
+import argparse
 import contextlib
 import hmac
 import json

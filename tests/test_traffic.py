@@ -87,13 +87,13 @@ def test_killed_writer_loses_no_acknowledged_record_and_a_cut_line_is_skipped(tm
     read = read_traffic(folder)
     assert set(acked) <= set(read.responses)
     assert len(read.corrupt) <= 1  # a kill can only cut the line being written, the last one
-    if read.corrupt:
-        n = read_bytes_lines = (folder / "traffic-000001.jsonl").read_bytes().count(b"\n")
-        assert read.corrupt[0][0].endswith(f":{n + 1}"), read_bytes_lines
-        return
-    # a crash of the machine can cut the last line short: it is skipped and reported with its position
     (path,) = traffic_files(folder)
     data = path.read_bytes()
+    if read.corrupt:  # the kill cut the line being written: it is the last one
+        complete = data.count(b"\n")
+        assert read.corrupt[0][0] == f"{path}:{complete + 1}"
+        data = data[: data.rindex(b"\n") + 1]
+    # a crash of the machine can cut the last line short: it is skipped and reported with its position
     path.write_bytes(data[: len(data) - 5000])
     n_lines = data.count(b"\n")
     read = read_traffic(folder)
@@ -136,6 +136,7 @@ def test_traffic_pool_feedback_and_served_completions(tmp_path):
     assert poem.source.startswith("traffic:") and poem.metadata["model_version"] == "v0001"
     counts = manifest["counts"]
     assert counts["traffic_responses"] == 5 and counts["feedback"] == 3 and counts["traffic_corrupt_lines"] == 2
+    assert counts["thumbs_down"] == 1
     rejected = read_jsonl(rnd.step("pool").file("rejected.jsonl"))
     assert [r["source"] for r in rejected] == [f"{path}:7", f"{path}:8"]
     # feedback.parquet: Feedback rows (contract 1), label True = thumbs up
@@ -179,7 +180,7 @@ def test_next_round_ingests_only_new_traffic_and_late_feedback(tmp_path):
     feedback = [Feedback.from_row(r) for r in read_rows(r2.step("pool").file("feedback.parquet"))]
     assert sorted((f.completion[0]["content"], f.label) for f in feedback) == [("first answer", False),
                                                                               ("third answer", False)]
-    assert m2["counts"]["traffic_new_responses"] == 2
+    assert m2["counts"]["traffic_responses"] == 2 and m2["counts"]["thumbs_down"] == 2
     assert all(f.round == 2 for f in feedback)
 
 
