@@ -226,8 +226,8 @@ def reference_prompts(cfg) -> tuple[str, list[Sample]]:
         return version, list(samples.values())
     lineage = read_json_if(registry.path(version) / "lineage.json")
     wanted: dict[int, set[str]] = {}
-    for part in lineage.values():
-        for key, ids in ((part or {}).get("rounds") or {}).items():
+    for part in lineage.values():  # one entry per trained artifact: {"rounds": {"round-N": [pair ids]}, ...}
+        for key, ids in ((part.get("rounds") if isinstance(part, dict) else None) or {}).items():
             wanted.setdefault(int(key.removeprefix("round-")), set()).update(ids)
     for number, ids in sorted(wanted.items()):
         step = project.round(number).step("pull") if number in project.rounds() else None

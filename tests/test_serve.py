@@ -109,6 +109,7 @@ def client(cfg, key: str | None = KEY) -> httpx.Client:
     return httpx.Client(base_url=f"http://127.0.0.1:{cfg.serve.port}/v1", headers=headers, timeout=120)
 
 
+@pytest.mark.slow
 def test_closed_loop_serve_feedback_drift_next_round(loop):
     from openai import OpenAI
 
