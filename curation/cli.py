@@ -173,7 +173,7 @@ def validate(configs: Annotated[list[Path], typer.Argument(help="Config files to
     for path in configs:
         try:
             cfg = load_config(path)
-            missing = [str(s.path) for s in cfg.pool.sources if not Path(s.path).exists()]
+            missing = [str(s.path) for s in cfg.pool.sources if not Path(s.path).exists() and s.format != "traffic"]
             if missing:
                 raise CurateError(f"{path}: pool source(s) not found: {', '.join(missing)} (paths are cwd-relative)")
         except CurateError as exc:
@@ -239,28 +239,91 @@ def round_run(
     config: ConfigOpt, round_: RoundOpt = None, force: ForceOpt = False, set_: SetOpt = None, quiet: QuietOpt = False,
     verbose: VerboseOpt = False,
     next_: Annotated[bool, typer.Option("--next", help="Start the next round if the latest has finished.")] = False,
+    if_drift: Annotated[bool, typer.Option(
+        "--if-drift", help="With --next: start the new round only if `curate drift` finds drift or enough new "
+        "thumbs-down feedback. Exit 0 = a round ran, 11 = it waits for reviewers, 10 = nothing to do, 2 = error.",
+    )] = False,
 ) -> None:
     """Run every step of a round in order, skipping finished ones (resumable after a kill).
 
     Without --round it continues the latest round; with --next it starts a new round once the latest finished
-    (the new round's pool is the previous one's minus labelled items plus its failures)."""
+    (the new round's pool is the previous one's minus labelled items plus its failures and new traffic)."""
     from curation.round import run_round
     from preference.plumbing.store import Project
 
     cfg = load(config, set_)
+    if if_drift and not next_:
+        raise CurateError("--if-drift decides whether to start the next round; use it with --next")
     if next_:
         if round_ is not None:
             raise CurateError("--next and --round exclude each other")
         project = Project(cfg.project)
         latest = project.round(create=True)
         if latest.step("report").done:
+            if if_drift and not _drift_warrants_round(cfg, quiet):
+                raise typer.Exit(10)  # curation.drift.EXIT_NO_DRIFT
             latest = project.new_round()
         else:
             typer.echo(f"round {latest.number} has not finished yet; continuing it first")
         rnd = latest
     else:
         rnd = open_round(cfg, round_)
-    run_round(cfg, rnd, force=force, progress=not quiet, verbose=verbose, echo=typer.echo)
+    outcome = run_round(cfg, rnd, force=force, progress=not quiet, verbose=verbose, echo=typer.echo)
+    if if_drift and outcome == "waiting":
+        raise typer.Exit(11)  # curation.drift.EXIT_WAITING
+
+
+def _drift_warrants_round(cfg, quiet: bool) -> bool:
+    """`--if-drift`: run the drift check; print its one-line verdict and where its report is."""
+    from curation.drift import check, summary
+
+    report, folder = check(cfg, progress=not quiet, echo=typer.echo)
+    typer.echo(f"{summary(report)} → {folder / 'drift.json'}")
+    return report["start_round"]
+
+
+@app.command()
+def drift(config: ConfigOpt, set_: SetOpt = None, quiet: QuietOpt = False) -> None:
+    """Compare new served traffic with the champion's training prompts (embedding MMD test per slice, perplexity,
+    thumbs-down rate); writes drift.json and drift.png under <project>/drift/. Exit 0 either way."""
+    from curation.drift import check, summary
+
+    report, folder = check(load(config, set_), progress=not quiet, echo=typer.echo)
+    typer.echo(f"{summary(report)} → {folder / 'drift.json'}")
+
+
+@app.command()
+def serve(
+    config: ConfigOpt, set_: SetOpt = None,
+    stop_: Annotated[bool, typer.Option("--stop", help="Stop the model server and the logging layer (by PID).")] = False,
+    status_: Annotated[bool, typer.Option("--status", help="Show whether they run and answer (exit 1 if not).")] = False,
+    port: Annotated[int | None, typer.Option("--port", help="Port of the logging layer (serve.port).")] = None,
+    host: Annotated[str | None, typer.Option("--host", help="Address of the logging layer (serve.host).")] = None,
+) -> None:
+    """Serve the registry's champion policy: vLLM's OpenAI-compatible server behind a logging layer that records
+    every request, answer and thumbs up/down (POST /v1/feedback) as traffic for the next round's pool."""
+    from curation import serve as serving
+    from preference.plumbing.config import replace_path
+
+    if stop_ and status_:
+        raise CurateError("--stop and --status exclude each other")
+    cfg = load(config, set_)
+    for key, value in (("serve.port", port), ("serve.host", host)):
+        if value is not None:
+            cfg = replace_path(cfg, key, str(value))
+    if stop_:
+        serving.stop(cfg, echo=typer.echo)
+    elif status_:
+        info = serving.status(cfg)
+        for name in ("gateway", "vllm"):
+            state = "running" if info[name]["running"] else "not running"
+            typer.echo(f"{name:<8} {state:<12} pid {info[name]['pid'] or '-'}")
+        typer.echo(f"champion {info['version'] or '-'} at {info['url'] or '-'}; ready: {info['ready']}; "
+                   f"traffic: {info['traffic']}")
+        if not info["ready"]:
+            raise typer.Exit(1)
+    else:
+        serving.start(cfg, echo=typer.echo)
 
 
 @models_app.command("fetch")

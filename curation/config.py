@@ -12,10 +12,12 @@ from dataclasses import dataclass, field, make_dataclass
 from pathlib import Path
 
 from curation.annotate import AnnotationConfig
+from curation.drift import DriftConfig
 from curation.generate import GenerationConfig
 from curation.pool import PoolConfig
 from curation.score import ScoringConfig
 from curation.select import SelectionConfig
+from curation.serve import ServeConfig
 from preference.plumbing.config import load_yaml
 from training.evaluate import EvalConfig
 from training.registry import GateConfig
@@ -36,6 +38,8 @@ class RoundSections:
     annotation: AnnotationConfig = field(default_factory=AnnotationConfig)
     evaluation: EvalConfig = field(default_factory=EvalConfig)
     gate: GateConfig = field(default_factory=GateConfig)
+    serve: ServeConfig = field(default_factory=ServeConfig)  # `curate serve`: the champion behind a logging layer
+    drift: DriftConfig = field(default_factory=DriftConfig)  # `curate drift`, `round run --next --if-drift`
 
 
 # `RoundSections` + one section per trainer of the table, named by its kind: `cfg.reward`, `cfg.dpo`, `cfg.kto`, ...

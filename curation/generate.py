@@ -15,7 +15,8 @@ Policies (stated, and counted in the manifest):
   conversation is cut) and counts them as `truncated`.
 - `include_references: true` also adds the prompt's `metadata.reference_chosen` / `reference_rejected` answers
   (HH pools) as completions with model `reference:chosen` / `reference:rejected`, scored (mean logprob) under
-  the first generator model; finish_reason `reference`.
+  the first generator model; finish_reason `reference`; and a traffic pool's `metadata.served_completion` (the
+  answer users were served) as a completion of model `served`.
 
 The models run on `backend` (`BackendSettings`: `name` from `curation.backends.BACKENDS`, `dtype`, `threads`,
 `max_model_len`, ...). The step prints the hardware and the precision it chose (one line), and records in its
@@ -60,7 +61,10 @@ from preference.plumbing.errors import CurateError
 from preference.plumbing.io import read_json, read_rows, write_json, write_jsonl, write_rows
 from preference.schema import Completion, Prompt, stable_id
 
-REFERENCE_KEYS = {"reference:chosen": "reference_chosen", "reference:rejected": "reference_rejected"}
+# model name → prompt metadata key of a known answer that joins the candidates (`include_references: true`):
+# HH reference answers, and the answer a served model gave (traffic pools, see curation.traffic)
+REFERENCE_KEYS = {"reference:chosen": "reference_chosen", "reference:rejected": "reference_rejected",
+                  "served": "served_completion"}
 
 
 @dataclass

@@ -12,6 +12,13 @@ Accepted row shapes (jsonl lines, parquet rows, dataset rows):
   (the simulated annotator and evaluation use them).
 Optional keys: `id` (else a content hash), `slice` or `category` (else the source's `slice`), `metadata`.
 
+`format: traffic`: the log folder (or one file) `curate serve` writes (see `curation.traffic`): served prompts
+with the answer users saw (`served_completion` metadata) and their thumbs; thumbs-down items carry
+`failure_reason: "feedback: thumbs down"` (error-based candidates). The step also writes `feedback.parquet`
+(`preference.schema.Feedback` rows, always, possibly empty) and `traffic.parquet` (the responses it ingested).
+Every round reads the traffic its earlier rounds have not seen; a missing traffic folder is no traffic yet.
+Corrupt log lines are skipped and reported (file:line) in `rejected.jsonl`.
+
 Dedup: exact (normalized text) and near-duplicates (MinHash over word 3-gram shingles + LSH banding, verified
 by Jaccard similarity ≥ `near_duplicate_threshold`); the first occurrence wins and removals are counted.
 """
@@ -27,17 +34,27 @@ from typing import Any, Literal
 
 import numpy as np
 
+from curation.traffic import (
+    TrafficSeen,
+    feedback_schema,
+    new_responses,
+    read_traffic,
+    seen_traffic,
+    traffic_files,
+    traffic_items,
+    traffic_schema,
+)
 from preference.plumbing.errors import CurateError
 from preference.plumbing.io import open_text, read_rows, write_jsonl, write_rows
-from preference.schema import Prompt, parse_hh, prompt_text, stable_id, validate_messages
+from preference.schema import Feedback, Prompt, parse_hh, prompt_text, stable_id, validate_messages
 
-FORMATS = ("auto", "jsonl", "parquet", "hf", "hh")
+FORMATS = ("auto", "jsonl", "parquet", "hf", "hh", "traffic")
 
 
 @dataclass
 class PoolSource:
     path: Path
-    format: Literal["auto", "jsonl", "parquet", "hf", "hh"] = "auto"
+    format: Literal["auto", "jsonl", "parquet", "hf", "hh", "traffic"] = "auto"
     slice: str = "default"  # slice for rows that do not name one
     limit: int | None = None  # take at most this many valid rows from this source
 
@@ -75,6 +92,9 @@ class IngestResult:
     read: int = 0
     exact_duplicates: int = 0
     near_duplicates: int = 0
+    feedback: list[Feedback] = field(default_factory=list)  # traffic sources: rated served answers
+    traffic: list[dict] = field(default_factory=list)  # traffic sources: the responses ingested
+    traffic_counts: dict[str, int] = field(default_factory=dict)
 
     def counts(self) -> dict[str, int]:
         return {
@@ -83,6 +103,7 @@ class IngestResult:
             "rejected": len(self.rejected),
             "exact_duplicates": self.exact_duplicates,
             "near_duplicates": self.near_duplicates,
+            **({"feedback": len(self.feedback), **self.traffic_counts} if self.traffic_counts else {}),
         }
 
 
@@ -91,6 +112,8 @@ def detect_format(path: Path) -> str:
     if path.is_dir():
         if (path / "dataset_info.json").is_file() or (path / "dataset_dict.json").is_file():
             return "hf"
+        if traffic_files(path):
+            return "traffic"
         raise CurateError(f"{path}: a folder but not a saved HF dataset (no dataset_info.json); pass a file")
     name = path.name.lower()
     if name.endswith(".parquet"):
@@ -104,6 +127,8 @@ def detect_format(path: Path) -> str:
                     except json.JSONDecodeError:
                         return "jsonl"  # the line-level parser reports it
                     is_hh = isinstance(first, dict) and "chosen" in first and "prompt" not in first
+                    if isinstance(first, dict) and first.get("type") in ("response", "feedback", "error"):
+                        return "traffic"
                     return "hh" if is_hh else "jsonl"
         return "jsonl"
     raise CurateError(
@@ -176,9 +201,12 @@ def _iter_rows(path: Path, fmt: str):
 
 def read_source(src: PoolSource, *, strict: bool, max_chars: int) -> tuple[list[Prompt], list[Rejected], int]:
     path = Path(src.path)
-    if not path.exists():
+    if not path.exists() and src.format != "traffic":  # a traffic folder appears once `curate serve` ran
         raise CurateError(f"pool source {path} does not exist; fix `pool.sources[].path` (relative to the cwd)")
     fmt = detect_format(path) if src.format == "auto" else src.format
+    if fmt == "traffic":  # the served prompts only (`ingest` also collects their feedback)
+        result = read_traffic_source(src, seen=TrafficSeen(), max_chars=max_chars, round_number=0)
+        return result.prompts, result.rejected, result.read
     prompts, rejected, read = [], [], 0
     for where, row in _iter_rows(path, fmt):
         read += 1
@@ -268,17 +296,66 @@ def dedup(prompts: list[Prompt], near_threshold: float) -> tuple[list[Prompt], i
     return kept, exact, len(removed)
 
 
-def ingest(cfg: PoolConfig) -> IngestResult:
+def is_traffic(src: PoolSource) -> bool:
+    return src.format == "traffic" or (src.format == "auto" and Path(src.path).exists()
+                                       and detect_format(Path(src.path)) == "traffic")
+
+
+def read_traffic_source(src: PoolSource, *, seen: TrafficSeen, max_chars: int, round_number: int) -> IngestResult:
+    """A `format: traffic` source: the responses (and feedback) earlier rounds have not ingested."""
+    log = read_traffic(src.path)
+    responses = new_responses(log, seen)
+    rejected = [Rejected(where, reason) for where, reason in log.corrupt]
+    kept = []
+    for r in responses:
+        if len(prompt_text(r.messages)) > max_chars:
+            rejected.append(Rejected(r.where, f"prompt longer than max_prompt_chars={max_chars}"))
+        else:
+            kept.append(r)
+    if src.limit is not None:
+        kept = kept[-src.limit :]  # the most recent traffic
+    items = traffic_items(kept, default_slice=src.slice, round_number=round_number)
+    counts = {"traffic_responses": len(kept), "thumbs_down": sum(r.rating == "down" for r in kept),
+              "traffic_corrupt_lines": len(log.corrupt)}
+    if log.orphan_feedback:
+        counts["traffic_orphan_feedback"] = log.orphan_feedback
+    return IngestResult(items.prompts, rejected, read=log.lines, feedback=items.feedback, traffic=items.rows,
+                        traffic_counts=counts)
+
+
+def _merge_traffic(results: list[IngestResult]) -> IngestResult:
+    out = IngestResult([], [])
+    for r in results:
+        out.prompts += r.prompts
+        out.rejected += r.rejected
+        out.read += r.read
+        out.feedback += r.feedback
+        out.traffic += r.traffic
+        for k, v in r.traffic_counts.items():
+            out.traffic_counts[k] = out.traffic_counts.get(k, 0) + v
+    return out
+
+
+def ingest(cfg: PoolConfig, *, seen: TrafficSeen | None = None, round_number: int = 0) -> IngestResult:
     if not cfg.sources:
         raise CurateError("pool.sources is empty; list at least one file, e.g. `- path: data/prompts.jsonl`")
     prompts: list[Prompt] = []
     rejected: list[Rejected] = []
     read = 0
+    traffic = _merge_traffic([
+        read_traffic_source(src, seen=seen or TrafficSeen(), max_chars=cfg.max_prompt_chars, round_number=round_number)
+        for src in cfg.sources if is_traffic(src)
+    ])
     for src in cfg.sources:
+        if is_traffic(src):
+            continue
         p, r, n = read_source(src, strict=cfg.strict, max_chars=cfg.max_prompt_chars)
         prompts += p
         rejected += r
         read += n
+    prompts = traffic.prompts + prompts  # served items first: they carry feedback, so they win dedup ties
+    rejected += traffic.rejected
+    read += traffic.read
     ids: dict[str, str] = {}
     for p in prompts:
         if p.id in ids and not cfg.dedup:
@@ -299,7 +376,8 @@ def ingest(cfg: PoolConfig) -> IngestResult:
         if p.id not in seen_ids:
             unique_ids.append(p)
             seen_ids.add(p.id)
-    return IngestResult(unique_ids, rejected, read, exact, near)
+    return IngestResult(unique_ids, rejected, read, exact, near, feedback=traffic.feedback, traffic=traffic.traffic,
+                        traffic_counts=traffic.traffic_counts)
 
 
 def run_pool(cfg, rnd, *, force: bool = False, progress: bool = True) -> dict:
@@ -313,12 +391,23 @@ def run_pool(cfg, rnd, *, force: bool = False, progress: bool = True) -> dict:
     if run is None:
         return rnd.step("pool").manifest()
     with run:
+        seen = seen_traffic(rnd.earlier())
         if previous is None or not previous.step("pool").done:
-            result = ingest(cfg.pool)
+            result = ingest(cfg.pool, seen=seen, round_number=rnd.number)
         else:
             result = carry_over(previous)
+            new = _merge_traffic([read_traffic_source(src, seen=seen, max_chars=cfg.pool.max_prompt_chars,
+                                                      round_number=rnd.number)
+                                  for src in cfg.pool.sources if is_traffic(src)])
+            fresh = {p.id for p in new.prompts}  # new traffic replaces a carried-over prompt (fresher metadata)
+            result.prompts = [p for p in result.prompts if p.id not in fresh] + new.prompts
+            result.rejected += new.rejected
+            result.feedback, result.traffic, result.traffic_counts = new.feedback, new.traffic, new.traffic_counts
         write_rows(run.path / "prompts.parquet", [p.to_row() for p in result.prompts])
         write_jsonl(run.path / "rejected.jsonl", (r.to_row() for r in result.rejected))
+        write_rows(run.path / "feedback.parquet", [f.to_row() for f in result.feedback], schema=feedback_schema())
+        if any(is_traffic(src) for src in cfg.pool.sources):
+            write_rows(run.path / "traffic.parquet", result.traffic, schema=traffic_schema())
         run.counts.update(result.counts())
         if result.rejected:
             run.extra["rejected_examples"] = [r.to_row() for r in result.rejected[:5]]
