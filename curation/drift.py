@@ -249,13 +249,17 @@ def read_json_if(path: Path) -> dict:
 
 
 def scoring_backend(cfg):
-    """The scoring model as a backend for embeddings and perplexities (the one `curate score` embeds with)."""
-    from curation.backends import load_backend
-    from curation.score import resolve_member
+    """The model `curate score` embeds with (`scoring.embedding_model`, else the first committee member), as a
+    backend for embeddings and perplexities: transformers in place of vLLM (a few hundred prompts need no engine)."""
+    from dataclasses import replace
+
+    from curation.score import embedding_backend
+    from training.registry import registry_root
 
     sc = cfg.scoring
-    kind = "dummy" if sc.backend == "dummy" else "transformers"  # a few hundred prompts: no vLLM engine needed
-    return load_backend(kind, resolve_member(sc.embedding_model or sc.committee[0], sc.backend), sc.settings)
+    if sc.backend.name == "vllm":
+        sc = replace(sc, backend=replace(sc.backend, name="transformers"))
+    return embedding_backend(sc, registry_root(cfg))
 
 
 def log_perplexities(backend, texts: list[str]) -> np.ndarray:

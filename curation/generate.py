@@ -304,7 +304,7 @@ def run_generate(cfg, rnd, *, force: bool = False, progress: bool = True) -> dic
                         stats[key] = stats.get(key, 0) + value
             run.counts["shards"] = gen.sharding.num_shards
         if gen.include_references:
-            for name in REFERENCE_KEYS:  # scored under the first generator
+            for name in sorted({row["model"] for row in rows} & REFERENCE_KEYS.keys()):  # scored by the 1st generator
                 generators[name] = generators[gen.models[0]]
         unique: dict[str, dict] = {}
         for row in rows:

@@ -238,20 +238,15 @@ def noisy_variant(base: Path, scale: float, seed: int, cache: Path | None = None
 
 
 def champion_policy(registry_root: Path | None) -> tuple[str, Path] | None:
-    """(version, policy adapter folder) of the registry champion, or None when there is no champion with a
-    policy. The folder is the version's `policy/` (DPO), else another `policy*/` LoRA folder (e.g. KTO's)."""
+    """(version, policy adapter folder) of the registry champion (`Registry.champion_policy`: DPO's LoRA, else
+    KTO's), or None when there is no champion with a policy."""
     if registry_root is None:
         return None
     from training.registry import Registry
 
     registry = Registry(registry_root)
-    version = registry.champion()
-    if version is None:
-        return None
-    folder = registry.path(version)
-    candidates = [folder / "policy"] + sorted(p for p in folder.glob("policy?*") if p.is_dir())
-    found = next((p for p in candidates if (p / "adapter_config.json").is_file()), None)
-    return (version, found) if found is not None else None
+    folder = registry.champion_policy()
+    return (registry.champion(), folder) if folder is not None else None
 
 
 def merged_policy(adapter: Path, cache: Path | None = None) -> Path:

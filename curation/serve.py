@@ -24,7 +24,7 @@ Two processes, each in its own session (process group), pids in `<serve.dir>/pid
    model server does not answer.
 
 The champion is `training.registry.Registry(registry_root(cfg)).champion()`; its policy adapter is picked by
-`champion_policy_folder` (a version without one serves the base policy, and says so). No champion → one error line.
+`Registry.artifact(version, "policy")` (a version without one serves the base policy, and says so). No champion → one error line.
 """
 
 # No `from __future__ import annotations` here: FastAPI reads the request handlers' annotations at runtime.
@@ -111,14 +111,6 @@ def api_key(cfg) -> str:
 
 
 # ------------------------------------------------------------------------------------------------ the champion
-def champion_policy_folder(registry, version: str) -> Path | None:
-    """The policy adapter folder of a registered version (None: it has no policy, serve the base).
-
-    The one place that knows where a version keeps its policy; swap in the registry's own helper here."""
-    folder = registry.path(version) / "policy"
-    return folder if folder.is_dir() else None
-
-
 @dataclass
 class ServePlan:
     """What to serve: the champion version, its base model and adapter, and how vLLM loads them."""
@@ -146,7 +138,7 @@ def plan_serving(cfg) -> ServePlan:
             "or promote a version (`curate registry promote vNNNN`), then serve"
         )
     base = resolve_model(cfg.serve.base_model or cfg.dpo.base_model)
-    adapter = champion_policy_folder(registry, version)
+    adapter = registry.artifact(version, "policy")  # DPO's LoRA, else KTO's (trainer-table order)
     if adapter is None:
         return ServePlan(version, base, None, "base")
     adapter_cfg = adapter / "adapter_config.json"

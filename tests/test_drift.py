@@ -176,11 +176,12 @@ def test_no_champion_is_one_clear_error(tmp_path):
 def test_real_scoring_model_embeddings_separate_moderation_from_hh(prompts):
     """SmolLM2's embeddings and perplexities (the scoring model) through `scoring_backend`."""
     from curation.config import RoundConfig
+    from curation.backends import BackendSettings
     from curation.score import ScoringConfig
 
     hh, mod = prompts
-    cfg = RoundConfig(scoring=ScoringConfig(backend="transformers", committee=["smollm2-135m-instruct"],
-                                            dtype="float32", embed_max_tokens=64))
+    cfg = RoundConfig(scoring=ScoringConfig(backend=BackendSettings(name="transformers", dtype="float32"),
+                                            committee=["smollm2-135m-instruct"], embed_max_tokens=64))
     rng = np.random.default_rng(0)
     hh_pick = [hh[i].text for i in rng.permutation(len(hh))[:60]]
     mod_pick = [mod[i].text for i in rng.permutation(len(mod))[:20]]

@@ -69,9 +69,9 @@ def test_report_embeds_plots_and_reads_artifacts(tmp_path, hh_sample):
     assert alpha is None or f"Krippendorff α on harm flags: label sets {alpha:.3f}" in html
     # the reviewer section: per-annotator table from the real annotators.json, the adversarial one flagged
     annotators = read_json(pulled.path / "annotators.json")
-    assert "<h2>Reviewers</h2>" in html and "unreliable annotators: sim-2" in html
+    assert "<h2 id='reviewers'>Reviewers</h2>" in html and "unreliable annotators: sim-2" in html
     for name, row in annotators.items():
-        assert f"<td>{name}</td><td>{row['answers']}</td>" in html
+        assert f"<td class='short'>{name}</td><td class='num'>{row['answers']}</td>" in html
     assert "second-stage review: " in html
     summary = (rnd.step("report").path / "summary.txt").read_text()
     assert "Labels used so far" in summary

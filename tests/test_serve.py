@@ -56,8 +56,8 @@ pool:
     - path: {root / "serve" / "traffic"}
       format: traffic
       slice: traffic
-generation: {{backend: dummy, models: [tiny-llama], n: 2, max_tokens: 12, include_references: true, cache: false}}
-scoring: {{backend: dummy, committee: [tiny-llama, "tiny-llama:noise=0.05:seed=1"]}}
+generation: {{backend: {{name: dummy}}, models: [tiny-llama], n: 2, max_tokens: 12, include_references: true, cache: false}}
+scoring: {{backend: {{name: dummy}}, committee: [tiny-llama, "tiny-llama:noise=0.05:seed=1"]}}
 selection: {{k: 30, random_share: 0.2}}
 annotation:
   backend: simulated
