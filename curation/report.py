@@ -21,6 +21,7 @@ from typing import Any
 
 import numpy as np
 
+from curation.budget import learning_curve
 from preference.plumbing.console import wall_time
 from preference.plumbing.errors import CurateError
 from preference.plumbing.io import read_json, read_rows, write_text
@@ -390,19 +391,28 @@ def section_evaluation(rnd) -> Section:
     return Section("Evaluation vs champion", lines, [], pre=text)
 
 
-def learning_curve_forecast(rnd) -> dict | None:
-    """Hook for the forecast: `curation.budget.learning_curve(rnd)` (contract 4: the fitted curve with its
-    interval, labels to reach a target, the next round's expected gain, a flat-curve warning).
+def forecast_lines(curve: dict) -> list[str]:
+    """`curation.budget.learning_curve` in words: expected gain of the next round, labels to reach X, warnings."""
+    def interval(low, high, fmt: str) -> str:
+        return "" if low is None or high is None else f" (interval {low:{fmt}} to {high:{fmt}})"
 
-    None while that module is not there; the cross-round panel then shows the measured points only."""
-    try:
-        from curation.budget import learning_curve
-    except ImportError:
-        return None
-    try:
-        return learning_curve(rnd)
-    except CurateError as exc:  # e.g. too few rounds to fit: the report still renders
-        return {"unavailable": str(exc)}
+    lines = []
+    gain = curve.get("expected_gain_next_round")
+    if gain:
+        lines.append(f"expected gain of the next round (+{gain['labels']} labels): {gain['accuracy']:+.3f} "
+                     f"accuracy" + interval(gain["low"], gain["high"], "+.3f"))
+    for reach in curve.get("labels_to_reach") or []:
+        if reach["labels"] is None:
+            lines.append(f"labels to reach {reach['target']:.3f}: not reachable by the fitted curve (its ceiling "
+                         f"is {curve['fit']['a']:.3f})")
+        else:
+            upper = "∞" if reach["high"] is None else str(reach["high"])
+            spread = "" if reach["low"] is None else f" (interval {reach['low']} to {upper})"
+            lines.append(f"labels to reach {reach['target']:.3f}: {reach['labels']} ({reach['more_labels']} more)"
+                         + spread)
+    lines += [f"warning: {curve['warning']}"] if curve.get("warning") else []
+    lines += [f"note: {curve['note']}"] if curve.get("note") else []
+    return lines
 
 
 def _mean(values: list[float]) -> float | None:
@@ -448,7 +458,7 @@ def round_points(rnd) -> list[dict]:
     return points
 
 
-def _cross_round_figure(points: list[dict]) -> bytes:
+def _cross_round_figure(points: list[dict], curve: dict | None = None) -> bytes:
     plt = _plt()
     fig, (ax_acc, ax_tau, ax_rm) = plt.subplots(1, 3, figsize=(11.1, 2.9))
     measured = [p for p in points if p["heldout_accuracy"] is not None]
@@ -460,6 +470,12 @@ def _cross_round_figure(points: list[dict]) -> bytes:
     for p in measured:
         ax_acc.annotate(f"r{p['round']}", (p["labels_cumulative"], p["heldout_accuracy"]), fontsize=7,
                         textcoords="offset points", xytext=(4, 4))
+    if curve and curve.get("forecast"):  # the fitted learning curve ahead, with its interval (curation.budget)
+        f = curve["forecast"]
+        ax_acc.plot([q["labels"] for q in f], [q["accuracy"] for q in f], ls="--", color="#357", label="forecast")
+        ax_acc.fill_between([q["labels"] for q in f], [q["low"] for q in f], [q["high"] for q in f], color="#357",
+                            alpha=0.15, lw=0)
+        ax_acc.legend(fontsize=7)
     ax_acc.set_xlabel("labels used (cumulative)", fontsize=8)
     ax_acc.set_title("held-out reward accuracy (95 % CI)", fontsize=9)
     rounds = [p["round"] for p in points]
@@ -487,10 +503,9 @@ def section_labels(rnd) -> Section:
     points = round_points(rnd)
     total = {k: sum(p[k] for p in points) for k in ("strategy", "random")}
     lines = [f"labels requested so far: strategy arm {total['strategy']}, random arm {total['random']}"]
-    forecast = learning_curve_forecast(rnd)
-    if forecast:
-        lines += [f"forecast {k}: {v}" for k, v in forecast.items() if isinstance(v, str | int | float)]
-    figures = [_cross_round_figure(points)] if any(p["heldout_accuracy"] is not None for p in points) else []
+    curve = learning_curve(rnd)
+    lines += forecast_lines(curve)
+    figures = [_cross_round_figure(points, curve)] if any(p["heldout_accuracy"] is not None for p in points) else []
     table = [{"round": p["round"], "strategy": p["strategy"], "random": p["random"],
               "labels used": p["labels_cumulative"],
               "held-out accuracy": "-" if p["heldout_accuracy"] is None else

@@ -35,3 +35,9 @@ def tiny_rounds(tmp_path_factory):
     from round_fixture import make_tiny_rounds
 
     return make_tiny_rounds(tmp_path_factory)
+
+
+@pytest.fixture(scope="session")
+def tiny_project(tiny_rounds) -> Path:
+    """The project folder of `tiny_rounds`."""
+    return tiny_rounds.project

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-from tiny_rounds import tiny_project  # noqa: F401  (session fixture)
 
 from curation.budget import curve_from_points, fit_curve, labels_for, learning_curve, power_law
 from preference.plumbing.io import read_json
@@ -13,7 +12,7 @@ from preference.plumbing.store import Project
 
 
 @pytest.mark.vllm
-def test_learning_curve_of_a_real_two_round_project(tiny_project):  # noqa: F811
+def test_learning_curve_of_a_real_two_round_project(tiny_project):
     project = Project(tiny_project)
     first, second = project.round(1), project.round(2)
     one = learning_curve(first)

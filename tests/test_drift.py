@@ -175,8 +175,8 @@ def test_no_champion_is_one_clear_error(tmp_path):
 @pytest.mark.slow
 def test_real_scoring_model_embeddings_separate_moderation_from_hh(prompts):
     """SmolLM2's embeddings and perplexities (the scoring model) through `scoring_backend`."""
-    from curation.config import RoundConfig
     from curation.backends import BackendSettings
+    from curation.config import RoundConfig
     from curation.score import ScoringConfig
 
     hh, mod = prompts

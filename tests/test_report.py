@@ -178,6 +178,15 @@ def test_report_shows_snippets_timings_agreement_and_rounds(tiny_rounds):
         assert f"{accuracy:.3f}" in row.group(1) and f"{tau:.3f}" in row.group(1)
         assert (f"{alpha:.3f}" if alpha is not None else "<td class='short'>-</td>") in row.group(1)
     assert "labels requested so far: strategy arm 12, random arm 4" in page
+    # the learning-curve forecast (curation.budget) in words: next round's expected gain, labels to reach X
+    from curation.budget import learning_curve
+    from preference.plumbing.store import Project
+
+    curve = learning_curve(Project(tiny_rounds.project).round(2))
+    gain = curve["expected_gain_next_round"]
+    assert html_lib.escape(f"expected gain of the next round (+{gain['labels']} labels): {gain['accuracy']:+.3f}") in page
+    for reach in curve["labels_to_reach"]:
+        assert f"labels to reach {reach['target']:.3f}: " in page
     # heavy-tailed scores get a log axis, bounded ones do not
     scores = read_rows(r2 / "score" / "prompt_scores.parquet")
     assert _log_scale("prompt_perplexity", np.array([r["prompt_perplexity"] for r in scores]))

@@ -6,7 +6,7 @@ from __future__ import annotations
 import numpy as np
 import pyarrow.parquet as pq
 import pytest
-from tiny_rounds import tiny_config, tiny_project  # noqa: F401  (session fixture)
+from round_fixture import tiny_config
 
 from curation.ensemble import prompt_reward_signals
 from curation.rewards import OUTPUT, RewardCache, model_identity, run_rewards, score_completions
@@ -18,7 +18,7 @@ COLUMNS = ["completion_id", "prompt_id", "reward_mean", "reward_std"]
 
 
 @pytest.mark.vllm
-def test_round_two_scores_with_the_champion_and_select_reads_it(tiny_project):  # noqa: F811
+def test_round_two_scores_with_the_champion_and_select_reads_it(tiny_project):
     project = Project(tiny_project)
     first, second = project.round(1), project.round(2)
     # round 1: no champion yet → the step finishes with the columns and no rows; hybrid starts with k-center

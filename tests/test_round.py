@@ -11,6 +11,7 @@ from pathlib import Path
 
 import pytest
 from argilla_server_fixture import argilla_server  # noqa: F401  (session fixture)
+from round_fixture import tiny_args, tiny_config
 
 from preference.plumbing.io import read_json, read_jsonl, read_rows
 
@@ -39,11 +40,11 @@ def curate(*args, check=True) -> subprocess.CompletedProcess:
     return out
 
 
-def test_round_end_to_end_then_next_round(tmp_path):
-    project = tmp_path / "proj"
-    out = curate("round", "run", "-c", TINY, "--set", f"project={project}", "-q")
-    r1 = project / "round-0001"
-    assert f"round 1 finished; artifacts in {r1}" in out.stdout
+def test_round_end_to_end_then_next_round(tiny_rounds):
+    """The session's two real rounds (`curate round run`, then `--next`; tests/round_fixture.py)."""
+    args = tiny_args(tiny_rounds.project)
+    r1 = tiny_rounds.round(1)
+    assert f"round 1 finished; artifacts in {r1}" in tiny_rounds.first.stdout
     for step in STEPS:
         assert (r1 / step / "manifest.json").is_file(), step
     pairs = read_rows(r1 / "pull" / "pairs.parquet")
@@ -52,17 +53,16 @@ def test_round_end_to_end_then_next_round(tmp_path):
     assert "data:image/png;base64," in (r1 / "report" / "report.html").read_text()
     # rerun: everything is skipped, nothing changes
     before = (r1 / "pull" / "manifest.json").read_text()
-    again = curate("round", "run", "-c", TINY, "--set", f"project={project}", "-q")
+    again = curate("round", "run", *args, "--round", "1", "-q")
     assert again.stdout.count("skipped (finished earlier)") == len(STEPS)
     assert (r1 / "pull" / "manifest.json").read_text() == before
     # status lists every step as done
-    status = curate("round", "status", "-c", TINY, "--set", f"project={project}").stdout
+    status = curate("round", "status", *args).stdout
     assert all(f" {s} " in status for s in STEPS) and "failed" not in status
-    registry = curate("registry", "list", "-c", TINY, "--set", f"project={project}").stdout
-    assert "v0001" in registry and registry.rstrip().endswith("*")  # promoted by the gate (no champion before)
+    registry = curate("registry", "list", *args).stdout
+    assert "v0001" in registry  # promoted by round 1's gate (no champion before)
     # the next round: labelled prompts leave the pool, the gate's failures come back
-    curate("round", "run", "-c", TINY, "--set", f"project={project}", "--next", "-q")
-    r2 = project / "round-0002"
+    r2 = tiny_rounds.round(2)
     pool2 = {p["id"]: p for p in read_rows(r2 / "pool" / "prompts.parquet")}
     failures = {f["id"] for f in read_rows(r1 / "failures" / "prompts.parquet")}
     labelled = {s["prompt_id"] for s in selected}
@@ -100,20 +100,17 @@ def test_kill_during_generate_resumes_without_duplicates(tmp_path):
 
 
 @pytest.mark.argilla
-def test_crash_during_push_resumes_without_duplicate_records(tmp_path, monkeypatch, argilla_server):  # noqa: F811
+def test_crash_during_push_resumes_without_duplicate_records(tmp_path, monkeypatch, argilla_server, tiny_rounds):  # noqa: F811
     """A push that dies after its first batch (no manifest) and is rerun: same records, none twice."""
     server = argilla_server
     import preference.argilla as adapter
     from curation.annotate import AnnotationConfig, run_push
-    from curation.config import load_config
     from preference.argilla import ArgillaClient, ArgillaConfig
-    from preference.plumbing.config import replace_path
     from preference.plumbing.store import Project
 
     monkeypatch.setenv("CURATE_TEST_ARGILLA_KEY", server.api_key)
-    project = tmp_path / "proj"
-    curate("round", "run", "-c", TINY, "--set", f"project={project}", "-q")  # pool … select (and the rest)
-    cfg = replace_path(load_config(TINY), "project", str(project))
+    project = tiny_rounds.copy_project(tmp_path / "proj")  # round 1's pool … select (and the rest), ran for real
+    cfg = tiny_config(project)
     argilla = ArgillaConfig(url=server.url, url_env="CURATE_TEST_NO_URL", api_key_env="CURATE_TEST_ARGILLA_KEY",
                             workspace=server.workspace, dataset="kill-{round:04d}", batch_size=2, retries=1)
     cfg.annotation = AnnotationConfig(backend="argilla", completions_per_record=5, argilla=argilla)
@@ -183,13 +180,9 @@ def test_round_end_to_end_on_real_argilla(argilla_round):
 def test_champion_suggestions_appear_on_the_real_server(argilla_server, request, monkeypatch):  # noqa: F811
     """Round 2 after a promoted round 1: the champion reward model scores the completions (the `rewards` step)
     and its ranking is each record's suggestion on the server (agent = the registry version)."""
-    from curation.round import STEPS as ROUND_STEPS
-
-    if "rewards" not in dict(ROUND_STEPS):
-        pytest.skip("needs the `rewards` round step (contract 2: rewards/completion_rewards.parquet, from helper "
-                    "acquisition's branch); the push side reads it already: un-skip once merged")
     from curation.annotate import load_records
     from curation.config import load_config
+    from curation.round import STEPS as ROUND_STEPS
     from curation.round import step_function
     from preference.argilla import ArgillaClient, ArgillaConfig
     from preference.plumbing.config import replace_path

@@ -1,0 +1,55 @@
+"""The README's "Extending" section stays true: every file it names exists, every table it names is a registry in
+the file it names, and every base class it names is defined there."""
+
+from __future__ import annotations
+
+import ast
+import re
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def extending_rows() -> list[list[str]]:
+    text = (ROOT / "README.md").read_text()
+    section = text.split("## Extending", 1)[1].split("\n## ", 1)[0]
+    rows = [line.split(" | ") for line in section.splitlines() if line.startswith("| ") and "---" not in line]
+    return rows[1:]  # without the header
+
+
+def top_level_names(path: Path) -> set[str]:
+    tree = ast.parse(path.read_text())
+    names = set()
+    for node in tree.body:
+        if isinstance(node, ast.ClassDef | ast.FunctionDef):
+            names.add(node.name)
+        elif isinstance(node, ast.Assign | ast.AnnAssign):
+            targets = node.targets if isinstance(node, ast.Assign) else [node.target]
+            names |= {t.id for t in targets if isinstance(t, ast.Name)}
+    return names
+
+
+def test_every_extension_point_names_real_files_tables_and_bases():
+    rows = extending_rows()
+    assert len(rows) == 5
+    for add, touch, table, tests in rows:
+        files = [f for f in re.findall(r"`([\w/<>]+\.py)`", touch) if "<" not in f]
+        assert files and len(re.findall(r"`[\w/<>]+\.py`", touch)) <= 2, add  # at most two files to touch
+        defined = set().union(*(top_level_names(ROOT / f) for f in files))
+        registry = re.match(r"\|? ?`(\w+)`", table.strip()).group(1)
+        assert registry in defined, (add, registry, files)
+        for base in re.findall(r"a `(\w+)` (?:subclass|entry)", touch):
+            assert base in defined or any(base in top_level_names(p) for p in (ROOT / "training").glob("*.py")), base
+        for test in re.findall(r"`(tests/[\w/]+\.py)`", tests):
+            assert (ROOT / test).is_file(), test
+
+
+def test_the_registries_hold_what_the_loop_runs():
+    from curation.backends import BACKENDS, backend_class
+    from curation.strategies import STRATEGIES, make
+    from preference.questions import QUESTIONS
+    from training.trainers import TRAINERS
+
+    assert {"vllm", "transformers", "dummy"} <= set(BACKENDS) and all(backend_class(n) for n in BACKENDS)
+    assert all(make(name).name == name for name in STRATEGIES)
+    assert {"ranking", "harm"} <= set(QUESTIONS) and {"reward", "dpo", "kto"} <= set(TRAINERS)
