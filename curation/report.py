@@ -23,7 +23,6 @@ import numpy as np
 
 from curation.budget import learning_curve
 from preference.plumbing.console import wall_time
-from preference.plumbing.errors import CurateError
 from preference.plumbing.io import read_json, read_rows, write_text
 
 
