@@ -16,7 +16,8 @@ $CURATE round run -c "$CONFIG" "$@"
 rc=$?
 $CURATE status -c "$CONFIG"
 echo
-echo "demo finished in $(( $(date +%s) - start )) s (exit $rc)"
+echo "demo finished in $(( $(date +%s) - start )) s (exit $rc) on $(.venv/bin/python -c \
+  'from preference.plumbing.hardware import describe, hardware_summary, resolve_dtype; print(describe(hardware_summary(resolve_dtype("auto"))))')"
 echo "artifacts:   $(sed -n 's/^project: *//p' "$CONFIG")/round-*/   (report: <round>/report/report.html)"
 echo "Argilla UI:  http://127.0.0.1:6900  (user curate, password curate-dev-password); stop: $CURATE argilla down"
 exit $rc

@@ -7,8 +7,8 @@ dir, and stops both by pid at the end of the session. The server's venv is the s
 If the server cannot start, the tests are skipped locally, but FAIL in CI (`CI` set to true/1), so a broken
 install never passes silently.
 
-Use it by importing the fixture into a test module (`from argilla_server_fixture import argilla_server`) or by
-registering the module in the root conftest: `pytest_plugins = ["argilla_server_fixture"]`.
+The root conftest registers this module (`pytest_plugins`), so every test module shares ONE server: a test
+names `argilla_server` and imports nothing (importing the fixture into a module would start a server per module).
 """
 
 from __future__ import annotations

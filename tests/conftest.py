@@ -6,6 +6,8 @@ from pathlib import Path  # noqa: E402
 
 import pytest  # noqa: E402
 
+pytest_plugins = ["argilla_server_fixture"]  # one local Argilla server for the whole session
+
 ROOT = Path(__file__).resolve().parent.parent
 DATA = ROOT / "data"
 

@@ -10,7 +10,6 @@ from pathlib import Path
 
 import httpx
 import pytest
-from argilla_server_fixture import argilla_server  # noqa: F401  (session fixture)
 
 from curation.annotate import AnnotationConfig, load_records, run_pull, run_push
 from curation.config import RoundConfig
@@ -85,7 +84,7 @@ def harm(rec: dict, flags: dict[str, list[str]]) -> dict:
 
 
 @pytest.mark.argilla
-def test_push_answer_pull_round_trip(argilla_server, tmp_path, monkeypatch):  # noqa: F811
+def test_push_answer_pull_round_trip(argilla_server, tmp_path, monkeypatch):
     monkeypatch.setenv(KEY_ENV, argilla_server.api_key)
     root = tmp_path / "proj"
     rnd = make_round(root)
@@ -273,7 +272,7 @@ def test_5xx_is_retried_then_succeeds_and_4xx_is_not():
 
 
 @pytest.mark.argilla
-def test_wrong_key_is_one_clear_line(argilla_server, tmp_path, monkeypatch):  # noqa: F811
+def test_wrong_key_is_one_clear_line(argilla_server, tmp_path, monkeypatch):
     monkeypatch.setenv(KEY_ENV, "not-the-key-123")
     rnd = make_round(tmp_path / "wrongkey")
     with pytest.raises(CurateError) as exc:

@@ -7,7 +7,6 @@ import json
 
 import httpx
 import pytest
-from argilla_server_fixture import argilla_server  # noqa: F401  (session fixture)
 from test_argilla_e2e import KEY_ENV, config, harm, make_round, ranking
 
 import preference.argilla as adapter
@@ -26,7 +25,7 @@ def records_by_id(server, dataset_id):
     return {r["external_id"]: r for r in server.records(dataset_id)}
 
 
-def test_review_answers_are_read_back_waited_for_and_override(argilla_server, tmp_path, monkeypatch):  # noqa: F811
+def test_review_answers_are_read_back_waited_for_and_override(argilla_server, tmp_path, monkeypatch):
     monkeypatch.setenv(KEY_ENV, argilla_server.api_key)
     root = tmp_path / "rev"
     rnd = make_round(root)
@@ -74,7 +73,7 @@ def test_review_answers_are_read_back_waited_for_and_override(argilla_server, tm
     assert decisions == {"p-B": "fix", "p-C": "keep"}
 
 
-def test_settings_sync_new_version_and_answers_across_versions(argilla_server, tmp_path, monkeypatch):  # noqa: F811
+def test_settings_sync_new_version_and_answers_across_versions(argilla_server, tmp_path, monkeypatch):
     monkeypatch.setenv(KEY_ENV, argilla_server.api_key)
     root = tmp_path / "sync"
     rnd = make_round(root)
@@ -126,7 +125,7 @@ def test_settings_sync_new_version_and_answers_across_versions(argilla_server, t
     assert (rnd.step("pull").path / "raw" / "argilla-sync-r0001.json").is_file()
 
 
-def test_server_down_mid_push_then_rerun_resumes(argilla_server, tmp_path, monkeypatch):  # noqa: F811
+def test_server_down_mid_push_then_rerun_resumes(argilla_server, tmp_path, monkeypatch):
     monkeypatch.setenv(KEY_ENV, argilla_server.api_key)
     root = tmp_path / "down"
     rnd = make_round(root)
@@ -154,7 +153,7 @@ def test_server_down_mid_push_then_rerun_resumes(argilla_server, tmp_path, monke
     assert sorted(ids) == [f"p-{k}" for k in "ABCDE"]  # nothing lost, nothing twice
 
 
-def test_gold_items_and_reviewer_profiles_through_the_server(argilla_server, tmp_path, monkeypatch,  # noqa: F811
+def test_gold_items_and_reviewer_profiles_through_the_server(argilla_server, tmp_path, monkeypatch,
                                                             repo_root):
     monkeypatch.setenv(KEY_ENV, argilla_server.api_key)
     root = tmp_path / "goldsrv"

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import pytest
-from argilla_server_fixture import argilla_server  # noqa: F401  (session fixture)
 from test_argilla_e2e import KEY_ENV, config, make_round
 
 from curation.annotate import AnnotationConfig, load_records, run_pull, run_push
@@ -16,7 +15,7 @@ from preference.simulated import SimulatedAnnotator, SimulatedConfig
 
 
 @pytest.mark.argilla
-def test_simulated_reviewers_submit_over_rest(argilla_server, tmp_path, monkeypatch, repo_root):  # noqa: F811
+def test_simulated_reviewers_submit_over_rest(argilla_server, tmp_path, monkeypatch, repo_root):
     monkeypatch.setenv(KEY_ENV, argilla_server.api_key)
     root = tmp_path / "sim"
     rnd = make_round(root)

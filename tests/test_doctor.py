@@ -10,7 +10,6 @@ import sys
 from pathlib import Path
 
 import pytest
-from argilla_server_fixture import argilla_server  # noqa: F401  (session fixture)
 
 from preference.plumbing.hardware import fast_bf16, resolve_dtype, resolve_threads
 
@@ -108,7 +107,7 @@ def test_bf16_forced_without_native_bf16_is_flagged(tmp_path):
 
 
 @pytest.mark.argilla
-def test_reachable_argilla_and_a_rejected_key(tmp_path, argilla_server):  # noqa: F811
+def test_reachable_argilla_and_a_rejected_key(tmp_path, argilla_server):
     cfg = argilla_config(tmp_path, argilla_server.url, key_env="CURATE_DOCTOR_KEY")
     report = json.loads(doctor("-c", cfg, "--json", env={"CURATE_DOCTOR_KEY": argilla_server.api_key}).stdout)
     configured = report["argilla"]["configured"]

@@ -10,7 +10,6 @@ import time
 from pathlib import Path
 
 import pytest
-from argilla_server_fixture import argilla_server  # noqa: F401  (session fixture)
 from round_fixture import tiny_args, tiny_config
 
 from preference.plumbing.io import read_json, read_jsonl, read_rows
@@ -100,7 +99,7 @@ def test_kill_during_generate_resumes_without_duplicates(tmp_path):
 
 
 @pytest.mark.argilla
-def test_crash_during_push_resumes_without_duplicate_records(tmp_path, monkeypatch, argilla_server, tiny_rounds):  # noqa: F811
+def test_crash_during_push_resumes_without_duplicate_records(tmp_path, monkeypatch, argilla_server, tiny_rounds):
     """A push that dies after its first batch (no manifest) and is rerun: same records, none twice."""
     server = argilla_server
     import preference.argilla as adapter
@@ -139,7 +138,7 @@ def test_crash_during_push_resumes_without_duplicate_records(tmp_path, monkeypat
 
 
 @pytest.fixture(scope="module")
-def argilla_round(tmp_path_factory, argilla_server):  # noqa: F811
+def argilla_round(tmp_path_factory, argilla_server):
     """Round 1 of configs/tiny.yaml with reviews through the real Argilla server (simulated reviewers over REST)."""
     project = tmp_path_factory.mktemp("argilla") / "argilla-round"  # dataset named after it: unique on the server
     args = ["round", "run", "-c", TINY, "--set", f"project={project}", "--set", "annotation.backend=argilla",
@@ -177,7 +176,7 @@ def test_round_end_to_end_on_real_argilla(argilla_round):
 
 
 @pytest.mark.argilla
-def test_champion_suggestions_appear_on_the_real_server(argilla_server, request, monkeypatch):  # noqa: F811
+def test_champion_suggestions_appear_on_the_real_server(argilla_server, request, monkeypatch):
     """Round 2 after a promoted round 1: the champion reward model scores the completions (the `rewards` step)
     and its ranking is each record's suggestion on the server (agent = the registry version)."""
     from curation.annotate import load_records
