@@ -18,7 +18,7 @@ COLUMNS = ["completion_id", "prompt_id", "reward_mean", "reward_std"]
 
 
 @pytest.mark.vllm
-def test_round_two_scores_with_the_champion_and_select_reads_it(tiny_project):
+def test_round_two_scores_with_the_champion_and_select_reads_it(tiny_project, tiny_rounds, tmp_path):
     project = Project(tiny_project)
     first, second = project.round(1), project.round(2)
     # round 1: no champion yet → the step finishes with the columns and no rows; hybrid starts with k-center
@@ -75,8 +75,14 @@ def test_round_two_scores_with_the_champion_and_select_reads_it(tiny_project):
                         model_identity(tiny_project / "registry" / "v0001" / "reward"))
     cached, computed = score_completions(MustNotLoad(), all_convs, cache, progress=False)
     assert computed == 0 and np.allclose(cached, members)
-    # rerun after round 2's gate promoted v0002: another model, so everything is scored anew, under v0002
-    again = run_rewards(tiny_config(tiny_project), second, force=True, progress=False)
+    # another champion (round 2's registered candidate v0002, promoted here in a copy of the project if its gate
+    # did not): another model, so a rerun scores everything anew, under v0002
+    from training.registry import Registry
+
+    copy = tiny_rounds.copy_project(tmp_path / "proj")
+    if Registry(copy / "registry").champion() != "v0002":
+        Registry(copy / "registry").promote("v0002", reason="test")
+    again = run_rewards(tiny_config(copy), Project(copy).round(2), force=True, progress=False)
     assert again["reward_model"]["version"] == "v0002" and again["counts"]["computed"] == len(rows)
     assert again["reward_cache"]["model_sha256"] != cache.identity
 
