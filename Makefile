@@ -25,8 +25,10 @@ install: $(VENV)/.installed
 demo: install
 	bash scripts/demo.sh
 
+# Tests run on every core (pytest-xdist); tests that share a session fixture (the tiny rounds, the Argilla server)
+# stay on one worker (`xdist_group`), so each fixture is made once. PYTEST_ARGS="-n 0 tests/test_x.py" for one file.
 test: install
-	$(PY) -m pytest -q $(PYTEST_ARGS)
+	$(PY) -m pytest -q -n auto --dist loadgroup $(PYTEST_ARGS)
 
 lint: install
 	$(VENV)/bin/ruff check curation preference training tests scripts

@@ -90,7 +90,7 @@ from curation.backends import (
 from curation.sharded import ShardingConfig, map_shards
 from preference.plumbing.config import from_dict, to_dict
 from preference.plumbing.errors import CurateError
-from preference.plumbing.io import atomic_path, read_rows, write_json, write_rows
+from preference.plumbing.io import atomic_path, build_lock, read_rows, write_json, write_rows
 from preference.schema import Completion, Prompt, stable_id
 
 DEFAULT_COMMITTEE = ["smollm2-135m-instruct", "smollm2-135m-instruct:system=cautious"]
@@ -193,13 +193,16 @@ def _materialize(folder: Path, build, marker: dict) -> Path:
 
     if (folder / MARKER).is_file():
         return folder
-    staging = folder.with_name(folder.name + ".partial")
-    shutil.rmtree(staging, ignore_errors=True)
-    staging.mkdir(parents=True)
-    build(staging)
-    write_json(staging / MARKER, {"name": folder.name, **marker})
-    shutil.rmtree(folder, ignore_errors=True)
-    staging.rename(folder)
+    with build_lock(folder):
+        if (folder / MARKER).is_file():  # another process built it while this one waited
+            return folder
+        staging = folder.with_name(folder.name + ".partial")
+        shutil.rmtree(staging, ignore_errors=True)
+        staging.mkdir(parents=True)
+        build(staging)
+        write_json(staging / MARKER, {"name": folder.name, **marker})
+        shutil.rmtree(folder, ignore_errors=True)
+        staging.rename(folder)
     return folder
 
 

@@ -20,6 +20,9 @@ from preference.plumbing.io import read_json, read_jsonl, read_rows, write_rows
 from preference.plumbing.store import Project
 from preference.schema import Completion, PreferencePair, Prompt, Response
 
+# under `pytest -n` (make test) these tests share one worker: one local Argilla server
+pytestmark = pytest.mark.xdist_group("argilla")
+
 KEY_ENV = "CURATE_TEST_ARGILLA_KEY"
 
 # prompt id → completion texts (sample order); F has one completion and is never pushed

@@ -18,7 +18,8 @@ from preference.plumbing.io import read_json, read_jsonl, read_rows
 from preference.schema import PreferencePair, Response
 from preference.simulated import SimulatedConfig
 
-pytestmark = pytest.mark.argilla
+# under `pytest -n` (make test) these tests share one worker: one local Argilla server
+pytestmark = [pytest.mark.argilla, pytest.mark.xdist_group("argilla")]
 
 
 def records_by_id(server, dataset_id):

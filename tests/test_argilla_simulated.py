@@ -13,6 +13,9 @@ from preference.plumbing.io import read_json, read_jsonl, read_rows
 from preference.schema import Response
 from preference.simulated import SimulatedAnnotator, SimulatedConfig
 
+# under `pytest -n` (make test) these tests share one worker: one local Argilla server
+pytestmark = pytest.mark.xdist_group("argilla")
+
 
 @pytest.mark.argilla
 def test_simulated_reviewers_submit_over_rest(argilla_server, tmp_path, monkeypatch, repo_root):

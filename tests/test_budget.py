@@ -10,6 +10,9 @@ from curation.budget import curve_from_points, fit_curve, labels_for, learning_c
 from preference.plumbing.io import read_json
 from preference.plumbing.store import Project
 
+# under `pytest -n` (make test) these tests share one worker: the session's tiny rounds are made once
+pytestmark = pytest.mark.xdist_group("tiny_rounds")
+
 
 @pytest.mark.vllm
 def test_learning_curve_of_a_real_two_round_project(tiny_project):

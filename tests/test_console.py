@@ -16,9 +16,13 @@ from preference.plumbing.console import step_console
 from preference.plumbing.errors import CurateError
 from preference.plumbing.store import Project
 
+# under `pytest -n` (make test) these tests share one worker: the session's tiny rounds are made once
+pytestmark = pytest.mark.xdist_group("tiny_rounds")
+
 # Code that runs as a module of our packages (the console routes by who writes, not by what is written).
 OUR_CODE = """
 from tqdm.auto import tqdm
+
 def work():
     print("our own summary line")
     for _ in tqdm(range(3), desc="our-bar", mininterval=0):

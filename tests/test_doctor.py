@@ -13,6 +13,9 @@ import pytest
 
 from preference.plumbing.hardware import fast_bf16, resolve_dtype, resolve_threads
 
+# under `pytest -n` (make test) these tests share one worker: one local Argilla server
+pytestmark = pytest.mark.xdist_group("argilla")
+
 ROOT = Path(__file__).resolve().parent.parent
 
 

@@ -13,6 +13,9 @@ from curation.report import run_report
 from preference.plumbing.io import read_json, read_jsonl, read_rows, write_json, write_rows
 from preference.plumbing.store import Project
 
+# under `pytest -n` (make test) these tests share one worker: the session's tiny rounds are made once
+pytestmark = pytest.mark.xdist_group("tiny_rounds")
+
 
 def _step(rnd, name, files):
     run = rnd.start_step(name, {"x": 1})

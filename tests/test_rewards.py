@@ -14,6 +14,9 @@ from preference.plumbing.errors import CurateError
 from preference.plumbing.io import read_rows
 from preference.plumbing.store import Project
 
+# under `pytest -n` (make test) these tests share one worker: the session's tiny rounds are made once
+pytestmark = pytest.mark.xdist_group("tiny_rounds")
+
 COLUMNS = ["completion_id", "prompt_id", "reward_mean", "reward_std"]
 
 

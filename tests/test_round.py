@@ -19,7 +19,8 @@ TINY = ROOT / "configs" / "tiny.yaml"
 STEPS = ["pool", "generate", "score", "rewards", "select", "push", "pull", "train_reward", "train_dpo", "train_kto",
          "evaluate", "gate", "failures", "report"]
 
-pytestmark = pytest.mark.vllm
+# under `pytest -n` (make test) these tests share one worker: the session's tiny rounds are made once
+pytestmark = [pytest.mark.vllm, pytest.mark.xdist_group("tiny_rounds")]
 
 
 @pytest.fixture(autouse=True)

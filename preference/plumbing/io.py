@@ -37,6 +37,23 @@ def atomic_path(path: str | Path) -> Iterator[Path]:
             tmp_path.unlink()
 
 
+@contextlib.contextmanager
+def build_lock(folder: str | Path) -> Iterator[None]:
+    """Hold an exclusive lock (a `.<name>.lock` file beside `folder`) while building `folder` once: several
+    processes (parallel test workers, two `curate` commands) may want the same cache folder at the same time;
+    the second waits, then finds it finished. Check for the finished folder again inside the lock."""
+    import fcntl
+
+    folder = Path(folder)
+    folder.parent.mkdir(parents=True, exist_ok=True)
+    with open(folder.parent / f".{folder.name}.lock", "w") as handle:
+        fcntl.flock(handle, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(handle, fcntl.LOCK_UN)
+
+
 def write_text(path: str | Path, text: str) -> None:
     with atomic_path(path) as tmp:
         tmp.write_text(text)
