@@ -127,3 +127,14 @@ def test_lm_features_resume_after_a_kill(tmp_path, monkeypatch, tiny_model):
     assert not list((tmp_path / "killed").glob("*.parts"))  # merged, parts removed
     for key, value in clean.items():
         np.testing.assert_allclose(resumed[key], value, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("config", sorted((ROOT / "configs").glob("*.yaml")), ids=lambda p: p.name)
+def test_the_benchmarked_default_is_what_the_configs_ship(config):
+    """The goal "the configs' default is never significantly worse than random" is checked on `CONFIG_DEFAULT`:
+    it must be the selection the shipped configs really run."""
+    from curation.config import load_config
+
+    sel = load_config(config).selection
+    assert f"{sel.strategy}@{sel.random_share:g}" == bench.CONFIG_DEFAULT
+    assert sel.completion_choice == bench.CONFIG_CHOOSER
