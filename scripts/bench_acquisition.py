@@ -355,16 +355,21 @@ def print_table(summary: dict, header: str) -> None:
 
 
 def goals(summaries: list[dict], default: dict[str, str]) -> None:
+    """The issue's goals, per dataset: the best strategy by savings; every strategy that saves ≥ 30 % with its
+    CI above 0 (a dataset meets the goal when one does — with several strategies compared, one may pass by chance,
+    so the count compared is printed); the configs' default never significantly worse than random."""
     print("\n## goals")
     met = 0
     for s in summaries:
-        best = max((r for r in s["rows"] if r["strategy"] != "random"), key=lambda r: r["savings"][0], default=None)
-        if best is None:
+        rows = [r for r in s["rows"] if r["strategy"] != "random"]
+        if not rows:
             continue
-        ok = best["savings"][0] >= 0.30 and best["savings"][1] > 0
-        met += ok
-        print(f"- {s['dataset']}: best {best['strategy']} saves {fmt_savings(best['savings'])} "
-              f"({'≥ 30 % with CI > 0' if ok else 'not ≥ 30 % with CI > 0'})")
+        best = max(rows, key=lambda r: r["savings"][0])
+        passing = [r for r in rows if r["savings"][0] >= 0.30 and r["savings"][1] > 0]
+        met += bool(passing)
+        print(f"- {s['dataset']}: best {best['strategy']} saves {fmt_savings(best['savings'])}; "
+              f"≥ 30 % with CI > 0: " + (", ".join(f"{r['strategy']} {fmt_savings(r['savings'])}" for r in passing)
+                                         or "none") + f" (of {len(rows)} strategies compared)")
         d = next((r for r in s["rows"] if r["strategy"] == default.get(s["dataset"])), None)
         if d is not None:
             worse = d["delta_ci"] is not None and d["delta_auc"] + d["delta_ci"] < 0
@@ -447,8 +452,8 @@ def main(argv=None) -> int:
             name = task.name
             if cfg.format == "moderation" and cfg.test >= 1:
                 raise CurateError("--test for --format moderation is the share of each slice held out, e.g. 0.5")
-        text = cfg.strategies or DEFAULT_STRATEGIES[cfg.format] + (
-            "," + LM_STRATEGIES if cfg.features == "smollm2" and cfg.format != "qa-feedback" else "")
+        lm = ",".join(f"{s}/{CONFIG_CHOOSER}" if cfg.format == "qa-feedback" else s for s in LM_STRATEGIES.split(","))
+        text = cfg.strategies or DEFAULT_STRATEGIES[cfg.format] + ("," + lm if cfg.features == "smollm2" else "")
         specs = [Spec.parse(s.strip(), cfg.candidate_factor) for s in text.split(",") if s.strip()]
         if "random" not in [s.text for s in specs]:
             specs.insert(0, Spec.parse("random", cfg.candidate_factor))

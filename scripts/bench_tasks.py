@@ -235,7 +235,7 @@ def smollm2_features(task: Task, *, max_tokens: int = 128, batch_size: int = 16,
     from preference.plumbing.hardware import describe, hardware_summary, resolve_dtype, resolve_threads
     from training.models import resolve_model
 
-    os.nice(10)
+    os.nice(max(0, 10 - os.nice(0)))  # niceness 10 (not 10 more when already started with `nice`)
     threads, dtype_name = resolve_threads(None), resolve_dtype("auto")
     torch.set_num_threads(threads)
     model_dir = resolve_model(model_name, fetch=False)
