@@ -19,9 +19,10 @@ open comparisons, or |mean logit| of the classifier) and `reward_disagreement` (
 logit, largest over open comparisons), plus member rewards per answer for the completion choosers.
 
 Features (`--features`): `tfidf` (TF-IDF 1–2-grams of prompt + answer, TruncatedSVD to 256-d; seconds) or
-`smollm2` (SmolLM2-135M-Instruct last hidden state mean-pooled over the answer tokens — over the prompt for
-moderation — plus the answer's mean token logprob and entropy; fp32/bf16 as `preference.plumbing.hardware`
-decides; computed once, niced, cached under `~/.cache/curate/bench-features/`).
+`smollm2` (SmolLM2-135M-Instruct final hidden state mean-pooled over the answer tokens — over the prompt for
+moderation — plus the answer's mean token logprob and entropy; at most 96 answer tokens after the prompt's last 32;
+fp32/bf16 as `preference.plumbing.hardware` decides; computed once, niced, resumable, cached under
+`~/.cache/curate/bench-features/`; see `smollm2_features`).
 """
 
 from __future__ import annotations
