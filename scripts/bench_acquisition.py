@@ -37,12 +37,25 @@ Table (per dataset): labels spent, final quality (mean ± 95 % t-interval over s
 curve), ΔAUC vs random paired by seed (± 95 % t-interval), labels the seed-averaged curve needs to reach random's
 final quality (linear interpolation; "—" = not reached), the label savings vs random's own labels-to-target with a
 95 % bootstrap CI over seeds (seeds resampled, paired; a resample that never reaches the target counts as −∞), the
-tie rate (qa-feedback), and wall seconds per run. Goals: the best strategy saves ≥ 30 % with the CI above 0 on at
-least two datasets; the configs' default (`hybrid@0.15`, `/info_gain` on multi-completion data) is never
-significantly worse than random (ΔAUC CI below 0).
+tie rate (qa-feedback), and wall seconds per run. Goals: on at least two datasets a strategy saves ≥ 30 % with the
+CI above 0 (every such strategy is listed, with how many were compared: one of many may pass by chance); the shipped configs' default (`CONFIG_DEFAULT`: `hybrid@0.25`, `/info_gain` on multi-completion
+data) is never significantly worse than random (ΔAUC CI below 0).
 
-The tables in the README were made with (2 CPU cores, shared machine, `nice -n 10`; one process per dataset,
-then `--report` prints the three tables and the goals):
+The README's tables were made with (2 CPU cores, shared machine, `nice -n 10`; then `--report` prints the tables
+and the goals). SmolLM2 features first (computed once per dataset, cached, resumable; the default strategy lists
+plus the LM strategies, `under_dense` left out for time):
+
+    S="random,reward_margin,reward_disagreement,kcenter,hybrid,hybrid@0.15,hybrid@0.25,entropy,low_logprob"
+    Q="random,random/info_gain,reward_margin/info_gain,reward_disagreement/info_gain,reward_disagreement/thompson,"
+    Q+="kcenter/diverse,hybrid/info_gain,hybrid@0.15/info_gain,hybrid@0.25/info_gain,entropy/info_gain,"
+    Q+="low_logprob/info_gain"
+    for d in skewed-moderation:$S qa-feedback:$Q hh-harmless:$S; do
+      nice -n 10 python scripts/bench_acquisition.py --dataset ${d%%:*} --features smollm2 --seeds 10 \
+        --strategies ${d#*:} --json runs/bench/smollm2-${d%%:*}.json
+    done
+    python scripts/bench_acquisition.py --report runs/bench/smollm2-*.json
+
+TF-IDF features (one process per dataset):
 
     for d in hh-harmless qa-feedback skewed-moderation; do
       nice -n 10 python scripts/bench_acquisition.py --dataset $d --features tfidf --seeds 10 \
@@ -84,11 +97,16 @@ PRESETS = {
     "skewed-moderation": dict(data=DATA / "moderation-dev.jsonl.gz", format="moderation", test=0.5, init=20,
                               rounds=8, budget=15),
 }
+# What the shipped configs (configs/*.yaml) run: `selection.strategy` @ `selection.random_share`, and
+# `selection.completion_choice` where a prompt has several answers (tests/test_bench_acquisition.py keeps it true).
+CONFIG_DEFAULT = "hybrid@0.25"
+CONFIG_CHOOSER = "info_gain"
 DEFAULT_STRATEGIES = {
-    "hh": "random,reward_margin,reward_disagreement,kcenter,under_dense,hybrid,hybrid@0.15",
+    "hh": "random,reward_margin,reward_disagreement,kcenter,under_dense,hybrid,hybrid@0.15,hybrid@0.25",
     "qa-feedback": "random,random/info_gain,reward_margin/info_gain,reward_disagreement/info_gain,"
-                   "reward_disagreement/thompson,kcenter/diverse,hybrid/info_gain,hybrid@0.15/info_gain",
-    "moderation": "random,reward_margin,reward_disagreement,kcenter,under_dense,hybrid,hybrid@0.15",
+                   "reward_disagreement/thompson,kcenter/diverse,hybrid/info_gain,hybrid@0.15/info_gain,"
+                   "hybrid@0.25/info_gain",
+    "moderation": "random,reward_margin,reward_disagreement,kcenter,under_dense,hybrid,hybrid@0.15,hybrid@0.25",
 }
 LM_STRATEGIES = "low_logprob,entropy"
 
@@ -350,16 +368,21 @@ def print_table(summary: dict, header: str) -> None:
 
 
 def goals(summaries: list[dict], default: dict[str, str]) -> None:
+    """The issue's goals, per dataset: the best strategy by savings; every strategy that saves ≥ 30 % with its
+    CI above 0 (a dataset meets the goal when one does — with several strategies compared, one may pass by chance,
+    so the count compared is printed); the configs' default never significantly worse than random."""
     print("\n## goals")
     met = 0
     for s in summaries:
-        best = max((r for r in s["rows"] if r["strategy"] != "random"), key=lambda r: r["savings"][0], default=None)
-        if best is None:
+        rows = [r for r in s["rows"] if r["strategy"] != "random"]
+        if not rows:
             continue
-        ok = best["savings"][0] >= 0.30 and best["savings"][1] > 0
-        met += ok
-        print(f"- {s['dataset']}: best {best['strategy']} saves {fmt_savings(best['savings'])} "
-              f"({'≥ 30 % with CI > 0' if ok else 'not ≥ 30 % with CI > 0'})")
+        best = max(rows, key=lambda r: r["savings"][0])
+        passing = [r for r in rows if r["savings"][0] >= 0.30 and r["savings"][1] > 0]
+        met += bool(passing)
+        print(f"- {s['dataset']}: best {best['strategy']} saves {fmt_savings(best['savings'])}; "
+              f"≥ 30 % with CI > 0: " + (", ".join(f"{r['strategy']} {fmt_savings(r['savings'])}" for r in passing)
+                                         or "none") + f" (of {len(rows)} strategies compared)")
         d = next((r for r in s["rows"] if r["strategy"] == default.get(s["dataset"])), None)
         if d is not None:
             worse = d["delta_ci"] is not None and d["delta_auc"] + d["delta_ci"] < 0
@@ -442,13 +465,13 @@ def main(argv=None) -> int:
             name = task.name
             if cfg.format == "moderation" and cfg.test >= 1:
                 raise CurateError("--test for --format moderation is the share of each slice held out, e.g. 0.5")
-        text = cfg.strategies or DEFAULT_STRATEGIES[cfg.format] + (
-            "," + LM_STRATEGIES if cfg.features == "smollm2" and cfg.format != "qa-feedback" else "")
+        lm = ",".join(f"{s}/{CONFIG_CHOOSER}" if cfg.format == "qa-feedback" else s for s in LM_STRATEGIES.split(","))
+        text = cfg.strategies or DEFAULT_STRATEGIES[cfg.format] + ("," + lm if cfg.features == "smollm2" else "")
         specs = [Spec.parse(s.strip(), cfg.candidate_factor) for s in text.split(",") if s.strip()]
         if "random" not in [s.text for s in specs]:
             specs.insert(0, Spec.parse("random", cfg.candidate_factor))
         check_signals(specs, cfg.features)
-        defaults[name] = "hybrid@0.15/info_gain" if cfg.format == "qa-feedback" else "hybrid@0.15"
+        defaults[name] = CONFIG_DEFAULT + (f"/{CONFIG_CHOOSER}" if cfg.format == "qa-feedback" else "")
         t0 = time.perf_counter()
         feats = smollm2_features(task, progress=not cfg.quiet) if cfg.features == "smollm2" else tfidf_features(task)
         header = (f"{len(task)} items from {cfg.data}, features {cfg.features} ({feats['emb'].shape[1]}-d, "

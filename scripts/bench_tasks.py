@@ -19,9 +19,10 @@ open comparisons, or |mean logit| of the classifier) and `reward_disagreement` (
 logit, largest over open comparisons), plus member rewards per answer for the completion choosers.
 
 Features (`--features`): `tfidf` (TF-IDF 1–2-grams of prompt + answer, TruncatedSVD to 256-d; seconds) or
-`smollm2` (SmolLM2-135M-Instruct last hidden state mean-pooled over the answer tokens — over the prompt for
-moderation — plus the answer's mean token logprob and entropy; fp32/bf16 as `preference.plumbing.hardware`
-decides; computed once, niced, cached under `~/.cache/curate/bench-features/`).
+`smollm2` (SmolLM2-135M-Instruct final hidden state mean-pooled over the answer tokens — over the prompt for
+moderation — plus the answer's mean token logprob and entropy; at most 96 answer tokens after the prompt's last 32;
+fp32/bf16 as `preference.plumbing.hardware` decides; computed once, niced, resumable, cached under
+`~/.cache/curate/bench-features/`; see `smollm2_features`).
 """
 
 from __future__ import annotations
@@ -206,64 +207,108 @@ def feature_cache() -> Path:
     return Path(os.environ.get("CURATE_CACHE") or Path.home() / ".cache" / "curate") / "bench-features"
 
 
-def smollm2_features(task: Task, *, max_tokens: int = 256, batch_size: int = 8,
-                     progress: bool = True) -> dict[str, np.ndarray]:
-    """Mean-pooled last hidden states of SmolLM2 over the target tokens (an answer after its ChatML prompt, or a
-    prompt as the user turn), the target's mean token logprob and mean entropy. Cached as .npz (no pickle) by the
-    hash of the texts; the process lowers its CPU priority (os.nice) while computing: the machine is shared."""
+def smollm2_features(task: Task, *, max_tokens: int = 128, batch_size: int = 16, progress: bool = True,
+                     model_name: str = "smollm2-135m-instruct") -> dict[str, np.ndarray]:
+    """SmolLM2-135M-Instruct features of each target text (an answer after its ChatML prompt, or a prompt as the
+    user turn): the final (normed) hidden state mean-pooled over the target's tokens — a mean, not the last token,
+    because answers are truncated and a mean over what is kept stays comparable across lengths — plus the target's
+    mean token logprob and mean predictive entropy (the LM signals `low_logprob` / `entropy` use).
+
+    Token cap: at most `max_tokens` (128) tokens per text — the target's first `max_tokens` × 3/4 (96) tokens after
+    the prompt's *last* `max_tokens` / 4 (32) tokens in the chat template (the end of the last user turn, next to
+    the answer, is what conditions it most). On the shipped data this keeps 89 % of HH answers, 51 % of qa-feedback
+    answers and 57 % of moderation prompts whole, at ~70–100 tokens per text: the cap is what makes the features
+    take minutes rather than hours on 2 CPU cores.
+    Resumable: every batch is written to `<cache>.parts/` as it finishes (.npz, no pickle), so a killed run
+    recomputes nothing already done; the merged .npz is written last, keyed by the hash of the texts and the cap.
+    The process lowers its CPU priority (os.nice) while computing: the machine is shared."""
     context, target = texts_for_features(task)
-    path = _cache_path("smollm2", task, [context, target, max_tokens])
+    path = _cache_path("smollm2", task, [context, target, max_tokens, "96+32 tokens, mean of final norm"]
+                       + ([model_name] if model_name != "smollm2-135m-instruct" else []))
     if path.is_file():
         return _load(path)
+    import time
+
     import torch
     from tqdm import tqdm
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from preference.plumbing.hardware import resolve_dtype, resolve_threads
-    from training.models import SMOLLM2, resolve_model
+    from preference.plumbing.hardware import describe, hardware_summary, resolve_dtype, resolve_threads
+    from training.models import resolve_model
 
-    os.nice(10)
-    torch.set_num_threads(resolve_threads(None))
-    model_dir = resolve_model(SMOLLM2, fetch=False)
+    os.nice(max(0, 10 - os.nice(0)))  # niceness 10 (not 10 more when already started with `nice`)
+    threads, dtype_name = resolve_threads(None), resolve_dtype("auto")
+    torch.set_num_threads(threads)
+    model_dir = resolve_model(model_name, fetch=False)
     tok = AutoTokenizer.from_pretrained(model_dir)
-    dtype = getattr(torch, resolve_dtype("auto"))
-    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=dtype).eval()
+    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=getattr(torch, dtype_name)).eval()
     seqs = []
     for c, t in zip(context, target, strict=True):
         if c:  # an answer after its prompt, as the chat model would have produced it
             head = tok.apply_chat_template([{"role": "user", "content": c}], tokenize=False, add_generation_prompt=True)
         else:  # a prompt, as a user turn
             head = "<|im_start|>user\n"
-        body = t + "<|im_end|>"
         head_ids = tok(head, add_special_tokens=False)["input_ids"]
-        body_ids = tok(body, add_special_tokens=False)["input_ids"][: max_tokens * 3 // 4]
-        keep = max(1, max_tokens - len(body_ids))
-        ids = head_ids[-keep:] + body_ids
+        body_ids = tok(t + "<|im_end|>", add_special_tokens=False)["input_ids"][: max_tokens * 3 // 4]
+        ids = head_ids[-max(1, max_tokens // 4):] + body_ids
         seqs.append((ids, len(ids) - len(body_ids)))
-    order = np.argsort([len(s[0]) for s in seqs])
+    order = np.argsort([len(s[0]) for s in seqs], kind="stable")
     n, dim = len(seqs), model.config.hidden_size
-    out = {"emb": np.zeros((n, dim), np.float32), "logprob": np.zeros(n, np.float32),
-           "entropy": np.zeros(n, np.float32)}
+    parts = path.with_name(path.stem + ".parts")
+    parts.mkdir(parents=True, exist_ok=True)
+    batches = [order[b : b + batch_size] for b in range(0, n, batch_size)]
+    t0, done_tokens, computed = time.perf_counter(), 0, 0
+    bar = tqdm(batches, disable=not progress, desc=f"SmolLM2 features ({task.name})", unit="batch")
     with torch.inference_mode():
-        for b in tqdm(range(0, n, batch_size), disable=not progress, desc=f"SmolLM2 features ({task.name})"):
-            rows = order[b : b + batch_size]
-            width = max(len(seqs[r][0]) for r in rows)
-            ids = torch.full((len(rows), width), tok.pad_token_id or 0)
-            mask = torch.zeros((len(rows), width), dtype=torch.long)
-            for j, r in enumerate(rows):
-                ids[j, : len(seqs[r][0])] = torch.tensor(seqs[r][0])
-                mask[j, : len(seqs[r][0])] = 1
-            res = model(input_ids=ids, attention_mask=mask, output_hidden_states=True)
-            hidden = res.hidden_states[-1].float()
-            logp = torch.log_softmax(res.logits.float(), dim=-1)
+        for k, rows in enumerate(bar):
+            part = parts / f"{k:05d}.npz"
+            if part.is_file():
+                continue
+            lengths = [len(seqs[r][0]) for r in rows]
+            ids = torch.full((len(rows), max(lengths)), tok.pad_token_id or 0)
+            mask = torch.zeros_like(ids)
+            target_mask = torch.zeros(ids.shape, dtype=torch.bool)
             for j, r in enumerate(rows):
                 seq, start = seqs[r]
-                end = len(seq)
-                out["emb"][r] = hidden[j, start:end].mean(0).numpy()
-                lp = logp[j, start - 1 : end - 1]
-                out["logprob"][r] = lp.gather(1, torch.tensor(seq[start:end])[:, None]).mean().item()
-                out["entropy"][r] = -(lp.exp() * lp).sum(-1).mean().item()
-    return _save(path, out)
+                ids[j, : len(seq)] = torch.tensor(seq)
+                mask[j, : len(seq)] = 1
+                target_mask[j, start : len(seq)] = True
+            hidden = model.model(input_ids=ids, attention_mask=mask).last_hidden_state.float()
+            w = target_mask[..., None].float()
+            emb = (hidden * w).sum(1) / w.sum(1)
+            # token t is predicted at position t − 1: the LM head only where a target token is predicted
+            pred = torch.zeros_like(target_mask)
+            pred[:, :-1] = target_mask[:, 1:]
+            logp = torch.log_softmax(model.lm_head(hidden[pred]).float(), dim=-1)
+            token_lp = logp.gather(1, ids[:, 1:][target_mask[:, 1:]][:, None])[:, 0]
+            token_h = -(logp.exp() * logp).sum(-1)
+            owner = torch.arange(len(rows))[:, None].expand_as(pred)[pred]
+            count = torch.bincount(owner, minlength=len(rows)).float()
+            logprob = torch.zeros(len(rows)).index_add_(0, owner, token_lp) / count
+            entropy = torch.zeros(len(rows)).index_add_(0, owner, token_h) / count
+            tmp = part.with_name(part.stem + ".partial.npz")
+            np.savez(tmp, rows=rows, emb=emb.numpy(), logprob=logprob.numpy(), entropy=entropy.numpy())
+            tmp.rename(part)
+            computed += len(rows)
+            done_tokens += sum(lengths)
+            rate = computed / (time.perf_counter() - t0)
+            bar.set_postfix_str(f"{rate:.1f} texts/s")
+    seconds = time.perf_counter() - t0
+    if computed:
+        print(f"SmolLM2 features ({task.name}): {computed} texts, {done_tokens} tokens in {seconds:.0f} s = "
+              f"{computed / seconds:.1f} texts/s, {done_tokens / seconds:.0f} tokens/s (cap {max_tokens} tokens, "
+              f"batch {batch_size}) on {describe(hardware_summary(dtype_name, threads))}", flush=True)
+    out = {"emb": np.zeros((n, dim), np.float32), "logprob": np.zeros(n, np.float32),
+           "entropy": np.zeros(n, np.float32)}
+    for k in range(len(batches)):
+        with np.load(parts / f"{k:05d}.npz", allow_pickle=False) as data:
+            for key in out:
+                out[key][data["rows"]] = data[key]
+    _save(path, out)
+    for part in parts.glob("*.npz"):
+        part.unlink()
+    parts.rmdir()
+    return out
 
 
 # ------------------------------------------------------------------------------------------------- learners

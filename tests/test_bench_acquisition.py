@@ -90,3 +90,51 @@ def test_spec_parsing():
     assert bench.Spec.parse("kcenter", 4.0).chooser == "random"
     with pytest.raises(bench.CurateError, match="unknown completion chooser 'best'"):
         bench.Spec.parse("kcenter/best", 4.0)
+
+
+def test_lm_features_resume_after_a_kill(tmp_path, monkeypatch, tiny_model):
+    """The LM features are written batch by batch: a run killed half-way recomputes only the missing batches, and
+    the merged result equals an uninterrupted run (real model forward, tiny-llama in place of SmolLM2)."""
+    import torch.nn as nn
+
+    from scripts import bench_tasks
+
+    task = load_qa_feedback(first_rows(DATA / "qa-feedback-dev.jsonl.gz", tmp_path / "qa.jsonl", 3))
+    kwargs = dict(batch_size=4, progress=False, model_name="tiny-llama")
+    monkeypatch.setattr(bench_tasks, "feature_cache", lambda: tmp_path / "clean")
+    clean = bench_tasks.smollm2_features(task, **kwargs)
+    assert clean["emb"].shape[0] == 12 and np.isfinite(clean["emb"]).all()
+    assert (clean["logprob"] < 0).all() and (clean["entropy"] > 0).all()
+
+    calls = []
+    forward = nn.Module.__call__
+
+    def dies_on_third_batch(module, *args, **kw):
+        if type(module).__name__ == "LlamaModel":
+            calls.append(1)
+            if len(calls) == 3:
+                raise KeyboardInterrupt
+        return forward(module, *args, **kw)
+
+    monkeypatch.setattr(bench_tasks, "feature_cache", lambda: tmp_path / "killed")
+    monkeypatch.setattr(nn.Module, "__call__", dies_on_third_batch)
+    with pytest.raises(KeyboardInterrupt):
+        bench_tasks.smollm2_features(task, **kwargs)
+    assert len(list((tmp_path / "killed").glob("*.parts/*.npz"))) == 2
+    calls.clear()
+    resumed = bench_tasks.smollm2_features(task, **kwargs)
+    assert len(calls) == 1  # only the third batch is computed again
+    assert not list((tmp_path / "killed").glob("*.parts"))  # merged, parts removed
+    for key, value in clean.items():
+        np.testing.assert_allclose(resumed[key], value, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("config", sorted((ROOT / "configs").glob("*.yaml")), ids=lambda p: p.name)
+def test_the_benchmarked_default_is_what_the_configs_ship(config):
+    """The goal "the configs' default is never significantly worse than random" is checked on `CONFIG_DEFAULT`:
+    it must be the selection the shipped configs really run."""
+    from curation.config import load_config
+
+    sel = load_config(config).selection
+    assert f"{sel.strategy}@{sel.random_share:g}" == bench.CONFIG_DEFAULT
+    assert sel.completion_choice == bench.CONFIG_CHOOSER
