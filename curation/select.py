@@ -71,12 +71,12 @@ ERROR_WEIGHTS = {"harm": 1.0, "feedback": 1.0, "disagree": 0.9, "low_rank": 0.7,
 @dataclass
 class SelectionConfig:
     # a name (entropy, kcenter, ...), "weighted", "hybrid", "A>B" or "S|C" (see strategies.py). The default is the
-    # configuration scripts/bench_acquisition.py measures (`hybrid@0.15`: reward margin + disagreement, top 4k,
-    # k-center; k-center alone until a reward model exists; a 15 % random arm): never significantly worse than
-    # random there (see the README's acquisition tables)
+    # configuration scripts/bench_acquisition.py measures (`hybrid@0.25`, its CONFIG_DEFAULT: reward margin +
+    # disagreement, top 4k, k-center; k-center alone until a reward model exists; a 25 % random arm, as every
+    # shipped config): never significantly worse than random there (see the README's acquisition tables)
     strategy: str = "hybrid"
     k: int = 16  # items per round (strategy arm + random arm)
-    random_share: float = 0.15  # share of k drawn at random from the same pool (the control arm)
+    random_share: float = 0.25  # share of k drawn at random from the same pool (the control arm)
     weights: dict[str, float] = field(
         default_factory=lambda: {"reward_margin": 1.0, "reward_disagreement": 1.0}
     )  # for "weighted" / "hybrid": strategy name -> weight (scores are rank-normalized before summing)

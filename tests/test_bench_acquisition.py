@@ -138,3 +138,12 @@ def test_the_benchmarked_default_is_what_the_configs_ship(config):
     sel = load_config(config).selection
     assert f"{sel.strategy}@{sel.random_share:g}" == bench.CONFIG_DEFAULT
     assert sel.completion_choice == bench.CONFIG_CHOOSER
+
+
+def test_the_benchmarked_default_is_the_selection_section_default():
+    """A config that omits `selection.strategy` / `random_share` runs the benchmarked default too."""
+    from curation.select import SelectionConfig
+
+    sel = SelectionConfig()
+    assert f"{sel.strategy}@{sel.random_share:g}" == bench.CONFIG_DEFAULT
+    assert sel.completion_choice == bench.CONFIG_CHOOSER
