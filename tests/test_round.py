@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -10,7 +11,7 @@ import time
 from pathlib import Path
 
 import pytest
-from round_fixture import tiny_args, tiny_config
+from round_fixture import tiny_args
 
 from preference.plumbing.io import read_json, read_jsonl, read_rows
 
@@ -19,8 +20,10 @@ TINY = ROOT / "configs" / "tiny.yaml"
 STEPS = ["pool", "generate", "score", "rewards", "select", "push", "pull", "train_reward", "train_dpo", "train_kto",
          "evaluate", "gate", "failures", "report"]
 
-# under `pytest -n` (make test) these tests share one worker: the session's tiny rounds are made once
-pytestmark = [pytest.mark.vllm, pytest.mark.xdist_group("tiny_rounds")]
+pytestmark = pytest.mark.vllm
+# under `pytest -n` (make test), tests sharing a session fixture share its worker (`xdist_group`): the tiny rounds,
+# or the local Argilla server; each is made once
+TINY_ROUNDS, ARGILLA = pytest.mark.xdist_group("tiny_rounds"), pytest.mark.xdist_group("argilla")
 
 
 @pytest.fixture(autouse=True)
@@ -40,6 +43,7 @@ def curate(*args, check=True) -> subprocess.CompletedProcess:
     return out
 
 
+@TINY_ROUNDS
 def test_round_end_to_end_then_next_round(tiny_rounds):
     """The session's two real rounds (`curate round run`, then `--next`; tests/round_fixture.py)."""
     args = tiny_args(tiny_rounds.project)
@@ -100,17 +104,21 @@ def test_kill_during_generate_resumes_without_duplicates(tmp_path):
 
 
 @pytest.mark.argilla
-def test_crash_during_push_resumes_without_duplicate_records(tmp_path, monkeypatch, argilla_server, tiny_rounds):
+@ARGILLA
+def test_crash_during_push_resumes_without_duplicate_records(tmp_path, monkeypatch, argilla_server, argilla_round):
     """A push that dies after its first batch (no manifest) and is rerun: same records, none twice."""
     server = argilla_server
     import preference.argilla as adapter
     from curation.annotate import AnnotationConfig, run_push
+    from curation.config import load_config
     from preference.argilla import ArgillaClient, ArgillaConfig
+    from preference.plumbing.config import replace_path
     from preference.plumbing.store import Project
 
     monkeypatch.setenv("CURATE_TEST_ARGILLA_KEY", server.api_key)
-    project = tiny_rounds.copy_project(tmp_path / "proj")  # round 1's pool … select (and the rest), ran for real
-    cfg = tiny_config(project)
+    project = tmp_path / "proj"  # a copy of a real round 1: pool … select (and the rest)
+    shutil.copytree(argilla_round[0], project)
+    cfg = replace_path(load_config(TINY), "project", str(project))
     argilla = ArgillaConfig(url=server.url, url_env="CURATE_TEST_NO_URL", api_key_env="CURATE_TEST_ARGILLA_KEY",
                             workspace=server.workspace, dataset="kill-{round:04d}", batch_size=2, retries=1)
     cfg.annotation = AnnotationConfig(backend="argilla", completions_per_record=5, argilla=argilla)
@@ -152,6 +160,7 @@ def argilla_round(tmp_path_factory, argilla_server):
 
 
 @pytest.mark.argilla
+@ARGILLA
 def test_round_end_to_end_on_real_argilla(argilla_round):
     """`curate round run` with reviews going through the real Argilla server (simulated reviewers over REST)."""
     project, args, env = argilla_round
@@ -177,6 +186,7 @@ def test_round_end_to_end_on_real_argilla(argilla_round):
 
 
 @pytest.mark.argilla
+@ARGILLA
 def test_champion_suggestions_appear_on_the_real_server(argilla_server, request, monkeypatch):
     """Round 2 after a promoted round 1: the champion reward model scores the completions (the `rewards` step)
     and its ranking is each record's suggestion on the server (agent = the registry version)."""
