@@ -22,6 +22,7 @@ from __future__ import annotations
 import functools
 import json
 import shutil
+import time
 from pathlib import Path
 
 import numpy as np
@@ -188,27 +189,34 @@ def run_evaluate(cfg, rnd, *, force: bool = False, progress: bool = True) -> dic
                           previous_policy=registry.artifact(champion, "policy"))
         metrics = {"heldout": {"file": str(cfg.evaluation.heldout), "pairs": len(heldout)}}
         judged_by, held_scores = None, None
+        timings: dict[str, float] = {}  # seconds per part: where the step's time goes (manifest `timings`)
         # reward models first: the first one becomes the judge of the policies' win rates
         for entry in sorted(TRAINERS.values(), key=lambda t: t.role != "reward_model"):
             kind = entry.kind
             if not _done_and_active(steps[kind]):
                 continue
+            started = time.perf_counter()
             evaluation = entry.evaluate_function(steps[kind].path / "model", getattr(cfg, kind), ctx)
+            timings[kind] = round(time.perf_counter() - started, 2)
             metrics[kind] = evaluation.metrics
             if evaluation.judge is not None and ctx.judge is None:
                 ctx.judge, judged_by, held_scores = evaluation.judge, kind, evaluation.heldout_scores
         # the round's own pairs: the ones its reward model still orders wrongly become error-based candidates
         round_pairs = drop_heldout_prompts(load_round_pairs(rnd), heldout)
         rows = []
+        started = time.perf_counter()
         if ctx.judge is not None:
             c, r = ctx.judge.score_pairs(round_pairs, progress=progress) if round_pairs else (np.zeros(0), np.zeros(0))
             rows = [_score_row(p, ci, ri, "train") for p, ci, ri in zip(round_pairs, c, r, strict=True)]
             rows += [_score_row(p, ci, ri, "heldout") for p, ci, ri in zip(heldout, *held_scores, strict=True)]
             metrics[judged_by]["train_pairs_accuracy"] = float(np.mean(c > r)) if len(c) else None
+        timings["round pairs"] = round(time.perf_counter() - started, 2)
         write_rows(run.path / "pair_scores.parquet", rows, schema=None if rows else _score_schema())
         write_json(run.path / "metrics.json", metrics)
         text = format_report(metrics, f"candidate (round {rnd.number})")
+        started = time.perf_counter()
         champ_metrics = _evaluate_champion(registry, champion, cfg, ctx)
+        timings["champion"] = round(time.perf_counter() - started, 2)
         if champ_metrics:
             write_json(run.path / "champion_metrics.json", champ_metrics)
             text += "\n\n" + format_report(champ_metrics, f"champion {champion}")
@@ -220,6 +228,7 @@ def run_evaluate(cfg, rnd, *, force: bool = False, progress: bool = True) -> dic
             run.extra[f"{kind}_accuracy"] = metrics[kind]["accuracy"]
             run.extra[f"{kind}_ci"] = metrics[kind]["ci"]
         run.extra["hardware"] = hardware_summary(dtype, threads)
+        run.extra["timings"] = timings
     return rnd.step("evaluate").manifest()
 
 
