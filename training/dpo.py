@@ -18,18 +18,9 @@ from typing import Any, ClassVar
 
 from preference.plumbing.errors import CurateError
 from preference.schema import PreferencePair
-from training.common import (
-    TrainConfig,
-    causal_lm,
-    fit,
-    fit_stats,
-    lora_config,
-    prepare_training,
-    save_adapter,
-    tensorboard_callbacks,
-)
+from training.common import TrainConfig
 from training.data import answer_text, truncate_conversation, truncate_text
-from training.policy import MODEL_CARD
+from training.policy import train_lora_policy
 
 
 @dataclass
@@ -77,21 +68,12 @@ def train_dpo(
     pairs: list[PreferencePair], cfg: DPOTrainConfig, work_dir: str | Path, *, seed: int = 0, progress: bool = True
 ) -> dict[str, Any]:
     """DPO with LoRA on `pairs`; saves the adapter to `work_dir/model`. Resumes from the last checkpoint."""
-    from datasets import Dataset
     from trl import DPOTrainer
 
     if not pairs:
         raise CurateError("no preference pairs to train DPO on; run `curate pull` first")
-    base, work_dir, tokenizer = prepare_training(cfg, work_dir)
-    ckpt_dir = work_dir / "checkpoints"
-    trainer = DPOTrainer(  # seeds, then wraps the model with LoRA; the reference = the base, adapter disabled
-        model=causal_lm(base), args=cfg.to_trl(ckpt_dir, seed=seed, progress=progress),
-        train_dataset=Dataset.from_dict(dpo_rows(tokenizer, pairs, cfg)), processing_class=tokenizer,
-        peft_config=lora_config(cfg, "CAUSAL_LM"), callbacks=tensorboard_callbacks(cfg, work_dir / "tensorboard"),
-    )
-    result, seconds, resume = fit(trainer, ckpt_dir)
-    save_adapter(trainer, work_dir / "model", MODEL_CARD,
-                 {"kind": "policy", "trainer": "dpo", "base_model": cfg.base_model, "base_path": str(base)})
+    trainer, stats = train_lora_policy(DPOTrainer, "dpo", cfg, work_dir, lambda tok: dpo_rows(tok, pairs, cfg),
+                                       seed=seed, progress=progress, unit="pairs")
     logs = [h for h in trainer.state.log_history if "loss" in h]
-    return {**fit_stats(trainer, result, seconds, resume, cfg, "pairs"), "pairs": len(pairs),
+    return {**stats, "pairs": len(pairs),
             "reward_accuracies": [h.get("rewards/accuracies") for h in logs]}

@@ -23,18 +23,9 @@ import numpy as np
 
 from preference.plumbing.errors import CurateError
 from preference.schema import Feedback, PreferencePair
-from training.common import (
-    TrainConfig,
-    causal_lm,
-    fit,
-    fit_stats,
-    lora_config,
-    prepare_training,
-    save_adapter,
-    tensorboard_callbacks,
-)
+from training.common import TrainConfig
 from training.data import answer_text, truncate_conversation, truncate_text, unroll_pairs
-from training.policy import MODEL_CARD
+from training.policy import train_lora_policy
 
 
 @dataclass
@@ -87,7 +78,6 @@ def train_kto(
     feedback: Sequence[Feedback] = (),
 ) -> dict[str, Any]:
     """KTO with LoRA on `feedback` plus `pairs` unrolled; saves the adapter to `work_dir/model`. Resumable."""
-    from datasets import Dataset
     from trl import KTOTrainer
 
     examples = unroll_pairs(pairs) + list(feedback)
@@ -98,17 +88,9 @@ def train_kto(
                           f"{len(feedback)} feedback items); label more items or disable kto")
     order = np.random.default_rng([seed, 1]).permutation(len(examples))  # mix feedback and unrolled pairs
     examples = [examples[i] for i in order]
-    base, work_dir, tokenizer = prepare_training(cfg, work_dir)
-    ckpt_dir = work_dir / "checkpoints"
-    trainer = KTOTrainer(  # seeds, then wraps the model with LoRA; the reference = the base, adapter disabled
-        model=causal_lm(base), args=cfg.to_trl(ckpt_dir, seed=seed, progress=progress),
-        train_dataset=Dataset.from_dict(kto_rows(tokenizer, examples, cfg)), processing_class=tokenizer,
-        peft_config=lora_config(cfg, "CAUSAL_LM"), callbacks=tensorboard_callbacks(cfg, work_dir / "tensorboard"),
-    )
-    result, seconds, resume = fit(trainer, ckpt_dir)
-    save_adapter(trainer, work_dir / "model", MODEL_CARD,
-                 {"kind": "policy", "trainer": "kto", "base_model": cfg.base_model, "base_path": str(base)})
+    _, stats = train_lora_policy(KTOTrainer, "kto", cfg, work_dir, lambda tok: kto_rows(tok, examples, cfg),
+                                 seed=seed, progress=progress, unit="examples")
     desirable = sum(bool(f.label) for f in examples)
-    return {**fit_stats(trainer, result, seconds, resume, cfg, "examples"), "pairs": len(pairs),
+    return {**stats, "pairs": len(pairs),
             "feedback": len(feedback), "examples": len(examples), "desirable": desirable,
             "undesirable": len(examples) - desirable}

@@ -20,10 +20,40 @@ from pathlib import Path
 import numpy as np
 
 from preference.plumbing.io import read_json
-from training.common import load_tokenizer
+from training.common import (
+    TrainConfig,
+    causal_lm,
+    fit,
+    fit_stats,
+    load_tokenizer,
+    lora_config,
+    prepare_training,
+    save_adapter,
+    tensorboard_callbacks,
+)
 from training.data import chat_ids, prompt_ids, truncate_conversation, truncate_text
 
 MODEL_CARD = "curate-policy.json"
+
+
+def train_lora_policy(trainer_class, kind: str, cfg: TrainConfig, work_dir: str | Path, rows, *, seed: int,
+                      progress: bool, unit: str):
+    """The run every LoRA policy trainer shares (DPO, KTO): TRL's `trainer_class` on the columns `rows(tokenizer)`
+    returns, the base model as its reference (adapter disabled); resumes from the last checkpoint; saves the adapter
+    to `work_dir/model` with the policy card. Returns (trainer, `fit_stats` counted in `unit`)."""
+    from datasets import Dataset
+
+    base, work_dir, tokenizer = prepare_training(cfg, work_dir)
+    ckpt_dir = work_dir / "checkpoints"
+    trainer = trainer_class(  # seeds, then wraps the model with LoRA; the reference = the base, adapter disabled
+        model=causal_lm(base), args=cfg.to_trl(ckpt_dir, seed=seed, progress=progress),
+        train_dataset=Dataset.from_dict(rows(tokenizer)), processing_class=tokenizer,
+        peft_config=lora_config(cfg, "CAUSAL_LM"), callbacks=tensorboard_callbacks(cfg, work_dir / "tensorboard"),
+    )
+    result, seconds, resume = fit(trainer, ckpt_dir)
+    save_adapter(trainer, work_dir / "model", MODEL_CARD,
+                 {"kind": "policy", "trainer": kind, "base_model": cfg.base_model, "base_path": str(base)})
+    return trainer, fit_stats(trainer, result, seconds, resume, cfg, unit)
 
 
 def policy_base(folder: str | Path) -> Path:
