@@ -20,11 +20,8 @@ finished round stale); `--force` rescores with the current champion.
 
 from __future__ import annotations
 
-import contextlib
 import hashlib
 import json
-import sqlite3
-from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
@@ -32,7 +29,7 @@ import pyarrow as pa
 from tqdm.auto import tqdm
 
 from preference.plumbing.errors import CurateError
-from preference.plumbing.io import read_rows, write_rows
+from preference.plumbing.io import read_rows, sqlite_transaction, write_rows
 
 OUTPUT = "completion_rewards.parquet"
 CHUNK = 64  # conversations per model call between cache writes (the resume granularity)
@@ -79,14 +76,8 @@ class RewardCache:
             db.execute("CREATE TABLE IF NOT EXISTS rewards (model TEXT NOT NULL, key TEXT NOT NULL, "
                        "members TEXT NOT NULL, PRIMARY KEY (model, key))")
 
-    @contextlib.contextmanager
-    def _db(self) -> Iterator[sqlite3.Connection]:
-        db = sqlite3.connect(self.path, timeout=30)
-        try:
-            with db:
-                yield db
-        finally:
-            db.close()
+    def _db(self):
+        return sqlite_transaction(self.path)
 
     @staticmethod
     def key(conversation: list[dict]) -> str:

@@ -10,6 +10,7 @@ import contextlib
 import gzip
 import json
 import os
+import sqlite3
 import tempfile
 from collections.abc import Iterable, Iterator
 from pathlib import Path
@@ -52,6 +53,18 @@ def build_lock(folder: str | Path) -> Iterator[None]:
             yield
         finally:
             fcntl.flock(handle, fcntl.LOCK_UN)
+
+
+@contextlib.contextmanager
+def sqlite_transaction(path: str | Path) -> Iterator[sqlite3.Connection]:
+    """A connection to the SQLite file `path` whose block is one transaction (committed on success, rolled back on
+    an error), closed afterwards; waits up to 30 s for another process's write lock."""
+    db = sqlite3.connect(path, timeout=30)
+    try:
+        with db:
+            yield db
+    finally:
+        db.close()
 
 
 def write_text(path: str | Path, text: str) -> None:

@@ -17,7 +17,6 @@ unless forced, so results are never silently mixed.
 
 from __future__ import annotations
 
-import contextlib
 import importlib.metadata
 import platform
 import shutil
@@ -30,7 +29,7 @@ from typing import Any
 
 from preference.plumbing.config import config_hash, to_dict
 from preference.plumbing.errors import CurateError
-from preference.plumbing.io import read_json, write_json
+from preference.plumbing.io import read_json, sqlite_transaction, write_json
 
 PACKAGES = (
     "torch",
@@ -82,14 +81,8 @@ class Project:
         with self._db() as db:
             db.executescript(_SCHEMA)
 
-    @contextlib.contextmanager
     def _db(self):
-        db = sqlite3.connect(self._db_path, timeout=30)
-        try:
-            with db:
-                yield db
-        finally:
-            db.close()
+        return sqlite_transaction(self._db_path)
 
     # rounds -------------------------------------------------------------------------------------------------
     def rounds(self) -> list[int]:
