@@ -262,20 +262,23 @@ def scoring_backend(cfg):
     return embedding_backend(sc, registry_root(cfg))
 
 
-def log_perplexities(backend, texts: list[str]) -> np.ndarray:
-    """Each text's log-perplexity (mean negative log-likelihood per token) after one end-of-text token."""
+def _requests(backend, texts: list[str]) -> list[tuple[list[int], list[int]]]:
+    """Each text read after one end-of-text token (how `curate score` reads a prompt's text)."""
     from curation.backends import fit_request
 
-    requests = []
+    out = []
     for text in texts:
         ctx, cont, _ = fit_request([backend.eos_token_id], backend.encode(text) or [backend.eos_token_id],
                                    backend.max_model_len)
-        requests.append((ctx, cont))
-    return np.array([-float(np.mean(ll)) for ll in backend.loglikelihood(requests)])
+        out.append((ctx, cont))
+    return out
 
 
-def embed_and_score(backend, traffic: list[str], reference: list[str], progress: bool, batch: int = 32):
-    """(traffic embeddings, traffic log-perplexities, reference embeddings, reference log-perplexities)."""
+def embed_and_score(backend, traffic: list[str], reference: list[str], progress: bool, batch: int = 32,
+                    max_tokens: int = 512):
+    """(traffic embeddings, traffic log-perplexities, reference embeddings, reference log-perplexities), each
+    text's embedding (over its first `max_tokens` tokens, as `curate score` embeds prompts) and log-perplexity
+    from one forward pass (`Backend.loglikelihood_and_embed`)."""
     from tqdm.auto import tqdm
 
     texts = traffic + reference
@@ -283,8 +286,9 @@ def embed_and_score(backend, traffic: list[str], reference: list[str], progress:
     with tqdm(total=len(texts), desc="drift", unit="prompt", disable=not progress) as bar:
         for start in range(0, len(texts), batch):
             chunk = texts[start : start + batch]
-            emb.append(backend.embed(chunk))
-            ppl.append(log_perplexities(backend, chunk))
+            lls, vecs = backend.loglikelihood_and_embed(_requests(backend, chunk), max_tokens)
+            emb.append(vecs)
+            ppl.append(np.array([-float(np.mean(ll)) for ll in lls]))
             bar.update(len(chunk))
     emb_all, ppl_all = np.concatenate(emb), np.concatenate(ppl)
     n = len(traffic)
@@ -332,7 +336,8 @@ def check(cfg, *, progress: bool = True, echo=print) -> tuple[dict, Path]:
     else:
         echo(f"drift: {len(recent)} new served prompts vs {len(reference)} prompts champion {version} trained on")
         with scoring_backend(cfg) as backend:
-            emb_t, ppl_t, emb_r, ppl_r = embed_and_score(backend, texts, [s.text for s in reference], progress)
+            emb_t, ppl_t, emb_r, ppl_r = embed_and_score(backend, texts, [s.text for s in reference], progress,
+                                                         max_tokens=cfg.scoring.embed_max_tokens)
         report["embedding"] = embedding_tests(emb_t, [r.slice or "untagged" for r in recent], emb_r,
                                               [s.slice for s in reference], d, rng)
         null = report["embedding"]["overall"].pop("_null")

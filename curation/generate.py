@@ -76,7 +76,7 @@ class GenerationConfig:
     top_p: float = 0.95
     max_tokens: int = 128  # new tokens per completion
     seed: int = 0
-    batch_size: int = 16  # prompts per backend call and per resumable shard
+    batch_size: int = 64  # prompts per backend call and per resumable shard (larger batches decode faster)
     include_references: bool = False
     prompt_too_long: Literal["truncate", "reject"] = "reject"
     cache: bool = True

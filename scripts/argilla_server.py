@@ -106,13 +106,23 @@ def ensure_venv(cfg: ServerConfig, echo=print) -> Path:
         fcntl.flock(lock, fcntl.LOCK_EX)  # another `up` (or a test session) may be installing right now
         if marker.is_file() and marker.read_text() == wanted and cfg.python.exists():
             return cfg.python
-        echo(f"installing {' '.join(PACKAGES)} into {cfg.venv} (once; 1-2 min)")
+        echo(f"installing {' '.join(PACKAGES)} into {cfg.venv} (once; seconds with uv, 1-2 min with pip)")
+        installer = _pip_install_module()
         if not cfg.python.exists():
-            _run([sys.executable, "-m", "venv", str(cfg.venv)], "create the server venv")
-        _run([str(cfg.python), "-m", "pip", "install", "-q", "--disable-pip-version-check", *PACKAGES],
-             f"pip install {' '.join(PACKAGES)}")
+            _run(installer.make_venv(cfg.venv), "create the server venv")
+        _run(installer.command(cfg.python, PACKAGES), f"install {' '.join(PACKAGES)}")
         marker.write_text(wanted)
     return cfg.python
+
+
+def _pip_install_module():
+    """scripts/pip_install.py (uv when at hand, else pip), loaded by path: this file runs as a script too."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("curate_pip_install", Path(__file__).with_name("pip_install.py"))
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
 
 
 def _run(cmd: list[str], what: str, env: dict | None = None) -> str:

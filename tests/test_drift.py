@@ -14,8 +14,8 @@ from curation.backends import DummyBackend
 from curation.drift import (
     DriftConfig,
     check,
+    embed_and_score,
     embedding_tests,
-    log_perplexities,
     mmd_test,
     perplexity_shift,
     scoring_backend,
@@ -186,8 +186,8 @@ def test_real_scoring_model_embeddings_separate_moderation_from_hh(prompts):
     hh_pick = [hh[i].text for i in rng.permutation(len(hh))[:60]]
     mod_pick = [mod[i].text for i in rng.permutation(len(mod))[:20]]
     with scoring_backend(cfg) as backend:
-        emb_hh, emb_mod = backend.embed(hh_pick), backend.embed(mod_pick)
-        ppl = log_perplexities(backend, hh_pick[:4])
+        emb_mod, _, emb_hh, ppl = embed_and_score(backend, mod_pick, hh_pick, False, max_tokens=64)
+        np.testing.assert_allclose(emb_hh[:4], backend.embed(hh_pick[:4], 64), atol=1e-4)  # = `curate score`'s
     assert emb_hh.shape == (60, 576) and np.isfinite(ppl).all() and (ppl > 0).all()
     d = DriftConfig(permutations=500)
     same = embedding_tests(emb_hh[:20], ["t"] * 20, emb_hh[20:], ["r"] * 40, d, np.random.default_rng(1))

@@ -27,7 +27,7 @@ ROOT = Path(__file__).resolve().parent.parent
 KEY_ENV = "CURATE_TEST_SERVE_KEY"
 KEY = "test-serve-key-0123456789"
 
-pytestmark = pytest.mark.vllm
+pytestmark = [pytest.mark.vllm, pytest.mark.xdist_group("serve")]  # one worker: the module's server once
 
 
 def curate(*args, env_extra=None) -> subprocess.CompletedProcess:
