@@ -12,6 +12,19 @@ ROOT = Path(__file__).resolve().parent.parent
 DATA = ROOT / "data"
 
 
+def pytest_collection_modifyitems(config, items):
+    """Longest work first, so that `pytest -n auto`'s workers finish together: the tests sharing a session or
+    module fixture (`xdist_group`, each group one unit of work on one worker), then `slow` tests, then the rest,
+    each in collection order. Without it a large group collected last can keep one worker busy while the other
+    idles."""
+    def rank(item) -> int:
+        if item.get_closest_marker("xdist_group"):
+            return 0
+        return 1 if item.get_closest_marker("slow") else 2
+
+    items.sort(key=rank)  # stable: collection order within each rank
+
+
 @pytest.fixture(scope="session")
 def repo_root() -> Path:
     return ROOT

@@ -28,6 +28,17 @@ def first_rows(src: Path, dest: Path, n: int) -> Path:
 
 
 def error_line(*args) -> str:
+    """The one line the script prints for bad input (its `__main__` prints `error: <message>`, exits 2), found
+    in-process: the command line's own path is `cli_error_line`."""
+    from preference.plumbing.errors import CurateError
+
+    with pytest.raises(CurateError) as info:
+        bench.main([str(a) for a in args])
+    assert "\n" not in str(info.value)
+    return f"error: {info.value}"
+
+
+def cli_error_line(*args) -> str:
     out = subprocess.run([sys.executable, "scripts/bench_acquisition.py", *map(str, args)], capture_output=True,
                          text=True, cwd=ROOT)
     assert out.returncode == 2, out.stderr[-2000:]
@@ -38,7 +49,7 @@ def error_line(*args) -> str:
 
 def test_bad_input_is_one_clear_line(tmp_path):
     hh = first_rows(DATA / "hh-harmless-dev.jsonl.gz", tmp_path / "hh.jsonl", 3)
-    line = error_line("--data", hh, "--format", "qa-feedback")
+    line = cli_error_line("--data", hh, "--format", "qa-feedback")
     assert line.startswith(f"error: {hh}:1: --format qa-feedback expects 'question'")
     line = error_line("--data", first_rows(DATA / "qa-feedback-dev.jsonl.gz", tmp_path / "qa.jsonl", 20),
                       "--format", "qa-feedback", "--test", "5")

@@ -78,9 +78,7 @@ def test_round_end_to_end_then_next_round(tiny_rounds):
 
 def test_kill_during_generate_resumes_without_duplicates(tmp_path):
     killed, clean = tmp_path / "killed", tmp_path / "clean"
-    # resuming is the step's logic, the same on every backend: transformers spares three vLLM engine starts
-    common = ["--set", "generation.batch_size=2", "--set", "generation.cache=false",
-              "--set", "generation.backend.name=transformers", "-q"]
+    common = ["--set", "generation.batch_size=2", "--set", "generation.cache=false", "-q"]
     for project in (killed, clean):
         curate("pool", "-c", TINY, "--set", f"project={project}", "-q")
     proc = subprocess.Popen(curate_cmd("generate", "-c", TINY, "--set", f"project={killed}", *common),
