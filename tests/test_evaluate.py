@@ -137,6 +137,14 @@ def test_train_evaluate_gate_end_to_end(tmp_path, hh_sample, tiny_model):
     assert metrics["reward"]["slices"]["slice:harmless"]["n"] == 40 and metrics["reward"]["flip_check"]["ok"]
     assert 0 <= metrics["dpo"]["implicit_accuracy"] <= 1 and metrics["dpo"]["perplexity"] > 1
     assert metrics["dpo"]["win_rate_vs"] == "tiny-llama"
+    # the policy is read as DPO saw it in training (48 prompt / 16 answer tokens), not at the 192/128 defaults
+    from training.evaluate import evaluate_policy
+
+    direct = {n: evaluate_policy(r1.step("train_dpo").path / "model", "tiny-llama", None, heldout, cfg.evaluation,
+                                 beta=cfg.dpo.beta, **lengths)["perplexity"]
+              for n, lengths in {"section": dict(max_prompt=48, max_answer=16), "defaults": {}}.items()}
+    assert metrics["dpo"]["perplexity"] == pytest.approx(direct["section"])
+    assert direct["section"] != pytest.approx(direct["defaults"])
     gate = run_gate(cfg, r1, progress=False)
     assert gate["promoted"] is True and gate["version"] == "v0001"
     registry = Registry(cfg.project / "registry")

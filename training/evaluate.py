@@ -216,18 +216,22 @@ def evaluate_policy_dir(model_dir: str | Path, section, ctx: EvalContext) -> Eva
     """The table's evaluation of a policy folder (DPO, KTO): `evaluate_policy` with the section's beta, against
     the previous policy (the champion's, else the section's base model), judged by the round's reward model."""
     previous = ctx.previous_policy or section.base_model
+    # read prompts and answers as the trainer saw them (its truncation), not longer
+    lengths = {"max_prompt": getattr(section, "max_prompt_length", 192),
+               "max_answer": getattr(section, "max_completion_length", 128)}
     return Evaluation(evaluate_policy(model_dir, previous, ctx.judge, ctx.heldout, ctx.cfg, beta=section.beta,
-                                      progress=ctx.progress, dtype=ctx.dtype))
+                                      progress=ctx.progress, dtype=ctx.dtype, **lengths))
 
 
 def evaluate_policy(
     policy_dir: str | Path, previous: str | Path, rm, pairs: list[PreferencePair], cfg: EvalConfig,
-    *, beta: float = 0.1, progress: bool = False, dtype: str = "float32",
+    *, beta: float = 0.1, progress: bool = False, dtype: str = "float32", max_prompt: int = 192,
+    max_answer: int = 128,
 ) -> dict[str, Any]:
     """Policy metrics on held-out pairs: implicit-reward accuracy/margins, perplexity, win rate vs `previous`.
 
     `previous` is the policy to beat (a policy model folder or a base model name/folder); the judge is `rm`
-    (no win rate without one).
+    (no win rate without one). Prompts keep their last `max_prompt` tokens, answers their first `max_answer`.
     """
     from tqdm.auto import tqdm
 
@@ -240,15 +244,16 @@ def evaluate_policy(
     prompts = [p.prompt for p in subset]
     chosen = [answer_text(p.chosen) for p in subset]
     rejected = [answer_text(p.rejected) for p in subset]
+    lengths = {"max_prompt": max_prompt, "max_answer": max_answer}
     bar = tqdm(total=4, disable=not progress, desc="policy log-probs", leave=False)
-    pc, nc = policy.logps(prompts, chosen)
+    pc, nc = policy.logps(prompts, chosen, **lengths)
     bar.update()
-    pr, _ = policy.logps(prompts, rejected)
+    pr, _ = policy.logps(prompts, rejected, **lengths)
     bar.update()
     with policy.reference():
-        rc, _ = policy.logps(prompts, chosen)
+        rc, _ = policy.logps(prompts, chosen, **lengths)
         bar.update()
-        rr, _ = policy.logps(prompts, rejected)
+        rr, _ = policy.logps(prompts, rejected, **lengths)
         bar.update()
     bar.close()
     margins = beta * ((pc - rc) - (pr - rr))
@@ -266,8 +271,8 @@ def evaluate_policy(
     out["dtype"] = policy.dtype
     if cfg.win_rate_prompts and rm is not None:
         win_prompts = [p.prompt for p in pairs[: cfg.win_rate_prompts]]
-        new = policy.generate(win_prompts, max_new_tokens=cfg.max_new_tokens)
-        old = _previous_answers(policy, previous, win_prompts, cfg, dtype)
+        new = policy.generate(win_prompts, max_new_tokens=cfg.max_new_tokens, max_prompt=max_prompt)
+        old = _previous_answers(policy, previous, win_prompts, cfg, dtype, max_prompt)
         r_new = rm.reward([p + [{"role": "assistant", "content": a}] for p, a in zip(win_prompts, new, strict=True)])
         r_old = rm.reward([p + [{"role": "assistant", "content": a}] for p, a in zip(win_prompts, old, strict=True)])
         wins = pair_correct(r_new, r_old)
@@ -278,18 +283,19 @@ def evaluate_policy(
     return out
 
 
-def _previous_answers(policy, previous: str | Path, prompts: list, cfg: EvalConfig, dtype: str) -> list[str]:
+def _previous_answers(policy, previous: str | Path, prompts: list, cfg: EvalConfig, dtype: str,
+                      max_prompt: int = 192) -> list[str]:
     """Greedy answers of the previous policy, from the already loaded base where possible."""
     from training.policy import MODEL_CARD, Policy, policy_base
 
     if not Path(previous, MODEL_CARD).is_file() and policy_base(previous) == policy.base:
         with policy.reference():  # the previous policy is this base model: the adapter disabled
-            return policy.generate(prompts, max_new_tokens=cfg.max_new_tokens)
+            return policy.generate(prompts, max_new_tokens=cfg.max_new_tokens, max_prompt=max_prompt)
     if policy.add_adapter(previous, "previous"):  # another adapter on the same base
         with policy.adapter("previous"):
-            return policy.generate(prompts, max_new_tokens=cfg.max_new_tokens)
+            return policy.generate(prompts, max_new_tokens=cfg.max_new_tokens, max_prompt=max_prompt)
     other = Policy.load(previous, dtype=dtype, batch_size=cfg.batch_size)
-    return other.generate(prompts, max_new_tokens=cfg.max_new_tokens)
+    return other.generate(prompts, max_new_tokens=cfg.max_new_tokens, max_prompt=max_prompt)
 
 
 def format_report(metrics: dict[str, Any], title: str) -> str:
