@@ -55,6 +55,9 @@ plus the LM strategies, `under_dense` left out for time):
     done
     python scripts/bench_acquisition.py --report runs/bench/smollm2-*.json
 
+The goal check reran the strategies those tables single out plus the default with 30 seeds (`--seeds 30`, one
+`--json runs/bench/smollm2-<dataset>-30seeds.json` per dataset; the lists are in the README).
+
 TF-IDF features (one process per dataset):
 
     for d in hh-harmless qa-feedback skewed-moderation; do

@@ -11,7 +11,8 @@ its score (no padding/batching effect).
 Policy (DPO, KTO): implicit-reward accuracy and margins on held-out pairs (beta * (log π/π_ref(chosen) − log
 π/π_ref(rejected)) > 0, reference = the base with the adapter disabled), win rate against the previous policy
 (greedy answers to held-out prompts, judged by the current reward model; ties count half) and held-out
-perplexity of the chosen answers (lower = better). Log-probs and answers are computed in batches; the previous
+perplexity of the chosen answers (lower = better), prompts and answers truncated as the trainer saw them (its
+section's `max_prompt_length` / `max_completion_length`). Log-probs and answers are computed in batches; the previous
 policy shares the loaded base when it can (the base itself = the adapter disabled; another adapter on the same
 base = a second adapter), so the base is loaded once.
 
