@@ -90,7 +90,7 @@ from curation.backends import (
 from curation.sharded import ShardingConfig, map_shards
 from preference.plumbing.config import from_dict, to_dict
 from preference.plumbing.errors import CurateError
-from preference.plumbing.io import atomic_path, build_lock, read_rows, write_json, write_rows
+from preference.plumbing.io import atomic_path, build_once, read_rows, write_json, write_rows
 from preference.schema import Completion, Prompt, stable_id
 
 DEFAULT_COMMITTEE = ["smollm2-135m-instruct", "smollm2-135m-instruct:system=cautious"]
@@ -191,11 +191,7 @@ def _materialize(folder: Path, build, marker: dict) -> Path:
     """Build a model folder once: `build(staging)` writes it, a marker file finishes it, then it is renamed."""
     from training.models import MARKER
 
-    if (folder / MARKER).is_file():
-        return folder
-    with build_lock(folder):
-        if (folder / MARKER).is_file():  # another process built it while this one waited
-            return folder
+    def stage() -> None:
         staging = folder.with_name(folder.name + ".partial")
         shutil.rmtree(staging, ignore_errors=True)
         staging.mkdir(parents=True)
@@ -203,7 +199,8 @@ def _materialize(folder: Path, build, marker: dict) -> Path:
         write_json(staging / MARKER, {"name": folder.name, **marker})
         shutil.rmtree(folder, ignore_errors=True)
         staging.rename(folder)
-    return folder
+
+    return build_once(folder, lambda f: (f / MARKER).is_file(), stage)
 
 
 def noisy_variant(base: Path, scale: float, seed: int, cache: Path | None = None) -> Path:

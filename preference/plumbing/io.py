@@ -12,7 +12,7 @@ import json
 import os
 import sqlite3
 import tempfile
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -38,21 +38,24 @@ def atomic_path(path: str | Path) -> Iterator[Path]:
             tmp_path.unlink()
 
 
-@contextlib.contextmanager
-def build_lock(folder: str | Path) -> Iterator[None]:
-    """Hold an exclusive lock (a `.<name>.lock` file beside `folder`) while building `folder` once: several
-    processes (parallel test workers, two `curate` commands) may want the same cache folder at the same time;
-    the second waits, then finds it finished. Check for the finished folder again inside the lock."""
+def build_once(folder: str | Path, is_built: Callable[[Path], bool], build: Callable[[], object]) -> Path:
+    """Build `folder` once across processes: `build()` runs unless `is_built(folder)`, under an exclusive lock (a
+    `.<name>.lock` file beside `folder`). Several processes (parallel test workers, two `curate` commands) may want
+    the same cache folder at once; the others wait, then find it built. Returns `folder`."""
     import fcntl
 
     folder = Path(folder)
+    if is_built(folder):
+        return folder
     folder.parent.mkdir(parents=True, exist_ok=True)
     with open(folder.parent / f".{folder.name}.lock", "w") as handle:
         fcntl.flock(handle, fcntl.LOCK_EX)
         try:
-            yield
+            if not is_built(folder):  # another process may have built it while this one waited
+                build()
         finally:
             fcntl.flock(handle, fcntl.LOCK_UN)
+    return folder
 
 
 @contextlib.contextmanager
