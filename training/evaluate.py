@@ -217,9 +217,9 @@ def evaluate_policy_dir(model_dir: str | Path, section, ctx: EvalContext) -> Eva
     """The table's evaluation of a policy folder (DPO, KTO): `evaluate_policy` with the section's beta, against
     the previous policy (the champion's, else the section's base model), judged by the round's reward model."""
     previous = ctx.previous_policy or section.base_model
-    # read prompts and answers as the trainer saw them (its truncation), not longer
-    lengths = {"max_prompt": getattr(section, "max_prompt_length", 192),
-               "max_answer": getattr(section, "max_completion_length", 128)}
+    # read prompts and answers as the trainer saw them (its truncation) where its section sets one
+    lengths = {ours: getattr(section, theirs) for ours, theirs in
+               (("max_prompt", "max_prompt_length"), ("max_answer", "max_completion_length")) if hasattr(section, theirs)}
     return Evaluation(evaluate_policy(model_dir, previous, ctx.judge, ctx.heldout, ctx.cfg, beta=section.beta,
                                       progress=ctx.progress, dtype=ctx.dtype, **lengths))
 
