@@ -38,8 +38,9 @@ curve), ΔAUC vs random paired by seed (± 95 % t-interval), labels the seed-ave
 final quality (linear interpolation; "—" = not reached), the label savings vs random's own labels-to-target with a
 95 % bootstrap CI over seeds (seeds resampled, paired; a resample that never reaches the target counts as −∞), the
 tie rate (qa-feedback), and wall seconds per run. Goals: on at least two datasets a strategy saves ≥ 30 % with the
-CI above 0 (every such strategy is listed, with how many were compared: one of many may pass by chance); the shipped configs' default (`CONFIG_DEFAULT`: `hybrid@0.25`, `/info_gain` on multi-completion
-data) is never significantly worse than random (ΔAUC CI below 0).
+CI above 0 (every such strategy is listed, with how many were compared: one of many may pass by chance); the
+shipped configs' default (`CONFIG_DEFAULT`: `hybrid@0.25`, `/info_gain` on multi-completion data) is never
+significantly worse than random (ΔAUC CI below 0).
 
 The README's tables were made with (2 CPU cores, shared machine, `nice -n 10`; then `--report` prints the tables
 and the goals). SmolLM2 features first (computed once per dataset, cached, resumable; the default strategy lists
