@@ -3,6 +3,8 @@ held-out split, replay mixing, pre-truncation."""
 
 from __future__ import annotations
 
+import dataclasses
+
 import numpy as np
 import pytest
 import torch
@@ -87,6 +89,22 @@ def test_scores_do_not_depend_on_batching(trained, hh_pairs):
     together = rm.reward(items)
     one_by_one = np.array([rm.reward([x])[0] for x in items])
     np.testing.assert_allclose(together, one_by_one, atol=1e-4)
+
+
+def test_identical_texts_are_scored_once(trained, hh_pairs, monkeypatch):
+    """A round's best-vs-rest pairs repeat each record's best answer: every distinct sequence goes through the
+    model once, and each copy gets its score."""
+    work, _ = trained
+    rm = RewardModel.load(work / "model")
+    pairs = [dataclasses.replace(hh_pairs[0], rejected=p.rejected) for p in hh_pairs[1:5]]  # one chosen, 4 times
+    rows = []
+    forward = rm.model.forward
+    monkeypatch.setattr(rm.model, "forward", lambda *a, **kw: rows.append(len(kw["input_ids"])) or forward(*a, **kw))
+    chosen, rejected = rm.score_pairs(pairs)
+    assert sum(rows) == 1 + 4  # the shared chosen answer once, the four rejected ones
+    assert len(set(chosen.tolist())) == 1 and len(set(rejected.tolist())) == 4
+    alone = rm.reward([pairs[0].prompt + pairs[0].chosen])
+    np.testing.assert_allclose(chosen, alone[0], atol=1e-4)
 
 
 def test_killed_training_resumes_from_last_checkpoint(tmp_path, hh_pairs, tiny_model):

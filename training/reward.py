@@ -236,9 +236,12 @@ class RewardModel:
         import torch
         from tqdm.auto import tqdm
 
-        encoded = [self._encode(x) for x in items]
+        # identical sequences (a round's best-vs-rest pairs repeat each record's best answer) are scored once
+        distinct: dict[tuple[int, ...], int] = {}
+        slot = [distinct.setdefault(tuple(self._encode(x)), len(distinct)) for x in items]
+        encoded = [list(seq) for seq in distinct]
         order = np.argsort([len(e) for e in encoded])  # similar lengths per batch: less padding
-        out = np.zeros((len(self.members), len(items)), dtype=np.float64)
+        out = np.zeros((len(self.members), len(encoded)), dtype=np.float64)
         pad = self.tokenizer.pad_token_id
         batches = [order[i : i + self.batch_size] for i in range(0, len(order), self.batch_size)]
         for name_i, name in enumerate(self.members):
@@ -254,7 +257,7 @@ class RewardModel:
                 with torch.inference_mode():
                     logits = self.model(input_ids=ids, attention_mask=mask).logits
                 out[name_i, idx] = logits[:, 0].float().numpy()
-        return out
+        return out[:, slot]
 
     def reward(self, items: list, *, progress: bool = False) -> np.ndarray:
         """(N,) ensemble-mean reward per conversation/text. Higher = better."""
