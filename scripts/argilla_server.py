@@ -12,6 +12,7 @@ What `up` does (idempotent: a healthy running server is left alone):
 2. noida-db's binary with only its Elasticsearch-8 and Redis services on two free loopback ports;
 3. the database migration and an owner user with the API key from `$ARGILLA_API_KEY` (default: a fixed
    development key), done in Python, not through the server's typer CLI (typer 0.9 breaks with click >= 8.2);
+   skipped when the data dir's database had it done for the same packages and owner (`bootstrap`);
 4. `uvicorn argilla_server:app` on 127.0.0.1 (`--port`, default `$CURATE_ARGILLA_PORT` or 6900), SQLite under
    the data dir (`--data-dir`, default `$CURATE_ARGILLA_HOME` or `$CURATE_CACHE/argilla-server`);
 5. waits until `GET /api/v1/me` answers for the owner's key.
@@ -30,6 +31,7 @@ import argparse
 import contextlib
 import dataclasses
 import fcntl
+import hashlib
 import json
 import os
 import signal
@@ -247,6 +249,23 @@ asyncio.run(_create(first_name=username, username=username, role=UserRole.owner,
 """
 
 
+def bootstrap(cfg: ServerConfig, python: Path, env: dict) -> bool:
+    """Migrate the database and create the owner, unless this data dir's database already had it done for the
+    same server packages and owner (`home/bootstrap.json`; a Python start importing the server, 7 s here).
+    True if it ran."""
+    marker, db = cfg.data_dir / "home" / "bootstrap.json", cfg.data_dir / "home" / "argilla.db"
+    owner = hashlib.sha256("\0".join([cfg.username, cfg.password, cfg.api_key, cfg.workspace]).encode()).hexdigest()
+    done = {"packages": list(PACKAGES), "owner_sha256": owner}
+    with contextlib.suppress(OSError, ValueError):
+        if db.is_file() and json.loads(marker.read_text()) == done:
+            return False
+    marker.unlink(missing_ok=True)
+    _run([str(python), "-c", _BOOTSTRAP, cfg.username, cfg.password, cfg.api_key, cfg.workspace],
+         "migrate the database and create the owner", env=env)
+    marker.write_text(json.dumps(done, indent=2) + "\n")
+    return True
+
+
 def _env(cfg: ServerConfig, es_port: int, redis_port: int) -> dict:
     env = {k: v for k, v in os.environ.items() if not k.startswith(("ARGILLA_", "VIRTUAL_ENV", "PYTHON"))}
     env.update(
@@ -314,8 +333,7 @@ def up(cfg: ServerConfig | None = None, echo=print) -> dict:
     try:
         _wait(lambda: _http_ok(f"http://127.0.0.1:{es_port}/") and _port_open(redis_port),
               "noida-db (elasticsearch, redis)", 60, cfg, "noida", noida)
-        _run([str(python), "-c", _BOOTSTRAP, cfg.username, cfg.password, cfg.api_key, cfg.workspace],
-             "migrate the database and create the owner", env=env)
+        bootstrap(cfg, python, env)
         echo(f"starting argilla-server on {cfg.url}")
         server = _spawn(
             [str(python), "-m", "uvicorn", "argilla_server:app", "--host", "127.0.0.1", "--port", str(cfg.port)],

@@ -292,3 +292,24 @@ def test_missing_api_key_for_remote_server(monkeypatch):
     with pytest.raises(CurateError, match="CURATE_TEST_UNSET_KEY is not set"):
         cfg.resolved_api_key()
     assert ArgillaConfig(url="http://127.0.0.1:6900", api_key_env="CURATE_TEST_UNSET_KEY").resolved_api_key()
+
+
+def test_server_bootstrap_runs_once_per_database_and_owner(tmp_path, monkeypatch):
+    """`up` migrates the database and creates the owner (a 7 s Python start) only when this data dir's database
+    has not had it done for the same server packages and owner."""
+    from argilla_server_fixture import load_server_module
+
+    mod = load_server_module()
+    ran = []
+    monkeypatch.setattr(mod, "_run", lambda cmd, what, env=None: ran.append(what) or "")
+    cfg = mod.ServerConfig(data_dir=tmp_path / "data", venv=tmp_path / "venv", api_key="key-one-12345")
+    home = cfg.data_dir / "home"
+    home.mkdir(parents=True)
+    assert mod.bootstrap(cfg, cfg.python, {}) and ran == ["migrate the database and create the owner"]
+    (home / "argilla.db").touch()  # what the real migration creates
+    assert not mod.bootstrap(cfg, cfg.python, {})  # done for this database and owner
+    other = mod.ServerConfig(data_dir=cfg.data_dir, venv=cfg.venv, api_key="key-two-12345")
+    assert mod.bootstrap(other, other.python, {})  # another owner key: the owner is created
+    (home / "argilla.db").unlink()
+    assert mod.bootstrap(other, other.python, {})  # the database is gone: migrate again
+    assert len(ran) == 3
