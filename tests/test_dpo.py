@@ -135,5 +135,34 @@ def test_previous_policy_adapter_shares_the_loaded_base(trained, tmp_path, hh_pa
     with policy.adapter("previous"):
         shared = policy.logps(prompts, answers)[0]
     np.testing.assert_allclose(shared, Policy.load(other / "model").logps(prompts, answers)[0], rtol=1e-6)
-    np.testing.assert_array_equal(policy.logps(prompts, answers)[0], mine)  # back to its own adapter
+    np.testing.assert_allclose(policy.logps(prompts, answers)[0], mine, rtol=1e-6)  # back to its own adapter
     assert not policy.add_adapter(tiny_model, "base")  # a plain model is not an adapter: load it on its own
+
+
+def test_adapter_is_merged_for_inference_and_unmerged_after(trained, hh_pairs, monkeypatch):
+    """Log-probs and greedy answers run with the LoRA adapter merged into the base weights (not inside
+    `reference()`), give what the unmerged adapter gives, and leave no layer merged."""
+    import contextlib
+
+    import training.policy as policy_module
+
+    work, _ = trained
+    policy = Policy.load(work / "model")
+    prompts, answers = [p.prompt for p in hh_pairs[300:304]], [answer_text(p.chosen) for p in hh_pairs[300:304]]
+    lora = [m for m in policy.model.modules() if hasattr(m, "lora_A") and hasattr(m, "merged")]
+    seen: list[bool] = []
+    hook = lora[0].register_forward_hook(lambda module, args, out: seen.append(module.merged))
+    merged = policy.logps(prompts, answers)[0]
+    with policy.reference():
+        reference = policy.logps(prompts, answers)[0]
+    greedy = policy.generate(prompts, max_new_tokens=6)
+    hook.remove()
+    # one batch with the adapter (merged), one as the reference (not merged), then the decoding steps (merged)
+    assert seen[:2] == [True, False] and len(seen) > 2 and all(seen[2:])
+    assert not any(m.merged for m in lora)
+    monkeypatch.setattr(policy_module, "merged_adapter", lambda model, enabled=True: contextlib.nullcontext())
+    np.testing.assert_allclose(policy.logps(prompts, answers)[0], merged, rtol=1e-5)
+    with policy.reference():
+        np.testing.assert_allclose(policy.logps(prompts, answers)[0], reference, rtol=1e-5)
+    assert policy.generate(prompts, max_new_tokens=6) == greedy
+    assert not np.allclose(merged, reference)  # the adapter matters: the comparison can fail

@@ -125,7 +125,7 @@ def test_ensemble_members_differ_and_expose_disagreement(tmp_path, hh_pairs, tin
     per_member = rm.member_rewards(items)
     assert per_member.shape == (2, len(items))
     assert not np.allclose(per_member[0], per_member[1])
-    np.testing.assert_allclose(rm.reward(items), per_member.mean(0))
+    np.testing.assert_allclose(rm.reward(items), per_member.mean(0), rtol=1e-5)  # adapters merged per call
     assert (rm.disagreement(items) > 0).all()
     from curation.ensemble import prompt_reward_signals
 
@@ -206,3 +206,17 @@ def test_pretruncation_keeps_prompt_end_and_answer_start(tiny_model):
     assert "early words" * 100 not in text
     short = encode_pair(tok, [{"role": "user", "content": "hi"}], "ok", 96)
     assert tok.decode(short).endswith("ok<|im_end|>\n")
+
+
+def test_scoring_with_the_adapter_merged_equals_unmerged(trained, hh_pairs, monkeypatch):
+    import contextlib
+
+    import training.reward as reward_module
+
+    work, _ = trained
+    rm = RewardModel.load(work / "model")
+    items = [p.prompt + p.chosen for p in hh_pairs[120:126]]
+    merged = rm.reward(items)
+    assert not any(getattr(m, "merged", False) for m in rm.model.modules())  # unmerged after the call
+    monkeypatch.setattr(reward_module, "merged_adapter", lambda model, enabled=True: contextlib.nullcontext())
+    np.testing.assert_allclose(rm.reward(items), merged, rtol=1e-5, atol=1e-6)

@@ -19,10 +19,12 @@ tensorboard is installed; `report_to: [mlflow]`, `[wandb]`, ... as in any TRL sc
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import importlib.util
 import shutil
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, ClassVar
@@ -189,6 +191,26 @@ def last_checkpoint(folder: Path) -> str | None:
 def trainer_step(checkpoint: str | None) -> int | None:
     """The global step of a `checkpoint-N` folder (None when not resuming)."""
     return int(Path(checkpoint).name.rsplit("-", 1)[-1]) if checkpoint else None
+
+
+@contextlib.contextmanager
+def merged_adapter(model, enabled: bool = True) -> Iterator[None]:
+    """Within the block the active LoRA adapter is merged into the base weights (PEFT's `merge_adapter` /
+    `unmerge_adapter`): one matmul per projection instead of three small ones and the adapter's bookkeeping. On
+    2 AVX2 cores (medians of 3 alternating runs, SmolLM2): greedy generation and reward scoring ≈ 1.2× faster,
+    policy log-probs ≈ 1.05×, the same numbers to float rounding (tested). Unmerging restores the base weights to
+    rounding (≈ 1e-7 relative), so repeated calls agree to that rounding, not bit for bit. Only for float32
+    models (merging into bf16 weights would round the adapter away) and when `enabled` (the adapter is on)."""
+    import torch
+
+    if not (enabled and getattr(model, "peft_config", None) and model.dtype == torch.float32):
+        yield
+        return
+    model.merge_adapter()
+    try:
+        yield
+    finally:
+        model.unmerge_adapter()
 
 
 def load_tokenizer(base: Path):

@@ -27,6 +27,7 @@ from training.common import (
     fit_stats,
     load_tokenizer,
     lora_config,
+    merged_adapter,
     prepare_training,
     save_adapter,
     tensorboard_callbacks,
@@ -77,6 +78,7 @@ class Policy:
         self.has_adapter = has_adapter
         self.base = base
         self.batch_size = batch_size
+        self._adapter_on = has_adapter  # False inside `reference()`
 
     @classmethod
     def load(cls, folder: str | Path, *, dtype: str = "float32", batch_size: int = 8) -> Policy:
@@ -106,7 +108,11 @@ class Policy:
         """Within this block the model is the reference (the base, adapter disabled)."""
         if self.has_adapter:
             with self.model.disable_adapter():
-                yield self
+                self._adapter_on = False
+                try:
+                    yield self
+                finally:
+                    self._adapter_on = True
         else:
             yield self
 
@@ -162,19 +168,20 @@ class Policy:
         split = [self._split(p, a, max_prompt, max_answer) for p, a in zip(prompts, answers, strict=True)]
         sums, counts = np.zeros(len(split)), np.zeros(len(split), dtype=np.int64)
         todo = [i for i, (_, tail) in enumerate(split) if tail]
-        for batch in self._batches([len(split[i][0]) + len(split[i][1]) for i in todo]):
-            rows = [todo[j] for j in batch]
-            ids, mask, positions = self._left_padded([split[i][0] + split[i][1] for i in rows])
-            keep = max(len(split[i][1]) for i in rows) + 1  # logits of the last `keep` positions suffice
-            with torch.inference_mode():
-                logits = self.model(input_ids=ids, attention_mask=mask, position_ids=positions,
-                                    logits_to_keep=keep).logits.float()
-            for row, i in enumerate(rows):
-                tail = split[i][1]
-                # position t predicts token t+1: the answer's tokens are the last len(tail) positions of the row
-                step_logits = logits[row, keep - 1 - len(tail) : keep - 1]
-                logp = torch.log_softmax(step_logits, dim=-1).gather(1, torch.tensor(tail)[:, None])[:, 0]
-                sums[i], counts[i] = float(logp.sum()), len(tail)
+        with merged_adapter(self.model, self._adapter_on):
+            for batch in self._batches([len(split[i][0]) + len(split[i][1]) for i in todo]):
+                rows = [todo[j] for j in batch]
+                ids, mask, positions = self._left_padded([split[i][0] + split[i][1] for i in rows])
+                keep = max(len(split[i][1]) for i in rows) + 1  # logits of the last `keep` positions suffice
+                with torch.inference_mode():
+                    logits = self.model(input_ids=ids, attention_mask=mask, position_ids=positions,
+                                        logits_to_keep=keep).logits.float()
+                for row, i in enumerate(rows):
+                    tail = split[i][1]
+                    # position t predicts token t+1: the answer's tokens are the last len(tail) positions of the row
+                    step_logits = logits[row, keep - 1 - len(tail) : keep - 1]
+                    logp = torch.log_softmax(step_logits, dim=-1).gather(1, torch.tensor(tail)[:, None])[:, 0]
+                    sums[i], counts[i] = float(logp.sum()), len(tail)
         return sums, counts
 
     # ---------------------------------------------------------------------------------------------- generation
@@ -184,13 +191,14 @@ class Policy:
 
         encoded = [prompt_ids(self.tokenizer, truncate_conversation(self.tokenizer, p, max_prompt)) for p in prompts]
         out = [""] * len(prompts)
-        for batch in self._batches([len(e) for e in encoded]):
-            ids, mask, _ = self._left_padded([encoded[i] for i in batch])
-            with torch.inference_mode():
-                gen = self.model.generate(
-                    input_ids=ids, attention_mask=mask, max_new_tokens=max_new_tokens, do_sample=False,
-                    pad_token_id=self.tokenizer.pad_token_id, eos_token_id=self.tokenizer.eos_token_id,
-                )
-            for row, i in enumerate(batch):
-                out[i] = self.tokenizer.decode(gen[row, ids.shape[1]:], skip_special_tokens=True).strip()
+        with merged_adapter(self.model, self._adapter_on):
+            for batch in self._batches([len(e) for e in encoded]):
+                ids, mask, _ = self._left_padded([encoded[i] for i in batch])
+                with torch.inference_mode():
+                    gen = self.model.generate(
+                        input_ids=ids, attention_mask=mask, max_new_tokens=max_new_tokens, do_sample=False,
+                        pad_token_id=self.tokenizer.pad_token_id, eos_token_id=self.tokenizer.eos_token_id,
+                    )
+                for row, i in enumerate(batch):
+                    out[i] = self.tokenizer.decode(gen[row, ids.shape[1]:], skip_special_tokens=True).strip()
         return out

@@ -38,6 +38,7 @@ from training.common import (
     load_tokenizer,
     lora_config,
     main_process,
+    merged_adapter,
     prepare_training,
     save_adapter,
     tensorboard_callbacks,
@@ -246,17 +247,18 @@ class RewardModel:
         batches = [order[i : i + self.batch_size] for i in range(0, len(order), self.batch_size)]
         for name_i, name in enumerate(self.members):
             self.model.set_adapter(name)
-            for idx in tqdm(batches, disable=not progress, desc=f"scoring ({name})", leave=False):
-                seqs = [encoded[i] for i in idx]
-                width = max(len(s) for s in seqs)
-                ids = torch.full((len(seqs), width), pad, dtype=torch.long)
-                mask = torch.zeros((len(seqs), width), dtype=torch.long)
-                for row, s in enumerate(seqs):
-                    ids[row, : len(s)] = torch.tensor(s)
-                    mask[row, : len(s)] = 1
-                with torch.inference_mode():
-                    logits = self.model(input_ids=ids, attention_mask=mask).logits
-                out[name_i, idx] = logits[:, 0].float().numpy()
+            with merged_adapter(self.model):
+                for idx in tqdm(batches, disable=not progress, desc=f"scoring ({name})", leave=False):
+                    seqs = [encoded[i] for i in idx]
+                    width = max(len(s) for s in seqs)
+                    ids = torch.full((len(seqs), width), pad, dtype=torch.long)
+                    mask = torch.zeros((len(seqs), width), dtype=torch.long)
+                    for row, s in enumerate(seqs):
+                        ids[row, : len(s)] = torch.tensor(s)
+                        mask[row, : len(s)] = 1
+                    with torch.inference_mode():
+                        logits = self.model(input_ids=ids, attention_mask=mask).logits
+                    out[name_i, idx] = logits[:, 0].float().numpy()
         return out[:, slot]
 
     def reward(self, items: list, *, progress: bool = False) -> np.ndarray:
