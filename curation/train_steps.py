@@ -31,7 +31,7 @@ from preference.plumbing.config import to_dict
 from preference.plumbing.errors import CurateError
 from preference.plumbing.hardware import hardware_summary, resolve_dtype, resolve_threads
 from preference.plumbing.io import read_json, read_rows, write_json, write_rows, write_text
-from preference.schema import PreferencePair, Prompt
+from preference.schema import PreferencePair, Prompt, stable_id
 from training.trainers import TRAINERS, trainer
 
 FAILURE_REASON = "reward model prefers the rejected answer"
@@ -187,7 +187,8 @@ def run_evaluate(cfg, rnd, *, force: bool = False, progress: bool = True) -> dic
         heldout = heldout_pairs(cfg)
         ctx = EvalContext(heldout, cfg.evaluation, dtype=dtype, progress=progress,
                           previous_policy=registry.artifact(champion, "policy"))
-        metrics = {"heldout": {"file": str(cfg.evaluation.heldout), "pairs": len(heldout)}}
+        metrics = {"heldout": {"file": str(cfg.evaluation.heldout), "pairs": len(heldout),
+                               "key": stable_id([p.id for p in heldout])}}
         judged_by, held_scores = None, None
         timings: dict[str, float] = {}  # seconds per part: where the step's time goes (manifest `timings`)
         # reward models first: the first one becomes the judge of the policies' win rates
@@ -215,13 +216,14 @@ def run_evaluate(cfg, rnd, *, force: bool = False, progress: bool = True) -> dic
         write_json(run.path / "metrics.json", metrics)
         text = format_report(metrics, f"candidate (round {rnd.number})")
         started = time.perf_counter()
-        champ_metrics = _evaluate_champion(registry, champion, cfg, ctx)
+        champ_metrics = _evaluate_champion(registry, champion, cfg, ctx, metrics["heldout"]["key"])
         timings["champion"] = round(time.perf_counter() - started, 2)
         if champ_metrics:
             write_json(run.path / "champion_metrics.json", champ_metrics)
             text += "\n\n" + format_report(champ_metrics, f"champion {champion}")
-            run.extra["champion"] = {"version": champion, **{f"{k}_accuracy": v["accuracy"]
-                                                             for k, v in champ_metrics.items() if k != "version"}}
+            run.extra["champion"] = {"version": champion, "source": champ_metrics["source"],
+                                     **{f"{k}_accuracy": champ_metrics[k]["accuracy"] for k in TRAINERS
+                                        if k in champ_metrics}}
         write_text(run.path / "metrics.txt", text + "\n")
         run.counts.update({"heldout_pairs": len(heldout), "round_pairs": len(round_pairs)})
         for kind in (t.kind for t in TRAINERS.values() if t.role == "reward_model" and t.kind in metrics):
@@ -232,19 +234,31 @@ def run_evaluate(cfg, rnd, *, force: bool = False, progress: bool = True) -> dic
     return rnd.step("evaluate").manifest()
 
 
-def _evaluate_champion(registry, champion: str | None, cfg, ctx) -> dict:
-    """The champion's reward model(s) scored on the same held-out set ({} without a champion holding one)."""
+# evaluation settings a reward model's held-out metrics depend on (besides the held-out pairs and the dtype)
+REWARD_METRIC_SETTINGS = ("bootstrap", "confidence", "seed", "long_tail_share", "flip_check_pairs")
+
+
+def _evaluate_champion(registry, champion: str | None, cfg, ctx, heldout_key: str) -> dict:
+    """The champion's reward model(s) on the same held-out set ({} without a champion holding one), with
+    `source`: "registry" when the champion's own evaluation (stored with it) was made on these held-out pairs
+    with the same settings and dtype — the same numbers, so it is not scored again — else "scored"."""
     from training.evaluate import EvalContext
 
     if champion is None:
         return {}
-    out = {}
-    for kind, entry in TRAINERS.items():
-        folder = registry.path(champion) / entry.artifact
-        if entry.role == "reward_model" and folder.is_dir():
-            same_set = EvalContext(ctx.heldout, ctx.cfg, dtype=ctx.dtype, progress=ctx.progress)
-            out[kind] = entry.evaluate_function(folder, getattr(cfg, kind), same_set).metrics
-    return {**out, "version": champion} if out else {}
+    kinds = [k for k, e in TRAINERS.items() if e.role == "reward_model" and (registry.path(champion) / e.artifact).is_dir()]
+    if not kinds:
+        return {}
+    stored, settings = registry.metrics(champion), read_json(registry.path(champion) / "config.json").get("evaluation", {})
+    if (stored.get("heldout", {}).get("key") == heldout_key
+            and all(settings.get(f) == getattr(cfg.evaluation, f) for f in REWARD_METRIC_SETTINGS)
+            and all(stored.get(k, {}).get("dtype") == ctx.dtype for k in kinds)):
+        reused = {k: {m: v for m, v in stored[k].items() if m != "train_pairs_accuracy"} for k in kinds}
+        return {**reused, "version": champion, "source": "registry"}
+    same_set = EvalContext(ctx.heldout, ctx.cfg, dtype=ctx.dtype, progress=ctx.progress)
+    out = {k: TRAINERS[k].evaluate_function(registry.path(champion) / TRAINERS[k].artifact, getattr(cfg, k),
+                                            same_set).metrics for k in kinds}
+    return {**out, "version": champion, "source": "scored"}
 
 
 def _score_row(p: PreferencePair, chosen: float, rejected: float, split: str) -> dict:

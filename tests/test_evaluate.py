@@ -173,7 +173,15 @@ def test_train_evaluate_gate_end_to_end(tmp_path, hh_sample, tiny_model):
     run_evaluate(cfg, r2, progress=False)
     champ = read_json(r2.step("evaluate").file("champion_metrics.json"))
     assert champ["version"] == "v0001"
-    assert champ["reward"]["accuracy"] == pytest.approx(metrics["reward"]["accuracy"])  # same model, same set
+    # the champion's own evaluation was on these pairs with these settings: reused, not scored again
+    assert champ["source"] == "registry" and r2.step("evaluate").manifest()["champion"]["source"] == "registry"
+    assert champ["reward"] == {k: v for k, v in metrics["reward"].items() if k != "train_pairs_accuracy"}
+    # other settings (here the bootstrap): scored again, and the same model on the same set scores the same
+    other = dataclasses.replace(cfg, evaluation=dataclasses.replace(cfg.evaluation, bootstrap=50))
+    run_evaluate(other, r2, force=True, progress=False)
+    rescored = read_json(r2.step("evaluate").file("champion_metrics.json"))
+    assert rescored["source"] == "scored" and rescored["reward"]["accuracy"] == pytest.approx(champ["reward"]["accuracy"])
+    run_evaluate(cfg, r2, force=True, progress=False)
     gate2 = run_gate(cfg, r2, progress=False)
     decision = read_json(r2.step("gate").file("decision.json"))
     assert decision["version"] == "v0002" and gate2["promoted"] == decision["promote"]
