@@ -77,7 +77,7 @@ class NucleusLogitsProcessor(LogitsProcessor):
             return logits
         rows = sorted(self.top_p)
         p = torch.tensor([self.top_p[r] for r in rows], dtype=torch.float32, device=logits.device)
-        if len(rows) == logits.shape[0]:  # every request of the batch (rows are 0..n-1)
+        if len(rows) == logits.shape[0] and rows[-1] == len(rows) - 1:  # every row of the batch
             return nucleus_mask(logits, p)
         index = torch.tensor(rows, dtype=torch.long, device=logits.device)
         logits[index] = nucleus_mask(logits[index], p)
