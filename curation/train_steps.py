@@ -249,7 +249,7 @@ def _evaluate_champion(registry, champion: str | None, cfg, ctx, heldout_key: st
     kinds = [k for k, e in TRAINERS.items() if e.role == "reward_model" and (registry.path(champion) / e.artifact).is_dir()]
     if not kinds:
         return {}
-    stored, settings = registry.metrics(champion), read_json(registry.path(champion) / "config.json").get("evaluation", {})
+    stored, settings = registry.metrics(champion), registry.config(champion).get("evaluation", {})
     if (stored.get("heldout", {}).get("key") == heldout_key
             and all(settings.get(f) == getattr(cfg.evaluation, f) for f in REWARD_METRIC_SETTINGS)
             and all(stored.get(k, {}).get("dtype") == ctx.dtype for k in kinds)):

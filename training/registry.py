@@ -170,6 +170,10 @@ class Registry:
     def metrics(self, version: str) -> dict[str, Any]:
         return read_json(self.path(version) / "metrics.json")
 
+    def config(self, version: str) -> dict[str, Any]:
+        """The round config the version was trained and evaluated with (as registered)."""
+        return read_json(self.path(version) / "config.json")
+
     def artifact(self, version: str | None, role: Role) -> Path | None:
         """The model folder of `version` for `role`: the first trainer of that role in the trainer table whose
         artifact the version holds (None when it holds none, or when `version` is None)."""
