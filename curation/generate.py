@@ -50,6 +50,7 @@ from curation.backends import (
     Generation,
     Sampling,
     announce_hardware,
+    check_runs_models,
     check_sampling,
     fit_request,
     format_timings,
@@ -86,6 +87,7 @@ class GenerationConfig:
     def __post_init__(self):
         if isinstance(self.backend, str):  # Python shorthand: backend="dummy"
             self.backend = BackendSettings(name=self.backend)
+        check_runs_models(self.backend)
         check_sampling(n=self.n, temperature=self.temperature, top_p=self.top_p, max_tokens=self.max_tokens,
                        seed=self.seed)
         if not self.models:

@@ -28,11 +28,15 @@ Less work for the same numbers:
 - Members sharing weights (the model and its `system=` variants) share one backend, and identical requests
   (the prompt texts) are computed once.
 - Embeddings come from `embedding_model` (default: the first committee member's weights): a completion is
-  embedded as its text alone, a prompt as `Prompt.text`, both as the mean last hidden state over the text's
-  tokens (at most `embed_max_tokens`) after one end-of-text token. The prompt's embedding and its perplexity
-  under that model come from the same forward pass (`Backend.loglikelihood_and_embed`). The vLLM backend runs
-  these on a transformers twin of the same folder (vLLM's generate runner returns no hidden states), so when
-  every completion's log-likelihood under the embedding member is reused, that member needs no vLLM engine.
+  embedded as its text alone, a prompt as `Prompt.text`. A language model embeds a text as the mean last
+  hidden state over its tokens (at most `embed_max_tokens`) after one end-of-text token; the prompt's
+  embedding and its perplexity under that model come from the same forward pass
+  (`Backend.loglikelihood_and_embed`), and the vLLM backend runs these on a transformers twin of the same
+  folder (vLLM's generate runner returns no hidden states), so when every completion's log-likelihood under
+  the embedding member is reused, that member needs no vLLM engine. A sentence-transformers folder (the
+  built-in `all-minilm-l6-v2`) embeds on the `sentence-transformers` backend, a 22M-parameter encoder trained
+  for semantic similarity: ~6× less compute than SmolLM2's hidden states, and the committee members score
+  the prompts' perplexities.
 
 Outputs (column directions):
 
@@ -83,6 +87,8 @@ from curation.backends import (
     Backend,
     BackendSettings,
     announce_hardware,
+    check_runs_models,
+    embedding_settings,
     fit_request,
     format_timings,
     load_backend,
@@ -107,7 +113,8 @@ class ScoringConfig:
     backend: BackendSettings = field(default_factory=BackendSettings)  # which backend and how it runs the members
     committee: list[str] = field(default_factory=lambda: list(DEFAULT_COMMITTEE))  # member specs (see above)
     system_prompts: dict[str, str] = field(default_factory=lambda: dict(SYSTEM_PROMPTS))  # for `:system=<name>`
-    embedding_model: str | None = None  # None = the first committee member's weights
+    # a model spec, or a sentence-transformers folder / all-minilm-l6-v2 (its own backend); None = the first member
+    embedding_model: str | None = None
     batch_size: int = 256  # requests per backend call and per resumable shard
     embed_max_tokens: int = 512  # embeddings pool over at most this many tokens of a text
     reuse_generation_logprobs: bool = True  # take a generator's own logprobs instead of rescoring (see above)
@@ -116,6 +123,7 @@ class ScoringConfig:
     def __post_init__(self):
         if isinstance(self.backend, str):  # Python shorthand: backend="dummy"
             self.backend = BackendSettings(name=self.backend)
+        check_runs_models(self.backend)
         if not self.committee:
             raise ValueError("committee is empty; list at least one model, e.g. [smollm2-135m-instruct]")
         for spec in self.committee:
@@ -336,10 +344,22 @@ def embedding_weights(sc: ScoringConfig, members: list[Member], registry_root: P
     return str(model)
 
 
-def embedding_backend(sc: ScoringConfig, registry_root: Path | None = None) -> Backend:
-    """The backend `curate score` embeds with (tokenizer loaded, model on first use): its `embed` and
-    `loglikelihood_and_embed` give the same embeddings and prompt perplexities as the score step."""
-    return load_backend(embedding_weights(sc, resolve_committee(sc, registry_root), registry_root), sc.backend)
+@contextlib.contextmanager
+def prompt_backends(sc: ScoringConfig, registry_root: Path | None = None):
+    """(embedder, scorer): the backends `curate score` embeds prompts with and scores their perplexity under,
+    as a context manager (models load on first use, closed on exit). `scorer` is None when the embedding model
+    is a language model: then its `loglikelihood_and_embed` gives both from one forward pass, as in the score
+    step. A sentence embedder (`embedding_settings`) cannot score: the first running committee member does."""
+    members = resolve_committee(sc, registry_root)
+    weights = embedding_weights(sc, members, registry_root)
+    settings = embedding_settings(weights, sc.backend)
+    with contextlib.ExitStack() as stack:
+        embedder = stack.enter_context(load_backend(weights, settings))
+        scorer = None
+        if settings.name != sc.backend.name:
+            first = next(m.model for m in members if m.model is not None)
+            scorer = stack.enter_context(load_backend(first, sc.backend))
+        yield embedder, scorer
 
 
 # ------------------------------------------------------------------------------------------------ scoring
@@ -468,7 +488,9 @@ def plan_scoring(sc: ScoringConfig, members: list[Member], prompts: dict[str, Pr
     groups.setdefault(embed_model, [])
     plans = []
     for model, group in groups.items():
-        backend = stack.enter_context(load_backend(model, sc.backend))
+        # a model only embedding may be a sentence embedder (its own backend); members run on the section's
+        settings = sc.backend if group else embedding_settings(model, sc.backend)
+        backend = stack.enter_context(load_backend(model, settings))
         embeds = model == embed_model
         todo: dict[str, list[Item]] = {}
         same_as: dict[str, dict[str, tuple]] = {}
@@ -692,7 +714,7 @@ __all__ = [
     "ScoringConfig",
     "champion_policy",
     "compute_scores",
-    "embedding_backend",
+    "prompt_backends",
     "embedding_weights",
     "member_name",
     "member_system",

