@@ -66,6 +66,9 @@ TF-IDF features (one process per dataset):
         --json runs/bench/tfidf-$d.json --quiet &
     done; wait
     python scripts/bench_acquisition.py --report runs/bench/tfidf-*.json
+
+all-MiniLM-L6-v2 features (`--features minilm`: the embeddings rounds use with the shipped configs), same loop
+with `--features minilm` and `--json runs/bench/minilm-$d.json`.
 """
 
 from __future__ import annotations
@@ -89,7 +92,15 @@ apply_env_defaults()  # before torch is imported
 from curation.pairing import CHOOSERS, make_chooser  # noqa: E402
 from curation.strategies import EMBEDDING, Items, RandomArm, Strategy, build_strategy  # noqa: E402
 from preference.plumbing.errors import CurateError  # noqa: E402
-from scripts.bench_tasks import LOADERS, HarmClassifier, PreferenceLearner, Task, smollm2_features, tfidf_features  # noqa: E402,I001
+from scripts.bench_tasks import (  # noqa: E402,I001
+    LOADERS,
+    HarmClassifier,
+    PreferenceLearner,
+    Task,
+    minilm_features,
+    smollm2_features,
+    tfidf_features,
+)
 
 DATA = ROOT / "data"
 HYBRID_WEIGHTS = {"reward_margin": 1.0, "reward_disagreement": 1.0}
@@ -396,12 +407,19 @@ def goals(summaries: list[dict], default: dict[str, str]) -> None:
 
 
 # ----------------------------------------------------------------------------------------------------- main
+FEATURES = {  # --features: name → the task's feature arrays ("emb", plus "logprob"/"entropy" for LM features)
+    "tfidf": lambda task, progress: tfidf_features(task),
+    "smollm2": smollm2_features,
+    "minilm": minilm_features,  # the shipped configs' embedder, the answer's text alone (as rounds embed it)
+}
+
+
 def parse_args(argv=None):
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--dataset", choices=[*PRESETS, "all"], default="all")
     ap.add_argument("--data", type=Path, help="another file of the same shape as --format (overrides --dataset)")
     ap.add_argument("--format", choices=list(LOADERS), help="shape of --data")
-    ap.add_argument("--features", choices=("tfidf", "smollm2"), default="tfidf")
+    ap.add_argument("--features", choices=tuple(FEATURES), default="tfidf")
     ap.add_argument("--strategies", help="comma-separated specs (default: per format, see the docstring)")
     ap.add_argument("--seeds", type=int, default=10)
     ap.add_argument("--rounds", type=int)
@@ -477,7 +495,7 @@ def main(argv=None) -> int:
         check_signals(specs, cfg.features)
         defaults[name] = CONFIG_DEFAULT + (f"/{CONFIG_CHOOSER}" if cfg.format == "qa-feedback" else "")
         t0 = time.perf_counter()
-        feats = smollm2_features(task, progress=not cfg.quiet) if cfg.features == "smollm2" else tfidf_features(task)
+        feats = FEATURES[cfg.features](task, progress=not cfg.quiet)
         header = (f"{len(task)} items from {cfg.data}, features {cfg.features} ({feats['emb'].shape[1]}-d, "
                   f"{time.perf_counter() - t0:.0f} s); init {cfg.init} + {cfg.rounds} rounds × {cfg.budget} labels, "
                   f"test {cfg.test}, learner: {cfg.members} members, C = {cfg.c}")

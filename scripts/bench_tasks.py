@@ -207,6 +207,28 @@ def feature_cache() -> Path:
     return Path(os.environ.get("CURATE_CACHE") or Path.home() / ".cache" / "curate") / "bench-features"
 
 
+def minilm_features(task: Task, *, max_tokens: int = 256, chunk: int = 256, progress: bool = True
+                    ) -> dict[str, np.ndarray]:
+    """all-MiniLM-L6-v2 sentence embeddings (384-d, L2-normalized) of each target text alone (an answer without
+    its prompt, or a prompt): how `curate score` embeds completions and prompts with the shipped configs'
+    `scoring.embedding_model`, so the reward-proxy strategies see the features rounds give them. Cached like
+    the others (keyed by the texts and the cap); no LM signals."""
+    context, target = texts_for_features(task)
+    path = _cache_path("minilm", task, [target, max_tokens])
+    if path.is_file():
+        return _load(path)
+    from tqdm import tqdm
+
+    from curation.backends import BackendSettings, load_backend
+    from training.models import MINILM
+
+    vecs = []
+    with load_backend(MINILM, BackendSettings(name="sentence-transformers")) as backend:
+        for start in tqdm(range(0, len(target), chunk), disable=not progress, desc=f"MiniLM features ({task.name})"):
+            vecs.append(backend.embed(target[start : start + chunk], max_tokens))
+    return _save(path, {"emb": np.concatenate(vecs)})
+
+
 def smollm2_features(task: Task, *, max_tokens: int = 128, batch_size: int = 16, progress: bool = True,
                      model_name: str = "smollm2-135m-instruct") -> dict[str, np.ndarray]:
     """SmolLM2-135M-Instruct features of each target text (an answer after its ChatML prompt, or a prompt as the

@@ -158,3 +158,31 @@ def test_the_benchmarked_default_is_the_selection_section_default():
     sel = SelectionConfig()
     assert f"{sel.strategy}@{sel.random_share:g}" == bench.CONFIG_DEFAULT
     assert sel.completion_choice == bench.CONFIG_CHOOSER
+
+
+@pytest.mark.slow
+def test_minilm_features_are_the_rounds_embeddings(tmp_path, monkeypatch):
+    """`--features minilm`: each target text embedded alone by all-MiniLM-L6-v2, as `curate score` embeds a
+    completion with the shipped configs; cached (a second call reads the file), and the script runs on them."""
+    from curation.backends import BackendSettings, load_backend
+    from scripts import bench_tasks
+    from training.models import MINILM
+
+    monkeypatch.setattr(bench_tasks, "feature_cache", lambda: tmp_path / "features")
+    task = load_qa_feedback(first_rows(DATA / "qa-feedback-dev.jsonl.gz", tmp_path / "qa.jsonl", 40))
+    feats = bench_tasks.minilm_features(task, progress=False)
+    _, target = bench_tasks.texts_for_features(task)
+    assert set(feats) == {"emb"} and feats["emb"].shape == (len(target), 384)
+    with load_backend(MINILM, BackendSettings(name="sentence-transformers")) as backend:
+        np.testing.assert_allclose(feats["emb"][:5], backend.embed(target[:5], 256), atol=1e-5)
+    cached = list((tmp_path / "features").glob("minilm-*.npz"))
+    assert len(cached) == 1
+    import curation.backends
+
+    def embed_again(*args, **kwargs):
+        raise AssertionError("the cached features were computed again")
+
+    monkeypatch.setattr(curation.backends, "load_backend", embed_again)
+    np.testing.assert_array_equal(bench_tasks.minilm_features(task, progress=False)["emb"], feats["emb"])
+    line = error_line("--dataset", "qa-feedback", "--features", "minilm", "--strategies", "random,low_logprob")
+    assert "--strategies low_logprob: needs the signal(s) mean_logprob, which --features minilm does not give" in line

@@ -211,16 +211,16 @@ def test_sentence_embedder_drift_is_calibrated_and_finds_moderation_prompts(prom
     hh, mod = prompts
     cfg = RoundConfig(scoring=ScoringConfig(backend=BackendSettings(name="transformers", dtype="float32"),
                                             committee=["smollm2-135m-instruct"], embedding_model="all-minilm-l6-v2",
-                                            embed_max_tokens=128))
+                                            embed_max_tokens=64))
     rng = np.random.default_rng(0)
-    hh_pick = [hh[i].text for i in rng.permutation(len(hh))[:400]]
-    mod_pick = [mod[i].text for i in rng.permutation(len(mod))[:60]]
+    hh_pick = [hh[i].text for i in rng.permutation(len(hh))[:260]]
+    mod_pick = [mod[i].text for i in rng.permutation(len(mod))[:40]]
     with scoring_backends(cfg) as (embedder, scorer):
         assert embedder.kind == "sentence-transformers" and scorer.kind == "transformers"
-        emb_hh, emb_mod = embedder.embed(hh_pick, 128), embedder.embed(mod_pick, 128)
-        emb_4, ppl, _, _ = embed_and_score(embedder, hh_pick[:4], [], False, max_tokens=128, scorer=scorer)
+        emb_hh, emb_mod = embedder.embed(hh_pick, 64), embedder.embed(mod_pick, 64)
+        emb_4, ppl, _, _ = embed_and_score(embedder, hh_pick[:4], [], False, max_tokens=64, scorer=scorer)
     np.testing.assert_allclose(emb_4, emb_hh[:4], atol=1e-5)
-    assert emb_hh.shape == (400, 384) and np.isfinite(ppl).all() and (ppl > 0).all()
+    assert emb_hh.shape == (260, 384) and np.isfinite(ppl).all() and (ppl > 0).all()
     d = DriftConfig(permutations=200, min_slice_samples=20)
     alarms = 0
     for seed in range(40):
