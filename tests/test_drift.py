@@ -200,9 +200,9 @@ def test_real_scoring_model_embeddings_separate_moderation_from_hh(prompts):
 
 
 @pytest.mark.slow
-def test_sentence_embedder_drift_is_calibrated_and_finds_moderation_prompts(prompts):
+def test_sentence_embedder_drift_is_calibrated_and_finds_moderation_prompts(prompts, tiny_model):
     """The shipped configs' embedder (all-MiniLM-L6-v2) through `scoring_backends`, the perplexity under the first
-    committee member: no alarm on same-distribution HH traffic in ≥ 95 % of 40 seeded trials, moderation prompts
+    committee member (here the tiny model): no alarm on same-distribution HH traffic in ≥ 95 % of 40 seeded trials, moderation prompts
     found among HH prompts overall and in their slice."""
     from curation.backends import BackendSettings
     from curation.config import RoundConfig
@@ -210,7 +210,7 @@ def test_sentence_embedder_drift_is_calibrated_and_finds_moderation_prompts(prom
 
     hh, mod = prompts
     cfg = RoundConfig(scoring=ScoringConfig(backend=BackendSettings(name="transformers", dtype="float32"),
-                                            committee=["smollm2-135m-instruct"], embedding_model="all-minilm-l6-v2",
+                                            committee=[str(tiny_model)], embedding_model="all-minilm-l6-v2",
                                             embed_max_tokens=64))
     rng = np.random.default_rng(0)
     hh_pick = [hh[i].text for i in rng.permutation(len(hh))[:260]]
