@@ -329,6 +329,13 @@ class Backend:
     def generate(self, prompts: Sequence[TokensOrText], sampling: Sampling) -> list[list[Generation]]:
         """`sampling.n` completions per prompt. Each prompt is sampled with `prompt_seed(sampling.seed, ids)`,
         so results do not depend on batching. Raises CurateError on an empty or too-long prompt."""
+        ids = self._prompts(prompts, sampling)
+        if not ids:
+            return []
+        with self.timed("generate"):
+            return self._generate(ids, sampling)
+
+    def _prompts(self, prompts: Sequence[TokensOrText], sampling: Sampling) -> list[list[int]]:
         ids = [self._ids(p) for p in prompts]
         for i, p in enumerate(ids):
             if not p:
@@ -338,10 +345,7 @@ class Backend:
                     f"prompt {i} has {len(p)} tokens; with max_tokens={sampling.max_tokens} it exceeds the model "
                     f"context of {self.max_model_len} tokens; shorten it, lower max_tokens or raise max_model_len"
                 )
-        if not ids:
-            return []
-        with self.timed("generate"):
-            return self._generate(ids, sampling)
+        return ids
 
     def _requests(self, requests: Sequence[tuple[TokensOrText, TokensOrText]]) -> list[tuple[list[int], list[int]]]:
         pairs = [(self._ids(c), self._ids(x)) for c, x in requests]
@@ -365,6 +369,17 @@ class Backend:
             return []
         with self.timed("loglikelihood"):
             return self._loglikelihood(pairs)
+
+    def generate_and_score(
+        self, prompts: Sequence[TokensOrText], sampling: Sampling, requests: Sequence[tuple[TokensOrText, TokensOrText]]
+    ) -> tuple[list[list[Generation]], list[list[float]]]:
+        """`generate(prompts, sampling)` and `loglikelihood(requests)` in one call, for requests on the prompts'
+        own contexts (their reference answers). Each result equals what the two calls give alone; a backend that
+        can share work between them overrides `_generate_and_score` (vLLM: each context is computed once)."""
+        ids, pairs = self._prompts(prompts, sampling), self._requests(requests)
+        if not ids or not pairs:
+            return self.generate(ids, sampling), self.loglikelihood(pairs)
+        return self._generate_and_score(ids, sampling, pairs)
 
     def loglikelihood_and_embed(
         self, requests: Sequence[tuple[TokensOrText, TokensOrText]], max_tokens: int = 512
@@ -392,6 +407,14 @@ class Backend:
 
     def _loglikelihood(self, requests: list[tuple[list[int], list[int]]]) -> list[list[float]]:
         raise NotImplementedError
+
+    def _generate_and_score(self, prompts: list[list[int]], sampling: Sampling,
+                            requests: list[tuple[list[int], list[int]]]) -> tuple[list[list[Generation]], list[list[float]]]:
+        """Default: the two calls, nothing shared (timed as `generate` and `loglikelihood`, as alone)."""
+        with self.timed("loglikelihood"):
+            lls = self._loglikelihood(requests)
+        with self.timed("generate"):
+            return self._generate(prompts, sampling), lls
 
     def _loglikelihood_and_embed(self, requests: list[tuple[list[int], list[int]]], max_tokens: int
                                  ) -> tuple[list[list[float]], np.ndarray]:
@@ -541,7 +564,7 @@ class VLLMBackend(_HFTokenizerMixin, Backend):
         use_threads(self.threads)
         return self._llm
 
-    def _generate(self, prompts, sampling):
+    def _generate(self, prompts, sampling, *, fresh: bool = True):
         from vllm import SamplingParams
 
         seeds = [prompt_seed(sampling.seed, p) for p in prompts]
@@ -554,7 +577,8 @@ class VLLMBackend(_HFTokenizerMixin, Backend):
                            max_tokens=sampling.max_tokens, seed=s, logprobs=0, stop_token_ids=[self.eos_token_id])
             for s in seeds
         ]
-        self.llm.reset_prefix_cache()  # see `_loglikelihood`: results depend on this call's prompts only
+        if fresh:  # see `_loglikelihood`: results depend on this call's prompts only
+            self.llm.reset_prefix_cache()
         outs = self.llm.generate([{"prompt_token_ids": p} for p in prompts], params, use_tqdm=False)
         result = []
         for out, seed in zip(outs, seeds, strict=True):
@@ -567,7 +591,31 @@ class VLLMBackend(_HFTokenizerMixin, Backend):
             result.append(gens)
         return result
 
-    def _loglikelihood(self, requests):
+    def _generate_and_score(self, prompts, sampling, requests):
+        """The requests' contexts are computed once (`_prefill`), the requests scored on them exactly as
+        `_loglikelihood` alone does, then the prompts generated on the same cached contexts: the generate step's
+        prompts and their reference answers share one context pass instead of two (≈ 13 s of a 100 s step for
+        the demo's 48 HH prompts on 2 AVX2 cores). Scoring goes first: blocks filled during generation (a
+        context's last block with sampled tokens) would otherwise be hit by a reference starting the same way."""
+        llm = self.llm  # the engine starts here (timed as `load`), not inside the timings below
+        with self.timed("loglikelihood"):  # the shared context pass is counted here
+            llm.reset_prefix_cache()
+            self._prefill([ctx for ctx, _ in requests])
+            lls = self._loglikelihood(requests, fresh=False)
+        with self.timed("generate"):
+            return self._generate(prompts, sampling, fresh=False), lls
+
+    def _prefill(self, contexts: list[list[int]]) -> None:
+        """Each distinct context longer than one KV block, computed once without logprobs (the cheap path) into
+        the prefix cache, so requests on it read the cached blocks."""
+        from vllm import SamplingParams
+
+        distinct = list(dict.fromkeys(tuple(c) for c in contexts if len(c) > self.block_size))
+        if distinct:
+            self.llm.generate([{"prompt_token_ids": list(c)} for c in distinct],
+                              SamplingParams(max_tokens=1, detokenize=False), use_tqdm=False)
+
+    def _loglikelihood(self, requests, *, fresh: bool = True):
         """prompt_logprobs on context+continuation, with contexts prefilled into the prefix cache first.
 
         Prompt logprobs cost a full-vocabulary projection and log-softmax per position, but only the
@@ -583,11 +631,10 @@ class VLLMBackend(_HFTokenizerMixin, Backend):
         # Start from an empty prefix cache: a context's KV computed in another batch (an earlier call) can
         # differ in the last bits, so a call's numbers would depend on what ran before it, and a resumed step
         # would not equal an uninterrupted one.
-        self.llm.reset_prefix_cache()
-        contexts = list(dict.fromkeys(tuple(ctx) for ctx, _ in requests if len(ctx) > self.block_size))
-        if contexts:
-            self.llm.generate([{"prompt_token_ids": list(c)} for c in contexts],
-                              SamplingParams(max_tokens=1, detokenize=False), use_tqdm=False)
+        # (`fresh=False`: the caller has just done both, `_generate_and_score`.)
+        if fresh:
+            self.llm.reset_prefix_cache()
+            self._prefill([ctx for ctx, _ in requests])
         result: list[list[float] | None] = [None] * len(requests)
         redo: list[int] = []
         for wave, skip_cache in ((list(range(len(requests))), False), (redo, True)):

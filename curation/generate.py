@@ -15,7 +15,8 @@ Policies (stated, and counted in the manifest):
   conversation is cut) and counts them as `truncated`.
 - `include_references: true` also adds the prompt's `metadata.reference_chosen` / `reference_rejected` answers
   (HH pools) as completions with model `reference:chosen` / `reference:rejected`, scored (mean logprob) under
-  the first generator model; finish_reason `reference`; and a traffic pool's `metadata.served_completion` (the
+  the first generator model in the same backend call as the shard's generation (`Backend.generate_and_score`:
+  on vLLM each prompt's context is computed once for its samples and its references); finish_reason `reference`; and a traffic pool's `metadata.served_completion` (the
   answer users were served) as a completion of model `served`.
 
 The models run on `backend` (`BackendSettings`: `name` from `curation.backends.BACKENDS`, `dtype`, `threads`,
@@ -176,14 +177,22 @@ def _shard_path(parts: Path, kind: str, model: str, prompt_ids: list[str], param
 
 def generate_for_model(
     backend: Backend, model: str, prompts: list[Prompt], cfg: GenerationConfig, parts: Path,
-    cache: GenerationCache, bar, stats: dict, rejected: list[dict],
+    cache: GenerationCache, bar, stats: dict, rejected: list[dict], references: bool = False,
 ) -> list[dict]:
-    """Completion rows of one model for all prompts, shard by shard (finished shards are reused)."""
+    """Completion rows of one model for all prompts, shard by shard (finished shards are reused); with
+    `references`, then the reference answers' rows scored by this model (`reference_requests`), computed in the
+    same backend call as each shard's generation (`Backend.generate_and_score`: one context pass for both)."""
     sampling = cfg.sampling
     params_key = config_hash(sampling.key())
     rows: list[dict] = []
+    ref_rows: list[dict] = []
     for start in range(0, len(prompts), cfg.batch_size):
         chunk = prompts[start : start + cfg.batch_size]
+        refs = reference_requests(backend, chunk) if references else []
+        ref_shard = _shard_path(parts, "ref", backend.fingerprint(), [f"{p.id}/{m}" for p, m, *_ in refs], params_key)
+        if refs and ref_shard.is_file():
+            ref_rows += read_rows(ref_shard)
+            refs = []
         prepared = []
         for p in chunk:
             ids, reason = prepare_prompt(backend, p, cfg)
@@ -196,56 +205,53 @@ def generate_for_model(
             prepared.append((p, ids))
         shard = _shard_path(parts, "gen", f"{backend.kind}:{backend.fingerprint()}", [p.id for p, _ in prepared],
                             params_key)
-        if shard.is_file():
+        done = shard.is_file()
+        keys = [] if done else [cache.key(backend, ids, sampling) for _, ids in prepared]
+        found = {k: g for k in keys if (g := cache.get(k)) is not None}
+        todo = [(k, ids) for k, (_, ids) in zip(keys, [] if done else prepared, strict=True) if k not in found]
+        generated, lls = backend.generate_and_score([ids for _, ids in todo], sampling, [r[3] for r in refs])
+        if refs:
+            write_rows(ref_shard, new_refs := _reference_rows(refs, lls))
+            ref_rows += new_refs
+        if done:
             stats["shards_reused"] = stats.get("shards_reused", 0) + 1
             rows += read_rows(shard)
-            bar.update(len(chunk))
-            continue
-        keys = [cache.key(backend, ids, sampling) for _, ids in prepared]
-        found = {k: g for k in keys if (g := cache.get(k)) is not None}
-        todo = [(k, ids) for k, (_, ids) in zip(keys, prepared, strict=True) if k not in found]
-        if todo:
-            for (k, _), gens in zip(todo, backend.generate([ids for _, ids in todo], sampling), strict=True):
+        else:
+            for (k, _), gens in zip(todo, generated, strict=True):
                 cache.put(k, gens)
                 found[k] = gens
-        shard_rows = [
-            completion_row(p, model, i, g, params_key)
-            for (p, _), k in zip(prepared, keys, strict=True)
-            for i, g in enumerate(found[k])
-        ]
-        write_rows(shard, shard_rows)
-        rows += shard_rows
+            shard_rows = [completion_row(p, model, i, g, params_key)
+                          for (p, _), k in zip(prepared, keys, strict=True) for i, g in enumerate(found[k])]
+            write_rows(shard, shard_rows)
+            rows += shard_rows
         bar.update(len(chunk))
-    return rows
+    return rows + ref_rows
 
 
-def reference_rows(backend: Backend, prompts: list[Prompt], parts: Path, params_key: str) -> list[dict]:
-    """HH reference answers as completions, with their mean logprob under `backend`'s model."""
-    items = [
-        (p, model, p.metadata[key])
-        for p in prompts
-        for model, key in REFERENCE_KEYS.items()
-        if isinstance(p.metadata.get(key), str) and p.metadata[key].strip()
-    ]
-    shard = _shard_path(parts, "ref", backend.fingerprint(), [f"{p.id}/{m}" for p, m, _ in items], params_key)
-    if shard.is_file():
-        return read_rows(shard)
-    rows = []
-    requests, kept = [], []
-    for p, model, text in items:
-        ctx, cont, _ = fit_request(backend.encode(backend.render_chat(p.messages)),
-                                   backend.encode(text) + [backend.eos_token_id], backend.max_model_len)
-        requests.append((ctx, cont))
-        kept.append((p, model, text, len(cont)))
-    lls = backend.loglikelihood(requests) if requests else []
-    for (p, model, text, n_tok), ll in zip(kept, lls, strict=True):
-        mean = sum(ll) / len(ll)
-        rows.append(Completion(
+def reference_requests(backend: Backend, prompts: list[Prompt]) -> list[tuple[Prompt, str, str, tuple[list[int], list[int]]]]:
+    """(prompt, model name `reference:chosen|rejected`, answer, (context, continuation ids)) for each HH reference
+    answer of `prompts`: the answer read after the prompt's chat rendering, as the generator's own samples are."""
+    out = []
+    for p in prompts:
+        for model, key in REFERENCE_KEYS.items():
+            text = p.metadata.get(key)
+            if isinstance(text, str) and text.strip():
+                ctx, cont, _ = fit_request(backend.encode(backend.render_chat(p.messages)),
+                                           backend.encode(text) + [backend.eos_token_id], backend.max_model_len)
+                out.append((p, model, text, (ctx, cont)))
+    return out
+
+
+def _reference_rows(refs: list, lls: list[list[float]]) -> list[dict]:
+    """Completion rows of reference answers with their mean logprob (`lls`: per request of `refs`)."""
+    return [
+        Completion(
             id=Completion.make_id(p.id, model, 0, "reference"), prompt_id=p.id, model=model, text=text,
-            sample_index=0, num_tokens=n_tok, mean_logprob=mean, entropy=-mean, finish_reason="reference",
-        ).to_row())
-    write_rows(shard, rows)
-    return rows
+            sample_index=0, num_tokens=len(cont), mean_logprob=sum(ll) / len(ll), entropy=-sum(ll) / len(ll),
+            finish_reason="reference",
+        ).to_row()
+        for (p, model, text, (_, cont)), ll in zip(refs, lls, strict=True)
+    ]
 
 
 # --------------------------------------------------------------------------------------------------- step
@@ -276,16 +282,13 @@ def run_generate(cfg, rnd, *, force: bool = False, progress: bool = True) -> dic
         rows: list[dict] = []
         generators: dict[str, dict] = {}
         timings: dict[str, dict[str, float]] = {}
-        params_key = config_hash(gen.sampling.key())
         if gen.sharding.backend == "none":
             with tqdm(total=len(prompts) * len(gen.models), desc="generate", unit="prompt",
                       disable=not progress) as bar:
                 for index, model in enumerate(gen.models):
                     with load_backend(model, gen.backend) as backend:
                         rows += generate_for_model(backend, model, prompts, gen, run.parts_dir, cache, bar, stats,
-                                                   rejected)
-                        if gen.include_references and index == 0:
-                            rows += reference_rows(backend, prompts, run.parts_dir, params_key)
+                                                   rejected, references=gen.include_references and index == 0)
                         generators[model] = generator_info(backend)
                     timings[model] = backend.timings
         else:
@@ -339,9 +342,8 @@ def generate_shard(prompt_rows: list[dict], *, config: dict, model: str, parts: 
     stats: dict[str, int] = {}
     rejected: list[dict] = []
     with tqdm(total=len(prompts), disable=True) as bar, load_backend(model, gen.backend) as backend:
-        rows = generate_for_model(backend, model, prompts, gen, Path(parts), cache, bar, stats, rejected)
-        if references:
-            rows += reference_rows(backend, prompts, Path(parts), config_hash(gen.sampling.key()))
+        rows = generate_for_model(backend, model, prompts, gen, Path(parts), cache, bar, stats, rejected,
+                                  references=references)
         generator = generator_info(backend)
     stats["cache_hits"], stats["cache_misses"] = cache.hits, cache.misses
     return {"rows": rows, "stats": stats, "rejected": rejected, "generator": generator, "timings": backend.timings}

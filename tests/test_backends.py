@@ -265,6 +265,44 @@ def test_vllm_generation_is_seeded_and_its_logprobs_are_consistent(vl, hf):
 
 
 @pytest.mark.vllm
+def test_vllm_generate_and_score_shares_the_context_pass_and_equals_the_two_calls(vl, hh_sample, monkeypatch):
+    """The generate step's prompts and their reference answers in one call: the scores are exactly those of
+    `loglikelihood` alone (same context pass, scored before any generated block can be hit), the samples those
+    of the same seeds, and the contexts are computed once (fewer prefilled tokens than the two calls)."""
+    rows = read_jsonl(hh_sample)[:4]
+    prompts = [vl.encode(vl.render_chat([{"role": "user", "content": r["chosen"][:400]}])) for r in rows]
+    refs = [(p, vl.encode(ans) + [vl.eos_token_id]) for p in prompts for ans in ("I can't help with that.", "Sure.")]
+    s = Sampling(n=3, max_tokens=6, seed=2)
+
+    computed = []  # prompt tokens the engine computed (not read from the prefix cache), per request
+    real = vl.llm.generate
+
+    def spy(*args, **kwargs):
+        outs = real(*args, **kwargs)
+        computed.extend(len(o.prompt_token_ids) - (o.num_cached_tokens or 0) for o in outs)
+        return outs
+
+    monkeypatch.setattr(vl.llm, "generate", spy)
+
+    def prefilled(call):
+        computed.clear()
+        return call(), sum(computed)
+
+    gens, lls = vl.generate_and_score(prompts, s, refs)
+    alone_lls, alone_gens = vl.loglikelihood(refs), vl.generate(prompts, s)
+    assert lls == alone_lls  # exactly
+    assert [[g.token_ids for g in x] for x in gens] == [[g.token_ids for g in x] for x in alone_gens]
+    # the work saved, counted where it is unambiguous (one request per prompt: with n > 1 vLLM reports the
+    # cache hits of one of the n requests only)
+    one = Sampling(n=1, max_tokens=6, seed=2)
+    _, shared = prefilled(lambda: vl.generate_and_score(prompts, one, refs))
+    _, scored = prefilled(lambda: vl.loglikelihood(refs))
+    _, generated = prefilled(lambda: vl.generate(prompts, one))
+    assert shared <= scored + generated - sum(len(p) for p in prompts) // 2  # measured: 1,080 vs 1,006 + 810
+    assert vl.generate_and_score([], s, refs)[1] == alone_lls and vl.generate_and_score(prompts, s, [])[1] == []
+
+
+@pytest.mark.vllm
 def test_vllm_and_transformers_greedy_decoding_agree(vl, hf):
     prompt = vl.render_chat([{"role": "user", "content": "What is the capital of France?"}])
     greedy = Sampling(n=1, temperature=0.0, max_tokens=8)

@@ -94,3 +94,23 @@ def test_replace_path_and_hash():
         replace_path(cfg, "n", "abc")
     with pytest.raises(ConfigError, match="--set n: n must be ≥ 0, got -1"):
         replace_path(cfg, "n", "-1")
+
+
+def test_set_reaches_into_a_trainers_trl_extras():
+    """`--set reward.trl.<TRL argument>=...`: the free-form `trl:` mapping takes dotted keys too, and the value
+    reaches TRL's config (where an unknown name still fails)."""
+    from trl import RewardConfig
+
+    from training.common import trl_args
+
+    cfg = load_config(CONFIGS[0])
+    new = replace_path(cfg, "reward.trl.train_sampling_strategy", "random")
+    new = replace_path(new, "reward.trl.max_grad_norm", "0.5")
+    assert new.reward.trl == {**cfg.reward.trl, "train_sampling_strategy": "random", "max_grad_norm": 0.5}
+    args = new.reward.to_trl("out", seed=0, progress=False)
+    assert args.train_sampling_strategy == "random" and args.max_grad_norm == 0.5
+    assert cfg.reward.to_trl("out", seed=0, progress=False).train_sampling_strategy == "group_by_length"
+    with pytest.raises(ConfigError, match="not a section"):
+        replace_path(new, "reward.trl.max_grad_norm.deeper", "1")
+    with pytest.raises(Exception, match="reward.trl.not_a_field"):
+        trl_args(RewardConfig, {"output_dir": "x"}, replace_path(cfg, "reward.trl.not_a_field", "1").reward.trl, "reward")

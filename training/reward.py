@@ -74,9 +74,12 @@ class RewardTrainConfig(TrainConfig):
             raise ValueError(f"max_length must be ≥ 16 tokens, got {self.max_length}")
 
     def trl_kwargs(self) -> dict[str, Any]:
-        # pairs arrive tokenized and pre-truncated (max_length=None: TRL must not drop long pairs)
+        # pairs arrive tokenized and pre-truncated (max_length=None: TRL must not drop long pairs). Batches hold
+        # pairs of similar length (the `length` column, transformers' LengthGroupedSampler): less padding, the
+        # same pairs per epoch; `trl: {train_sampling_strategy: random}` restores plain shuffling. The column
+        # must reach the sampler, so unused columns are kept (TRL's collator reads only its own).
         return dict(max_length=None, center_rewards_coefficient=self.center_rewards_coefficient,
-                    remove_unused_columns=True)
+                    remove_unused_columns=False, train_sampling_strategy="group_by_length", length_column_name="length")
 
 
 # ---------------------------------------------------------------------------------------------------- helpers
@@ -87,13 +90,15 @@ def _load_seqcls(base: Path, dtype):
 
 
 def tokenize_pairs(tokenizer, pairs: list[PreferencePair], max_length: int, use_margin: bool) -> dict[str, list]:
-    """Columns `chosen_ids`, `rejected_ids` (and `margin`) for TRL's RewardTrainer (already truncated)."""
-    cols: dict[str, list] = {"chosen_ids": [], "rejected_ids": []}
+    """Columns `chosen_ids`, `rejected_ids` (and `margin`) for TRL's RewardTrainer (already truncated), and
+    `length`: the longer side's tokens, what a batch is padded to (for length-grouped batches)."""
+    cols: dict[str, list] = {"chosen_ids": [], "rejected_ids": [], "length": []}
     if use_margin:
         cols["margin"] = []
     for p in pairs:
         cols["chosen_ids"].append(encode_pair(tokenizer, p.prompt, answer_text(p.chosen), max_length))
         cols["rejected_ids"].append(encode_pair(tokenizer, p.prompt, answer_text(p.rejected), max_length))
+        cols["length"].append(max(len(cols["chosen_ids"][-1]), len(cols["rejected_ids"][-1])))
         if use_margin:
             cols["margin"].append(float(p.margin))
     return cols
@@ -146,7 +151,9 @@ def train_reward_model(
     return stats
 
 
-def _train_member(base, tokenizer, cols, cfg, member_dir: Path, *, seed: int, progress: bool) -> dict[str, Any]:
+def reward_trainer(base, tokenizer, cols, cfg: RewardTrainConfig, member_dir: Path, *, seed: int, progress: bool):
+    """TRL's RewardTrainer for one member: the base with a fresh score head and LoRA, on `tokenize_pairs` columns,
+    checkpoints under `member_dir/checkpoints`."""
     import torch
     from datasets import Dataset
     from peft import get_peft_model
@@ -157,12 +164,16 @@ def _train_member(base, tokenizer, cols, cfg, member_dir: Path, *, seed: int, pr
     model = _load_seqcls(base, torch.float32)
     model.config.pad_token_id = tokenizer.pad_token_id
     model = get_peft_model(model, lora_config(cfg, "SEQ_CLS"))
-    ckpt_dir = member_dir / "checkpoints"
-    trainer = RewardTrainer(
-        model=model, args=cfg.to_trl(ckpt_dir, seed=seed, progress=progress), train_dataset=Dataset.from_dict(cols),
-        processing_class=tokenizer, callbacks=tensorboard_callbacks(cfg, member_dir.parent / "tensorboard" / member_dir.name),
+    return RewardTrainer(
+        model=model, args=cfg.to_trl(member_dir / "checkpoints", seed=seed, progress=progress),
+        train_dataset=Dataset.from_dict(cols), processing_class=tokenizer,
+        callbacks=tensorboard_callbacks(cfg, member_dir.parent / "tensorboard" / member_dir.name),
     )
-    result, seconds, resume = fit(trainer, ckpt_dir)
+
+
+def _train_member(base, tokenizer, cols, cfg, member_dir: Path, *, seed: int, progress: bool) -> dict[str, Any]:
+    trainer = reward_trainer(base, tokenizer, cols, cfg, member_dir, seed=seed, progress=progress)
+    result, seconds, resume = fit(trainer, member_dir / "checkpoints")
     save_adapter(trainer, member_dir / "adapter")
     return fit_stats(trainer, result, seconds, resume, cfg, "pairs")
 

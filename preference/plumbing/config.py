@@ -174,6 +174,11 @@ def load_yaml(path: str | Path, cls: type[T]) -> T:
 def replace_path(obj: T, dotted: str, value: Any) -> T:
     """Return a copy of dataclass `obj` with `a.b.c = value` (value is YAML-parsed and type-checked)."""
     head, _, rest = dotted.partition(".")
+    if isinstance(obj, dict):  # a free-form mapping (e.g. `reward.trl`): its keys are checked where it is used
+        parsed = yaml.safe_load(value) if isinstance(value, str) else value
+        return {**obj, head: replace_path(obj.get(head, {}), rest, value) if rest else parsed}
+    if not dataclasses.is_dataclass(obj):
+        raise ConfigError(f"--set {dotted}: {head!r} is inside a value of type {type(obj).__name__}, not a section")
     names = {f.name for f in dataclasses.fields(obj)}
     if head not in names:
         raise ConfigError(f"--set {dotted}: unknown key {head!r}; known keys: {', '.join(sorted(names))}")
