@@ -282,6 +282,7 @@ class Backend:
         self.max_model_len: int = 0
         self.eos_token_id: int = 0
         self.timings: dict[str, float] = {}
+        self._inner: list[float] = []  # seconds of nested timed blocks, per open block (`timed`)
 
     @classmethod
     def available(cls) -> bool:
@@ -300,11 +301,18 @@ class Backend:
 
     @contextlib.contextmanager
     def timed(self, what: str) -> Iterator[None]:
+        """Add the block's seconds to `timings[what]`, less those of timed blocks inside it (the engine starting
+        within a first call counts as `load` only), so the phases add up to the backend's total."""
         t0 = time.perf_counter()
+        self._inner.append(0.0)
         try:
             yield
         finally:
-            self.timings[what] = self.timings.get(what, 0.0) + time.perf_counter() - t0
+            spent = time.perf_counter() - t0
+            inner = self._inner.pop()
+            self.timings[what] = self.timings.get(what, 0.0) + spent - inner
+            if self._inner:
+                self._inner[-1] += spent
 
     # tokenization ----------------------------------------------------------------------------------------
     def render_chat(self, messages: list[dict[str, str]]) -> str:
@@ -597,9 +605,8 @@ class VLLMBackend(_HFTokenizerMixin, Backend):
         prompts and their reference answers share one context pass instead of two (≈ 13 s of a 100 s step for
         the demo's 48 HH prompts on 2 AVX2 cores). Scoring goes first: blocks filled during generation (a
         context's last block with sampled tokens) would otherwise be hit by a reference starting the same way."""
-        llm = self.llm  # the engine starts here (timed as `load`), not inside the timings below
         with self.timed("loglikelihood"):  # the shared context pass is counted here
-            llm.reset_prefix_cache()
+            self.llm.reset_prefix_cache()
             self._prefill([ctx for ctx, _ in requests])
             lls = self._loglikelihood(requests, fresh=False)
         with self.timed("generate"):

@@ -94,6 +94,22 @@ def test_dummy_members_disagree_and_embeddings_reflect_words():
     assert e[0] @ e[1] > e[0] @ e[2]
 
 
+def test_timings_are_exclusive_so_phases_add_up():
+    """A timed phase inside another (the engine starting within the first call) counts once, as itself."""
+    import time
+
+    b = B.DummyBackend()
+    with b.timed("loglikelihood"):
+        time.sleep(0.05)
+        with b.timed("load"):
+            time.sleep(0.1)
+    with b.timed("loglikelihood"):
+        time.sleep(0.05)
+    assert 0.1 <= b.timings["load"] < 0.15 and 0.1 <= b.timings["loglikelihood"] < 0.15, b.timings
+    b.generate_and_score(["a b"], Sampling(n=2, max_tokens=3), [("a b", "c d")])  # the default: both phases
+    assert {"generate", "loglikelihood", "load"} <= set(b.timings)
+
+
 def test_interface_rejects_empty_and_too_long_inputs():
     b = DummyBackend(settings=BackendSettings(name="dummy", max_model_len=10))
     with pytest.raises(CurateError, match="empty"):
