@@ -57,9 +57,10 @@ import math
 import os
 import time
 import zlib
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
@@ -283,6 +284,7 @@ class Backend:
         self.eos_token_id: int = 0
         self.timings: dict[str, float] = {}
         self._inner: list[float] = []  # seconds of nested timed blocks, per open block (`timed`)
+        self._model: Any = None  # an in-process model, loaded on first use (`_loaded`)
 
     @classmethod
     def available(cls) -> bool:
@@ -433,8 +435,21 @@ class Backend:
         raise NotImplementedError
 
     # lifecycle -------------------------------------------------------------------------------------------
+    def _loaded(self, build: Callable[[Any], Any]) -> Any:
+        """The in-process model, made by `build(torch dtype)` on first use (timed as `load`, on this backend's
+        threads); the threads are set again on every use (another backend may have changed them)."""
+        if self._model is None:
+            with self.timed("load"):
+                import torch
+
+                use_threads(self.threads)
+                self._model = build(torch.bfloat16 if self.dtype == "bfloat16" else torch.float32)
+        use_threads(self.threads)
+        return self._model
+
     def close(self) -> None:
         """Release the model (and shut the engine down). Safe to call twice."""
+        self._model = None
 
     def __enter__(self) -> Backend:
         return self
@@ -600,29 +615,17 @@ class VLLMBackend(_HFTokenizerMixin, Backend):
         return result
 
     def _generate_and_score(self, prompts, sampling, requests):
-        """The requests' contexts are computed once (`_prefill`), the requests scored on them exactly as
-        `_loglikelihood` alone does, then the prompts generated on the same cached contexts: the generate step's
-        prompts and their reference answers share one context pass instead of two (≈ 13 s of a 100 s step for
-        the demo's 48 HH prompts on 2 AVX2 cores). Scoring goes first: blocks filled during generation (a
-        context's last block with sampled tokens) would otherwise be hit by a reference starting the same way."""
+        """The requests scored by `_loglikelihood` (which computes each context once into the prefix cache), then
+        the prompts generated on the same cached contexts: the generate step's prompts and their reference answers
+        share one context pass instead of two (≈ 11 s of a 100 s step for the demo's 48 HH prompts on 2 AVX2
+        cores). Scoring goes first: blocks filled during generation (a context's last block with sampled tokens)
+        would otherwise be hit by a reference starting the same way."""
         with self.timed("loglikelihood"):  # the shared context pass is counted here
-            self.llm.reset_prefix_cache()
-            self._prefill([ctx for ctx, _ in requests])
-            lls = self._loglikelihood(requests, fresh=False)
+            lls = self._loglikelihood(requests)  # leaves the contexts in the prefix cache
         with self.timed("generate"):
             return self._generate(prompts, sampling, fresh=False), lls
 
-    def _prefill(self, contexts: list[list[int]]) -> None:
-        """Each distinct context longer than one KV block, computed once without logprobs (the cheap path) into
-        the prefix cache, so requests on it read the cached blocks."""
-        from vllm import SamplingParams
-
-        distinct = list(dict.fromkeys(tuple(c) for c in contexts if len(c) > self.block_size))
-        if distinct:
-            self.llm.generate([{"prompt_token_ids": list(c)} for c in distinct],
-                              SamplingParams(max_tokens=1, detokenize=False), use_tqdm=False)
-
-    def _loglikelihood(self, requests, *, fresh: bool = True):
+    def _loglikelihood(self, requests):
         """prompt_logprobs on context+continuation, with contexts prefilled into the prefix cache first.
 
         Prompt logprobs cost a full-vocabulary projection and log-softmax per position, but only the
@@ -638,10 +641,11 @@ class VLLMBackend(_HFTokenizerMixin, Backend):
         # Start from an empty prefix cache: a context's KV computed in another batch (an earlier call) can
         # differ in the last bits, so a call's numbers would depend on what ran before it, and a resumed step
         # would not equal an uninterrupted one.
-        # (`fresh=False`: the caller has just done both, `_generate_and_score`.)
-        if fresh:
-            self.llm.reset_prefix_cache()
-            self._prefill([ctx for ctx, _ in requests])
+        self.llm.reset_prefix_cache()
+        contexts = list(dict.fromkeys(tuple(ctx) for ctx, _ in requests if len(ctx) > self.block_size))
+        if contexts:
+            self.llm.generate([{"prompt_token_ids": list(c)} for c in contexts],
+                              SamplingParams(max_tokens=1, detokenize=False), use_tqdm=False)
         result: list[list[float] | None] = [None] * len(requests)
         redo: list[int] = []
         for wave, skip_cache in ((list(range(len(requests))), False), (redo, True)):
@@ -697,20 +701,15 @@ class TransformersBackend(_HFTokenizerMixin, Backend):
         super().__init__(model, settings)
         self.path = _model_folder(model)
         self._load_tokenizer()
-        self._model = None
 
     @property
     def hf_model(self):
-        if self._model is None:
-            with self.timed("load"):
-                import torch
-                from transformers import AutoModelForCausalLM
+        def build(dtype):
+            from transformers import AutoModelForCausalLM
 
-                use_threads(self.threads)
-                dtype = torch.bfloat16 if self.dtype == "bfloat16" else torch.float32
-                self._model = AutoModelForCausalLM.from_pretrained(self.path, dtype=dtype).eval()
-        use_threads(self.threads)
-        return self._model
+            return AutoModelForCausalLM.from_pretrained(self.path, dtype=dtype).eval()
+
+        return self._loaded(build)
 
     def _batches(self, n: int, lengths: list[int]) -> Iterator[list[int]]:
         """Index batches of similar length (longest first), at most micro_batch_size rows each."""
@@ -826,9 +825,6 @@ class TransformersBackend(_HFTokenizerMixin, Backend):
             result.append(gens)
         return result
 
-    def close(self):
-        self._model = None
-
 
 # ------------------------------------------------------------------------------------ sentence-transformers
 def is_sentence_transformer(folder: str | Path) -> bool:
@@ -862,22 +858,16 @@ class SentenceTransformersBackend(Backend):
         if not is_sentence_transformer(self.path):
             raise BackendError(f"{self.path} is not a sentence-transformers folder (no modules.json); point the "
                                "sentence-transformers backend at one (e.g. all-minilm-l6-v2)")
-        self._model = None
 
     @property
     def st_model(self):
-        if self._model is None:
-            with self.timed("load"):
-                import torch
-                from sentence_transformers import SentenceTransformer
+        def build(dtype):
+            from sentence_transformers import SentenceTransformer
 
-                use_threads(self.threads)
-                dtype = torch.bfloat16 if self.dtype == "bfloat16" else torch.float32
-                self._model = SentenceTransformer(str(self.path), device="cpu" if not cuda_available() else None,
-                                                  local_files_only=True, model_kwargs={"dtype": dtype})
-                self._model.eval()
-        use_threads(self.threads)
-        return self._model
+            return SentenceTransformer(str(self.path), device="cpu" if not cuda_available() else None,
+                                       local_files_only=True, model_kwargs={"dtype": dtype}).eval()
+
+        return self._loaded(build)
 
     def fingerprint(self):
         return f"{model_fingerprint(self.path)}-{self.dtype}"
@@ -905,9 +895,6 @@ class SentenceTransformersBackend(Backend):
 
     def loglikelihood_and_embed(self, requests, max_tokens=512):
         self._refuse("score log-likelihoods")
-
-    def close(self):
-        self._model = None
 
 
 # ------------------------------------------------------------------------------------------------- dummy

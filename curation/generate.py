@@ -233,12 +233,12 @@ def reference_requests(backend: Backend, prompts: list[Prompt]) -> list[tuple[Pr
     answer of `prompts`: the answer read after the prompt's chat rendering, as the generator's own samples are."""
     out = []
     for p in prompts:
-        for model, key in REFERENCE_KEYS.items():
-            text = p.metadata.get(key)
-            if isinstance(text, str) and text.strip():
-                ctx, cont, _ = fit_request(backend.encode(backend.render_chat(p.messages)),
-                                           backend.encode(text) + [backend.eos_token_id], backend.max_model_len)
-                out.append((p, model, text, (ctx, cont)))
+        answers = [(model, text) for model, key in REFERENCE_KEYS.items()
+                   if isinstance(text := p.metadata.get(key), str) and text.strip()]
+        rendered = backend.encode(backend.render_chat(p.messages)) if answers else []
+        for model, text in answers:
+            ctx, cont, _ = fit_request(rendered, backend.encode(text) + [backend.eos_token_id], backend.max_model_len)
+            out.append((p, model, text, (ctx, cont)))
     return out
 
 
