@@ -256,6 +256,13 @@ def build_records(cfg, rnd) -> tuple[list[AnnotationRecord], dict[str, float], s
     counts = {"selected": len(selected), "skipped_fewer_than_2_completions": few, "gold": 0}
     if ann.gold is not None and records:
         records, counts["gold"] = mix_gold(records, ann.gold, prompts, seed=cfg.seed, round_number=rnd.number)
+        if agent is not None and counts["gold"]:  # gold records get the champion's suggestion too: no tell
+            from curation.rewards import version_rewards
+
+            gold = [(c.id, [*r.prompt.messages, {"role": "assistant", "content": c.text}])
+                    for r in records if "gold" in r.metadata for c in r.completions]
+            rewards = {**rewards, **dict(zip([i for i, _ in gold],
+                                             version_rewards(cfg, agent, [conv for _, conv in gold]), strict=True))}
     return records, rewards, agent or "reward-model", counts
 
 
@@ -267,7 +274,7 @@ def mix_gold(records: list[AnnotationRecord], gold, pool: dict[str, Prompt], *, 
     n = max(1, round(gold.share * len(real) / (1.0 - gold.share)))
     pool_texts = {p.text.strip() for p in pool.values()}
     candidates = []
-    for messages, chosen, rejected in load_labelled(gold.source):
+    for messages, chosen, rejected in load_labelled(gold.source, key="annotation.gold.source"):
         pid = stable_id(messages, prefix="p")  # the pool's id scheme (curation/pool.py)
         prompt = Prompt(id=pid, messages=messages, slice="default", source=f"gold:{Path(gold.source).name}")
         if pid not in pool and prompt.text.strip() not in pool_texts:

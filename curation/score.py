@@ -292,20 +292,23 @@ class Member:
 
 
 def resolve_member(spec: str, backend: str, registry_root: Path | None = None) -> str | Path | None:
-    """What to hand to `load_backend` for a member spec's weights (backend `dummy`: a name), or None when it
-    names the champion and the registry has none."""
+    """What to hand to `load_backend` for a member spec's weights (a backend that loads no weights, e.g. `dummy`:
+    a name), or None when it names the champion and the registry has none."""
+    from curation.backends import backend_class
+
     base, noise, seed = parse_member(spec)
+    weights = backend_class(backend).loads_weights
     if base == CHAMPION:
         found = champion_policy(registry_root)
         if found is None:
             return None
         version, policy = found
-        if backend == "dummy":
+        if not weights:
             base = f"{CHAMPION}-{version}"
         else:
             path = merged_policy(policy)
             return noisy_variant(path, noise, seed) if noise is not None else path
-    if backend == "dummy":
+    if not weights:
         return base + (f":noise={noise:g}:seed={seed}" if noise is not None else "")
     from training.models import resolve_model
 

@@ -24,8 +24,9 @@ rewards when it has any, and `generate/completions.parquet` (texts, for exact du
 - Reward signals (`reward_margin`, `reward_disagreement`, `reward_mean`; `curation.ensemble.prompt_reward_signals`)
   come from the champion reward model's member rewards (the `rewards` step: a TRL LoRA reward model, an ensemble
   when trained with `reward.ensemble: K`), else from the fast Bradley–Terry ensemble (`curation.ensemble`)
-  fitted on earlier rounds' pairs with their completion embeddings (`selection.reward_source`). In the first
-  round there is neither: a plain reward strategy refuses clearly, `hybrid` starts with k-center alone.
+  fitted on earlier rounds' pairs with their completion embeddings (`selection.reward_source`; `auto` also takes
+  the fast ensemble over a single-model champion, whose disagreement is 0 everywhere). In the first round there
+  is neither: a plain reward strategy refuses clearly, `S|kcenter` and `hybrid` start with k-center alone.
 - `completion_ids`: the completions to show for the prompt (`selection.completions_per_record`, default
   `annotation.completions_per_record`; 2 for a pairwise question), chosen by `selection.completion_choice`
   (`curation.pairing`: the uncertainty of the reward difference, with near-duplicates skipped), except for
@@ -71,10 +72,10 @@ ERROR_WEIGHTS = {"harm": 1.0, "feedback": 1.0, "disagree": 0.9, "low_rank": 0.7,
 @dataclass
 class SelectionConfig:
     # a name (entropy, kcenter, ...), "weighted", "hybrid", "A>B" or "S|C" (see strategies.py). The default is the
-    # configuration scripts/bench_acquisition.py measures (`hybrid@0.25`, its CONFIG_DEFAULT: reward margin +
-    # disagreement, top 4k, k-center; k-center alone until a reward model exists; a 25 % random arm, as every
-    # shipped config): never significantly worse than random there (see the README's acquisition tables)
-    strategy: str = "hybrid"
+    # configuration scripts/bench_acquisition.py supports (its CONFIG_DEFAULT, `reward_disagreement|kcenter@0.25`:
+    # the reward ensemble's disagreement, k-center until a reward model exists, a 25 % random arm, as every
+    # shipped config): ΔAUC above random's with the CI above 0 on all three benchmark datasets (README tables)
+    strategy: str = "reward_disagreement|kcenter"
     k: int = 16  # items per round (strategy arm + random arm)
     random_share: float = 0.25  # share of k drawn at random from the same pool (the control arm)
     weights: dict[str, float] = field(
@@ -88,8 +89,9 @@ class SelectionConfig:
     ensemble_members: int = 5  # bootstrap members of the fast reward ensemble (when there is no champion)
     ensemble_c: float = 0.02  # its inverse L2 strength (few pairs, hundreds of embedding dims: strong; as benchmarked)
     # where reward signals come from: auto = the champion reward model (the `rewards` step) when the registry has
-    # one, else the fast Bradley–Terry ensemble on earlier rounds' pairs; champion = require the champion;
-    # ensemble = always the fast ensemble (the rewards step then loads no model)
+    # one trained as an ensemble (reward.ensemble ≥ 2), else the fast Bradley–Terry ensemble on earlier rounds'
+    # pairs (a single reward model gives no disagreement), else a single champion; champion = require the
+    # champion; ensemble = always the fast ensemble (the rewards step then loads no model)
     reward_source: Literal["auto", "champion", "ensemble"] = "auto"
     # which completions of a picked prompt reviewers see (curation/pairing.py): info_gain, thompson, diverse, random
     completion_choice: str = "info_gain"
@@ -197,6 +199,24 @@ def previously_selected(rounds: list) -> tuple[set[str], np.ndarray | None]:
     return ids, (np.concatenate(embeddings) if embeddings else None)
 
 
+def thumbs_down_counts(rnd) -> dict[str, float]:
+    """prompt id → how many of its served answers users rated down (traffic metadata `thumbs_down`; pool items
+    without traffic feedback are absent): the `thumbs_down` signal, higher = more informative."""
+    if not rnd.step("pool").done:
+        return {}
+    from curation.pool import load_prompts
+
+    out = {}
+    for p in load_prompts(rnd):
+        value = (p.metadata or {}).get("thumbs_down")
+        if value not in (None, "", "0"):
+            try:
+                out[p.id] = float(value)
+            except (TypeError, ValueError):
+                continue  # not a count (a pool source's own metadata field of that name): no signal
+    return out
+
+
 def failure_reasons(rnd, feedback_file: Path | None) -> tuple[dict[str, list[str]], int]:
     """prompt id → failure reasons, from the pool (source "failure:..." / metadata) and the feedback file.
     Returns (reasons, number of feedback lines whose prompt id is unknown to the pool)."""
@@ -302,6 +322,14 @@ def attach_rewards(comps: Completions, sel: SelectionConfig, rnd, rounds: list, 
     from curation.rewards import load_completion_rewards
 
     champion = load_completion_rewards(rnd) if sel.reward_source != "ensemble" else None
+    single = None  # a one-model champion set aside for the ensemble (auto)
+    if champion is not None and sel.reward_source == "auto" and champion[2].shape[0] < 2:
+        # one reward model has no disagreement (reward_disagreement 0 everywhere, info_gain no heads to ask):
+        # auto takes the fast ensemble, which has, when earlier rounds have pairs to fit it on
+        pairs, _ = earlier_pairs(rounds)
+        if pairs is not None and len(pairs) >= 2 and comps.embeddings is not None:
+            single = rnd.step("rewards").manifest()["reward_model"]["version"]
+            champion = None
     if champion is not None:
         ids, _, rewards = champion
         column = {cid: j for j, cid in enumerate(ids)}
@@ -329,6 +357,9 @@ def attach_rewards(comps: Completions, sel: SelectionConfig, rnd, rounds: list, 
     comps.rewards = model.reward(comps.embeddings)
     comps.reward_info = {"source": "ensemble", "pairs": len(pairs), "pairs_without_embeddings": missing,
                          "members": sel.ensemble_members}
+    if single is not None:
+        comps.reward_info["instead_of"] = (f"champion {single}: a single reward model gives no disagreement "
+                                           "(train it with reward.ensemble ≥ 2 to use it here)")
     return True
 
 
@@ -434,6 +465,8 @@ def run_select(cfg, rnd, *, force: bool = False, progress: bool = True) -> dict:
         pool.labelled = labelled_emb
         reasons, unmatched = failure_reasons(rnd, sel.feedback_file)
         pool.signals["error_score"] = np.array([error_score(reasons.get(pid, [])) for pid in pool.ids])
+        thumbs = thumbs_down_counts(rnd)
+        pool.signals["thumbs_down"] = np.array([thumbs.get(pid, 0.0) for pid in pool.ids])
         comps = load_completions(rnd)
         needs_rewards = bool(REWARD_SIGNALS & set(strategy.inputs))
         have_rewards = False
@@ -448,7 +481,7 @@ def run_select(cfg, rnd, *, force: bool = False, progress: bool = True) -> dict:
             raise CurateError(
                 "reward-based strategies (reward_margin, reward_disagreement) need preference pairs from an earlier "
                 "round or a champion reward model (the `rewards` step); found neither: use an uncertainty or "
-                "diversity strategy in the first round (e.g. strategy: hybrid, which starts with k-center)"
+                "diversity strategy in the first round, or give it a cold start (e.g. strategy: reward_disagreement|kcenter)"
             )
         # Labelled items leave the pool, except those sent back as failures / feedback (error-based candidates);
         # the strategy arm (quotas, near-duplicates) and the random arm pick within the labelling budget.

@@ -45,6 +45,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 from preference.plumbing.errors import CurateError
+from preference.plumbing.hardware import Dtype
 from preference.plumbing.io import read_json, write_json
 
 GATEWAY_MODULE = "curation.serve"
@@ -63,7 +64,7 @@ class ServeConfig:
     model_name: str = "curate"  # the `model` clients ask for (the version id works too)
     policy: Literal["lora", "merged"] = "lora"  # vLLM LoRA on the base, or base + adapter merged once
     base_model: str | None = None  # the policy's base; default dpo.base_model
-    dtype: Literal["auto", "bfloat16", "float32"] = "auto"  # auto: preference.plumbing.hardware.resolve_dtype
+    dtype: Dtype = "auto"  # auto: preference.plumbing.hardware.resolve_dtype
     max_model_len: int = 2048
     kv_cache_space_gib: float = 1.0  # vLLM CPU KV cache (whole GiB, at least 1)
     vllm_port: int | None = None  # the model server's loopback port; null = a free one

@@ -309,6 +309,14 @@ class ErrorBased(SignalStrategy):
     name, family, column = "error", "error", "error_score"
 
 
+class ThumbsDown(SignalStrategy):
+    """Served prompts users rated down (`thumbs_down`: how many of their served answers got a thumbs-down; 0 for
+    items without traffic feedback), apart from other failures, so `weighted` / `hybrid` can weight user
+    complaints on their own (e.g. `weights: {thumbs_down: 2, reward_disagreement: 1}`)."""
+
+    name, family, column = "thumbs_down", "error", "thumbs_down"
+
+
 # ----------------------------------------------------------------------------------------------- random
 class Random(Strategy):
     """Uniform sample without replacement. Scores are all 0 (no item is more informative than another)."""
@@ -754,6 +762,7 @@ STRATEGIES: dict[str, Callable[[], Strategy]] = {
     "kmeans++": KMeansPlusPlus,
     "under_dense": UnderDenseClusters,
     "error": ErrorBased,
+    "thumbs_down": ThumbsDown,
 }
 COMPOSITES = ("weighted", "hybrid", "<first>><diverse>", "<strategy>|<cold start>")
 

@@ -275,7 +275,9 @@ def aggregate(
             reviewed.setdefault(r.record_id, []).append(r)
     scores: dict[str, dict[str, float]] = {}
     if cfg.method == "dawid_skene":
-        scores, _ = consensus_pairwise([r for r in responses if r.record_id not in exclude], records)
+        # every answer informs the reviewers' reliabilities, excluded records' too (gold items anchor it with
+        # their known answers); excluded records only yield no pairs (below)
+        scores, _ = consensus_pairwise(responses, records)
     harm_p: dict[str, dict[str, float]] | None = None
     if cfg.harm_method == "dawid_skene":
         harm_p, _ = consensus_harm(responses, records)

@@ -133,14 +133,15 @@ def _key(messages: list[dict[str, str]]) -> str:
     return json.dumps([[m["role"], m["content"].strip()] for m in messages], ensure_ascii=False)
 
 
-def load_labelled(path: Path) -> list[tuple[list[dict[str, str]], str, str]]:
+def load_labelled(path: Path, key: str = "annotation.simulated.source") -> list[tuple[list[dict[str, str]], str, str]]:
     """Labelled pairs (prompt messages, chosen answer, rejected answer) from an HH transcript file or a jsonl of
-    {"prompt": str | messages, "chosen": str, "rejected": str}. Malformed rows are skipped."""
+    {"prompt": str | messages, "chosen": str, "rejected": str}. Malformed rows are skipped. `key`: the setting
+    that named the file (errors say which one to fix)."""
     path = Path(path)
     if not path.is_file():
         raise CurateError(
-            f"simulated annotator: labelled file {path} not found; set annotation's simulated `source` to a jsonl "
-            "of preference pairs (e.g. data/hh-harmless-dev.jsonl.gz)"
+            f"{key}: labelled file {path} not found; set {key} to a jsonl of preference pairs or HH transcripts "
+            "(e.g. data/hh-harmless-dev.jsonl.gz)"
         )
     pairs = []
     for row in read_jsonl(path):
@@ -156,7 +157,7 @@ def load_labelled(path: Path) -> list[tuple[list[dict[str, str]], str, str]]:
         if isinstance(chosen, str) and isinstance(rejected, str) and chosen.strip() != rejected.strip():
             pairs.append((messages, chosen, rejected))
     if len(pairs) < 2:
-        raise CurateError(f"simulated annotator: {path} holds {len(pairs)} usable preference pairs; expected ≥ 2")
+        raise CurateError(f"{key}: {path} holds {len(pairs)} usable preference pairs; expected ≥ 2")
     return pairs
 
 

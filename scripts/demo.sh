@@ -18,6 +18,8 @@ $CURATE status -c "$CONFIG"
 echo
 echo "demo finished in $(( $(date +%s) - start )) s (exit $rc) on $(.venv/bin/python -c \
   'from preference.plumbing.hardware import describe, hardware_summary, resolve_dtype; print(describe(hardware_summary(resolve_dtype("auto"))))')"
+echo "target:      ≤ 360 s with models cached, ≤ 480 s from an empty model cache, on 2 AVX2-only cores (measured" \
+  "figures and where the time goes: README, \"Where the demo's time goes\")"
 echo "artifacts:   $(sed -n 's/^project: *//p' "$CONFIG")/round-*/   (report: <round>/report/report.html)"
 echo "Argilla UI:  http://127.0.0.1:6900  (user curate, password curate-dev-password); stop: $CURATE argilla down"
 exit $rc

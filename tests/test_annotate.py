@@ -92,6 +92,15 @@ def test_gold_source_too_small_is_one_clear_line(tmp_path, hh_sample):
     assert "\n" not in str(exc.value)
 
 
+def test_gold_source_missing_names_the_gold_setting(tmp_path, hh_sample):
+    ann = AnnotationConfig(backend="simulated", gold=GoldConfig(source=tmp_path / "no-such-gold.jsonl", share=0.5),
+                           simulated=SimulatedConfig(source=hh_sample))
+    with pytest.raises(CurateError, match=r"^annotation.gold.source: .*no-such-gold.jsonl not found; set "
+                                          r"annotation.gold.source to") as exc:
+        simulated_round(tmp_path, hh_sample, ann, n=4)
+    assert "\n" not in str(exc.value) and "simulated" not in str(exc.value)
+
+
 def test_selection_completion_ids_decide_what_is_shown(tmp_path, hh_sample):
     from curation.annotate import build_records
     from curation.config import RoundConfig
@@ -204,3 +213,19 @@ def test_annotator_drift_over_rounds(tmp_path, hh_sample):
     assert drift == pytest.approx(after["sim-1"]["agreement_with_consensus"] - past["agreement_with_consensus"])
     assert drift < -0.5  # its agreement with the consensus fell
     assert abs(after["sim-0"]["drift"]["agreement_with_consensus"]) < 0.2
+
+
+@pytest.mark.parametrize("exclude", [False, True])
+def test_unreliable_annotators_are_flagged_and_excluded_from_pairs_on_request(tmp_path, hh_sample, exclude):
+    sim = SimulatedConfig(source=hh_sample, annotators=3, profiles=["careful", "careful", "adversarial"])
+    ann = AnnotationConfig(backend="simulated", simulated=sim,
+                           aggregation=AggregationConfig(method="dawid_skene", exclude_unreliable=exclude))
+    rnd = simulated_round(tmp_path, hh_sample, ann, n=30)
+    quality = read_json(rnd.step("pull").file("annotators.json"))
+    flagged = {name for name, q in quality.items() if q["unreliable"]}
+    assert flagged == {"sim-2"}  # the adversarial one
+    pairs = [PreferencePair.from_row(r) for r in read_rows(rnd.step("pull").file("pairs.parquet"))]
+    assert pairs
+    in_pairs = set().union(*(p.annotators for p in pairs))
+    assert ("sim-2" in in_pairs) is (not exclude) and {"sim-0", "sim-1"} <= in_pairs
+    assert rnd.step("pull").manifest()["counts"]["excluded_unreliable"] == int(exclude)

@@ -47,7 +47,7 @@ def cli_error_line(*args) -> str:
     return lines[0]
 
 
-def test_bad_input_is_one_clear_line(tmp_path):
+def test_bad_input_is_one_clear_line(tmp_path, monkeypatch):
     hh = first_rows(DATA / "hh-harmless-dev.jsonl.gz", tmp_path / "hh.jsonl", 3)
     line = cli_error_line("--data", hh, "--format", "qa-feedback")
     assert line.startswith(f"error: {hh}:1: --format qa-feedback expects 'question'")
@@ -56,10 +56,26 @@ def test_bad_input_is_one_clear_line(tmp_path):
     assert "the pool holds 90 comparisons but --init 25 + --rounds 8 × --budget 25 = 225" in line
     line = error_line("--dataset", "hh-harmless", "--strategies", "random,entropy")
     assert "--strategies entropy: needs the signal(s) mean_entropy, which --features tfidf does not give" in line
+    # too small for the protocol: refused before any feature is computed
+    tiny = first_rows(DATA / "hh-harmless-dev.jsonl.gz", tmp_path / "tiny.jsonl", 5)
+    with monkeypatch.context() as m:
+        m.setitem(bench.FEATURES, "tfidf", lambda *a, **k: pytest.fail("features computed before the size check"))
+        assert "the pool holds" in error_line("--data", tiny, "--format", "hh")
     bad = tmp_path / "bad.jsonl"
     bad.write_text('{"prompt": "hi", "S": 1}\n{"prompt": "yo", "S": "yes"}\n')
     assert error_line("--data", bad, "--format", "moderation").endswith(
         f"{bad}:2: harm flag 'S' must be 0, 1 or null, got 'yes'")
+
+
+def test_custom_data_holds_out_a_share_by_default(tmp_path):
+    """`--data` without `--test`: a quarter of the file's items is the test set (not int(0.25) = 0 items)."""
+    data = first_rows(DATA / "hh-harmless-dev.jsonl.gz", tmp_path / "hh.jsonl", 400)
+    args = bench.configure(bench.parse_args(["--data", str(data), "--format", "hh"]), "custom")
+    task = bench.LOADERS["hh"](data)
+    split = bench.make_split(task, args, 0)
+    assert len(split.test) == round(0.25 * len(task)) and len(split.test) + len(split.pool) == len(task)
+    assert len(bench.make_split(task, bench.configure(bench.parse_args(
+        ["--data", str(data), "--format", "hh", "--test", "50"]), "custom"), 0).test) == 50
 
 
 def test_loaders_read_the_real_shapes():

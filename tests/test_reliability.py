@@ -114,3 +114,28 @@ def test_gold_accuracy_decides_reliability_when_there_is_enough_gold():
     assert quality["wrong"]["gold_accuracy"] == pytest.approx(0.5 / 4) and quality["wrong"]["unreliable"]
     assert quality["right"]["seconds_per_record"] == pytest.approx(60.0)
     assert annotator_quality(responses, records, min_gold=5)["right"]["reliability_basis"] == "dawid_skene"
+
+
+def test_gold_answers_anchor_the_consensus_that_builds_pairs():
+    """Two reviewers who always disagree: without gold, Dawid–Skene cannot tell who is right; the gold items
+    (excluded from pairs) must reach it, so the pair of the one real record follows the reviewer right on gold."""
+    def record(rid: str, gold: bool) -> AnnotationRecord:
+        comps = [Completion(id=f"{rid}-c", prompt_id=rid, model="gold:chosen" if gold else "m", text="good"),
+                 Completion(id=f"{rid}-r", prompt_id=rid, model="gold:rejected" if gold else "m", text="bad")]
+        meta = {"gold": {"chosen": f"{rid}-c", "rejected": f"{rid}-r"}} if gold else {}
+        return AnnotationRecord(prompt=Prompt(id=rid, messages=[{"role": "user", "content": rid}]),
+                                completions=comps, metadata=meta)
+
+    gold = [record(f"g{i}", True) for i in range(6)]
+    real = record("x", False)
+    responses = []
+    for r in [*gold, real]:
+        c, w = f"{r.record_id}-c", f"{r.record_id}-r"
+        # "right" ranks the gold answers correctly; on the real record its vote is x-r over x-c
+        right = {c: 1, w: 2} if r is not real else {c: 2, w: 1}
+        responses.append(Response(record_id=r.record_id, annotator="right", status="submitted", ranks=right))
+        responses.append(Response(record_id=r.record_id, annotator="wrong", status="submitted",
+                                  ranks={k: 3 - v for k, v in right.items()}))
+    cfg = AggregationConfig(method="dawid_skene", pairs="best_vs_rest")
+    (pair,) = aggregate([*gold, real], responses, cfg, exclude={g.record_id for g in gold})
+    assert pair.prompt_id == "x" and pair.chosen_id == "x-r" and pair.rejected_id == "x-c"

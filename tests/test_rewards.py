@@ -51,6 +51,9 @@ def test_round_two_scores_with_the_champion_and_select_reads_it(tiny_project, ti
              for r in sample]
     direct = RewardModel.load(tiny_project / "registry" / "v0001" / "reward").member_rewards(convs)
     assert np.allclose(direct, [[r["reward::0"] for r in sample], [r["reward::1"] for r in sample]], atol=1e-4)
+    # the push step suggests the champion's ranking on every record, the gold ones included (no tell)
+    push = second.step("push").manifest()
+    assert push["counts"]["gold"] > 0 and push["counts"]["with_suggestions"] == push["counts"]["records"]
     # select used the champion's rewards: its reward signals are the step's numbers, per prompt
     sel = second.step("select").manifest()
     assert sel["reward_signals"] == "champion" and sel["reward_model"]["version"] == "v0001"

@@ -217,9 +217,18 @@ def test_champion_suggestions_appear_on_the_real_server(argilla_server, request,
         records = list(ds.records(with_suggestions=True))
     rewards = {r["completion_id"]: r["reward_mean"] for r in read_rows(rnd.step("rewards").path /
                                                                         "completion_rewards.parquet")}
-    shown = {r.record_id: [c.id for c in r.completions] for r in load_records(rnd)}
+    pushed = load_records(rnd)
+    shown = {r.record_id: [c.id for c in r.completions] for r in pushed}
+    # gold records are suggested too (no tell for reviewers), scored by the same champion
+    from training.reward import RewardModel
+
+    gold = [(c.id, [*r.prompt.messages, {"role": "assistant", "content": c.text}])
+            for r in pushed if "gold" in r.metadata for c in r.completions]
+    assert gold and push["counts"]["gold"] > 0
+    direct = RewardModel.load(project / "registry" / "v0001" / "reward").member_rewards([c for _, c in gold])
+    rewards.update(zip([i for i, _ in gold], direct.mean(axis=0).tolist(), strict=True))
     suggested = [r for r in records if len(r.suggestions)]
-    assert len(suggested) == push["counts"]["with_suggestions"]
+    assert len(suggested) == push["counts"]["with_suggestions"] == len(pushed) == len(records)
     for rec in suggested:
         s = rec.suggestions["ranking"]
         assert s.agent == "v0001"

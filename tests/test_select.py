@@ -96,7 +96,7 @@ def test_end_to_end_arms_columns_and_reasons(tmp_path):
     assert selected(rnd) == rows
 
 
-def test_hybrid_default_and_random_arm_is_exact(tmp_path):
+def test_default_strategy_and_random_arm_is_exact(tmp_path):
     rnd = Project(tmp_path).round(1, create=True)
     build_round(rnd, n=60)
     for share, k, expected in ((0.15, 16, 2), (0.25, 16, 4), (0.1, 10, 1), (0.0, 5, 0)):
@@ -104,7 +104,7 @@ def test_hybrid_default_and_random_arm_is_exact(tmp_path):
     run_select(config(tmp_path, k=16, random_share=0.25), rnd, progress=False)
     rows = selected(rnd)
     assert sum(r["arm"] == "random" for r in rows) == 4 and len({r["prompt_id"] for r in rows}) == 16
-    assert rows[0]["strategy"].startswith("weighted(") and rows[0]["strategy"].endswith(">kcenter")
+    assert rows[0]["strategy"] == "reward_disagreement|kcenter"  # the benchmarked default (k-center: no rewards)
 
 
 def test_excludes_earlier_rounds_and_respects_budget(tmp_path):
@@ -177,6 +177,50 @@ def test_reward_strategies_need_earlier_pairs_then_work(tmp_path):
     assert len(everything) == 40 and all(np.isfinite(margins))
     assert "reward_margin=" in strategy[0]["reason"]
     run_select(config(tmp_path, strategy="reward_disagreement", k=4), second, force=True, progress=False)
+
+
+def test_auto_takes_the_fast_ensemble_over_a_single_model_champion(tmp_path):
+    """A one-model champion has no disagreement (0 everywhere): `auto` fits the fast ensemble on earlier pairs
+    for `reward_disagreement` instead and says so; with two heads it takes the champion."""
+    from curation.rewards import OUTPUT, schema
+
+    project = Project(tmp_path)
+    first = project.round(1, create=True)
+    ids = build_round(first)
+    finish(first, "pairs", {"pairs.parquet": [
+        PreferencePair(id=f"pp{i}", prompt_id=pid, prompt=[{"role": "user", "content": "q"}],
+                       chosen=[{"role": "assistant", "content": "a"}], rejected=[{"role": "assistant", "content": "b"}],
+                       chosen_id=f"{pid}-c0", rejected_id=f"{pid}-c1").to_row() for i, pid in enumerate(ids[:20])]})
+    second = project.round(2, create=True)
+    build_round(second)
+    comps = read_rows(second.step("score").file("completion_scores.parquet"))
+    rng = np.random.default_rng(0)
+
+    def champion(members: int) -> None:
+        run = second.start_step("rewards", {"members": members}, force=True)
+        with run:
+            rewards = rng.normal(size=(members, len(comps)))
+            write_rows(run.path / OUTPUT, [
+                {"completion_id": c["completion_id"], "prompt_id": c["prompt_id"], "reward_mean": float(r.mean()),
+                 "reward_std": float(r.std()), **{f"reward::{k}": float(r[k]) for k in range(members)}}
+                for c, r in zip(comps, rewards.T, strict=True)], schema=schema(members))
+            run.extra["reward_model"] = {"version": "v0001", "registry": str(tmp_path / "registry"),
+                                         "members": members}
+
+    cfg = config(tmp_path, strategy="reward_disagreement|kcenter", k=8)
+    champion(1)
+    manifest = run_select(cfg, second, progress=False)
+    assert manifest["reward_signals"] == "ensemble" and manifest["reward_ensemble"]["pairs"] == 20
+    assert "champion v0001: a single reward model" in manifest["reward_ensemble"]["instead_of"]
+    disagreement = [r["reward_disagreement"] for r in selected(second) if r["arm"] == "strategy"]
+    assert max(disagreement) > 0  # the ensemble's, not the single model's zeros
+    champion(2)
+    manifest = run_select(cfg, second, force=True, progress=False)
+    assert manifest["reward_signals"] == "champion" and manifest["reward_model"]["members"] == 2
+    champion(1)  # reward_source: champion keeps the single model
+    manifest = run_select(config(tmp_path, strategy="reward_disagreement|kcenter", k=8, reward_source="champion"),
+                          second, force=True, progress=False)
+    assert manifest["reward_signals"] == "champion" and manifest["reward_model"]["members"] == 1
 
 
 def test_nan_signal_and_config_errors(tmp_path):

@@ -26,6 +26,7 @@ from preference.plumbing.errors import CurateError
 SIGNALS = (
     "prompt_perplexity", "mean_completion_perplexity", "mean_logprob", "mean_entropy", "committee_disagreement",
     "committee_range", "vote_entropy", "semantic_spread", "reward_margin", "reward_disagreement", "error_score",
+    "thumbs_down",
 )
 
 
@@ -33,6 +34,7 @@ def make_items(n: int = 60, dim: int = 8, seed: int = 0, labelled: int = 0) -> I
     rng = np.random.default_rng(seed)
     signals = {name: rng.normal(size=n) for name in SIGNALS}
     signals["error_score"] = (rng.random(n) < 0.2).astype(float)
+    signals["thumbs_down"] = rng.poisson(0.3, size=n).astype(float)
     return Items(
         ids=[f"p{i}" for i in range(n)],
         signals=signals,

@@ -3,6 +3,7 @@ prompts and answers, thumbs-down items as error-based candidates, feedback.parqu
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import signal
 import subprocess
@@ -15,7 +16,8 @@ import pytest
 from curation.config import RoundConfig
 from curation.generate import GenerationConfig, load_completions, run_generate
 from curation.pool import PoolConfig, PoolSource, detect_format, load_prompts, run_pool
-from curation.select import error_score, failure_reasons
+from curation.score import ScoringConfig, run_score
+from curation.select import SelectionConfig, error_score, failure_reasons, run_select, thumbs_down_counts
 from curation.traffic import (
     THUMBS_DOWN_REASON,
     TrafficLog,
@@ -155,6 +157,14 @@ def test_traffic_pool_feedback_and_served_completions(tmp_path):
     run_generate(cfg, rnd, progress=False)
     served = {c.prompt_id: c.text for c in load_completions(rnd) if c.model == "served"}
     assert served[poem.id] == "no." and served[router.id] == "Press the reset button." and len(served) == 4
+    # the thumbs-down signal of its own: a `thumbs_down` strategy picks the rated-down prompt
+    assert thumbs_down_counts(rnd) == {poem.id: 1.0}
+    cfg = dataclasses.replace(cfg, scoring=ScoringConfig(backend="dummy", committee=["gen"]),
+                              selection=SelectionConfig(strategy="thumbs_down", k=1, random_share=0.0))
+    run_score(cfg, rnd, progress=False)
+    run_select(cfg, rnd)
+    (picked,) = read_rows(rnd.step("select").file("selected.parquet"))
+    assert picked["prompt_id"] == poem.id and picked["strategy"] == "thumbs_down"
 
 
 def test_next_round_ingests_only_new_traffic_and_late_feedback(tmp_path):
