@@ -260,7 +260,7 @@ def round_run(
         project = Project(cfg.project)
         latest = project.round(create=True)
         if latest.step("report").done:
-            if if_drift and not _drift_warrants_round(cfg, quiet):
+            if if_drift and not _drift_warrants_round(cfg, quiet, verbose):
                 raise typer.Exit(10)  # curation.drift.EXIT_NO_DRIFT
             latest = project.new_round()
         else:
@@ -273,23 +273,24 @@ def round_run(
         raise typer.Exit(11)  # curation.drift.EXIT_WAITING
 
 
-def _drift_warrants_round(cfg, quiet: bool) -> bool:
-    """`--if-drift`: run the drift check; print its one-line verdict and where its report is."""
+def _drift_warrants_round(cfg, quiet: bool, verbose: bool = False) -> bool:
+    """Run the drift check with a quiet console (library output in <project>/drift/log.txt); print its one-line
+    verdict and where its report is. True when it warrants a round."""
     from curation.drift import check, summary
+    from preference.plumbing.console import command_console
 
-    report, folder = check(cfg, progress=not quiet, echo=typer.echo)
+    with command_console(Path(cfg.project) / "drift", "drift", verbose=verbose):
+        report, folder = check(cfg, progress=not quiet, echo=typer.echo)
     typer.echo(f"{summary(report)} → {folder / 'drift.json'}")
     return report["start_round"]
 
 
 @app.command()
-def drift(config: ConfigOpt, set_: SetOpt = None, quiet: QuietOpt = False) -> None:
+def drift(config: ConfigOpt, set_: SetOpt = None, quiet: QuietOpt = False, verbose: VerboseOpt = False) -> None:
     """Compare new served traffic with the champion's training prompts (embedding MMD test per slice, perplexity,
-    thumbs-down rate); writes drift.json and drift.png under <project>/drift/. Exit 0 either way."""
-    from curation.drift import check, summary
-
-    report, folder = check(load(config, set_), progress=not quiet, echo=typer.echo)
-    typer.echo(f"{summary(report)} → {folder / 'drift.json'}")
+    thumbs-down rate); writes drift.json and drift.png under <project>/drift/ (library output: its log.txt).
+    Exit 0 either way."""
+    _drift_warrants_round(load(config, set_), quiet, verbose)
 
 
 @app.command()

@@ -119,7 +119,7 @@ def test_if_drift_exit_codes_a_cron_job_reads(tmp_path, monkeypatch, capsys):
         pass
     ran = []
     monkeypatch.setattr(curation.round, "run_round", lambda cfg, rnd, **kw: ran.append(rnd.number) or outcome)
-    monkeypatch.setattr(cli, "_drift_warrants_round", lambda cfg, quiet: warranted)
+    monkeypatch.setattr(cli, "_drift_warrants_round", lambda cfg, quiet, verbose: warranted)
     warranted, outcome = False, "done"
     assert run("--next", "--if-drift") == 10 and not ran and project.round().number == 1
     warranted, outcome = True, "waiting"

@@ -99,6 +99,28 @@ def test_library_output_goes_to_the_log_ours_to_the_console(step, capfd, library
     assert not list(step.round.path.glob(".*.log"))  # the live log was moved into the step folder
 
 
+def test_a_command_outside_the_round_steps_is_quiet_too(tmp_path, capfd):
+    """`curate drift` (not a round step) runs under `command_console`: library output in <folder>/log.txt,
+    appended per run; ours on the console; a failure names the log."""
+    from preference.plumbing.console import command_console
+
+    folder = tmp_path / "proj" / "drift"
+    before = state()
+    for _ in range(2):
+        with command_console(folder, "drift") as log:
+            library_chatter()
+            our_module()()
+    out, err = capfd.readouterr()
+    assert state() == before and log == folder / "log.txt"
+    assert "our own summary line" in out and "our-bar" in err and "library print" not in out + err
+    text = log.read_text()
+    assert text.count("=== ") == 2 and text.count("library print") == 2 and "our own summary line" not in text
+    with pytest.raises(RuntimeError) as info, command_console(folder, "drift"):
+        raise RuntimeError("scoring model died")
+    assert f"full log of `curate drift`: {log}" in "\n".join(info.value.__notes__)
+    assert not list(folder.glob(".*.log"))
+
+
 def test_a_failing_step_restores_everything_and_names_its_log(step, capfd):
     before = state()
     with pytest.raises(RuntimeError, match="engine died") as info, step_console(step) as log:

@@ -172,12 +172,12 @@ def _argv() -> str:
 
 
 class _Capture:
-    """The redirection of one step run (see `step_console`); `stop` undoes exactly what `start` did."""
+    """The redirection of one step (or command) run (see `step_console`); `stop` undoes exactly what `start`
+    did. `final`: the log the run's output is appended to; `live`: where it is written meanwhile; `what`: the
+    run's name in a failure's note."""
 
-    def __init__(self, step):
-        self.step = step
-        self.final = step.path / LOG_NAME
-        self.live = step.round.path / f".{step.name}.log"
+    def __init__(self, final: Path, live: Path, what: str):
+        self.final, self.live, self.what = final, live, what
 
     def start(self) -> None:
         self.live.parent.mkdir(parents=True, exist_ok=True)
@@ -243,7 +243,7 @@ class _Capture:
                 out.write(src.read())
             if failure is not None:
                 lines = "".join(f"\n  | {x}" for x in tail)
-                failure.add_note(f"full log of step {self.step.name!r}: {self.final}"
+                failure.add_note(f"full log of {self.what}: {self.final}"
                                  + (f"\nits last lines before the error:{lines}" if tail else ""))
         self.live.unlink(missing_ok=True)
 
@@ -256,14 +256,31 @@ def step_console(step, *, verbose: bool = False) -> Iterator[Path | None]:
     if verbose:
         yield None
         return
-    capture = _Capture(step)
+    with _captured(_Capture(step.path / LOG_NAME, step.round.path / f".{step.name}.log", f"step {step.name!r}")):
+        yield step.path / LOG_NAME
+
+
+@contextlib.contextmanager
+def command_console(folder: Path, name: str, *, verbose: bool = False) -> Iterator[Path | None]:
+    """The same quiet console for a command that is not a round step (`curate drift`): library output goes to
+    `<folder>/log.txt` (appended per run, `<folder>/.<name>.log` while it runs). Yields the log's path (None
+    when `verbose`)."""
+    if verbose:
+        yield None
+        return
+    with _captured(_Capture(Path(folder) / LOG_NAME, Path(folder) / f".{name}.log", f"`curate {name}`")):
+        yield Path(folder) / LOG_NAME
+
+
+@contextlib.contextmanager
+def _captured(capture: _Capture) -> Iterator[None]:
     capture.start()
     try:
-        yield capture.final
+        yield
     except BaseException as exc:
         capture.stop(exc)
         raise
     capture.stop(None)
 
 
-__all__ = ["step_console", "written_by_us", "wall_time", "LOG_NAME"]
+__all__ = ["step_console", "command_console", "written_by_us", "wall_time", "LOG_NAME"]
