@@ -261,8 +261,8 @@ def build_records(cfg, rnd) -> tuple[list[AnnotationRecord], dict[str, float], s
 
             gold = [(c.id, [*r.prompt.messages, {"role": "assistant", "content": c.text}])
                     for r in records if "gold" in r.metadata for c in r.completions]
-            rewards = {**rewards, **dict(zip([i for i, _ in gold],
-                                             version_rewards(cfg, agent, [conv for _, conv in gold]), strict=True))}
+            ids, conversations = zip(*gold, strict=True)
+            rewards = {**rewards, **dict(zip(ids, version_rewards(cfg, agent, list(conversations)), strict=True))}
     return records, rewards, agent or "reward-model", counts
 
 

@@ -251,7 +251,8 @@ def read_json_if(path: Path) -> dict:
 def scoring_backends(cfg):
     """(embedder, scorer) as `curate score` embeds prompts and scores their perplexity (`scoring.embedding_model`,
     else the first committee member; `curation.score.prompt_backends`), as a context manager, on the backend's
-    `small_jobs` one where it has one (transformers in place of vLLM: a few hundred prompts need no engine). `scorer` is None when the embedder scores too."""
+    `small_jobs` one where it has one (transformers in place of vLLM: a few hundred prompts need no engine).
+    `scorer` is None when the embedder scores too."""
     from dataclasses import replace
 
     from curation.backends import backend_class

@@ -16,8 +16,9 @@ Policies (stated, and counted in the manifest):
 - `include_references: true` also adds the prompt's `metadata.reference_chosen` / `reference_rejected` answers
   (HH pools) as completions with model `reference:chosen` / `reference:rejected`, scored (mean logprob) under
   the first generator model in the same backend call as the shard's generation (`Backend.generate_and_score`:
-  on vLLM each prompt's context is computed once for its samples and its references); finish_reason `reference`; and a traffic pool's `metadata.served_completion` (the
-  answer users were served) as a completion of model `served`.
+  on vLLM each prompt's context is computed once for its samples and its references); finish_reason
+  `reference`; and a traffic pool's `metadata.served_completion` (the answer users were served) as a completion
+  of model `served`.
 
 The models run on `backend` (`BackendSettings`: `name` from `curation.backends.BACKENDS`, `dtype`, `threads`,
 `max_model_len`, ...). The step prints the hardware and the precision it chose (one line), and records in its

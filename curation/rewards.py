@@ -39,7 +39,6 @@ def champion_reward_model(cfg) -> tuple[str, Path, Path] | None:
     """(version, registry root, reward model folder) of the registry's champion, or None when there is none or it
     has no reward model."""
     from training.registry import Registry, registry_root
-    from training.reward import MODEL_CARD
 
     root = registry_root(cfg)
     if not (root / "index.json").is_file():
@@ -48,10 +47,16 @@ def champion_reward_model(cfg) -> tuple[str, Path, Path] | None:
     version = registry.champion()
     if version is None:
         return None
-    folder = registry.artifact(version, "reward_model")  # the trainer table's reward-model artifact
-    if folder is None or not (folder / MODEL_CARD).is_file():
-        return None
-    return version, root, folder
+    folder = _reward_model(registry, version)
+    return None if folder is None else (version, root, folder)
+
+
+def _reward_model(registry, version: str) -> Path | None:
+    """The reward model folder of registry `version` (the trainer table's reward-model artifact), or None."""
+    from training.reward import MODEL_CARD
+
+    folder = registry.artifact(version, "reward_model")
+    return folder if folder is not None and (folder / MODEL_CARD).is_file() else None
 
 
 def model_identity(folder: Path) -> str:
@@ -183,11 +188,10 @@ def version_rewards(cfg, version: str, conversations: list[list[dict]]) -> list[
     """Mean reward of each conversation under registry version `version`'s reward model, through the same cache
     as the step (the push step scores its gold records with the champion that scored the round)."""
     from training.registry import Registry
-    from training.reward import MODEL_CARD
 
     registry = Registry(_registry(cfg))
-    folder = registry.artifact(version, "reward_model")
-    if folder is None or not (folder / MODEL_CARD).is_file():
+    folder = _reward_model(registry, version)
+    if folder is None:
         raise CurateError(f"registry version {version} in {registry.root} has no reward model (it scored this "
                           "round's rewards step); restore it, or redo the round's rewards step with --force")
     model, cache, _ = _champion_scorer(cfg, folder)

@@ -323,10 +323,12 @@ def attach_rewards(comps: Completions, sel: SelectionConfig, rnd, rounds: list, 
 
     champion = load_completion_rewards(rnd) if sel.reward_source != "ensemble" else None
     single = None  # a one-model champion set aside for the ensemble (auto)
+    earlier = None  # earlier rounds' pairs, read once
     if champion is not None and sel.reward_source == "auto" and champion[2].shape[0] < 2:
         # one reward model has no disagreement (reward_disagreement 0 everywhere, info_gain no heads to ask):
         # auto takes the fast ensemble, which has, when earlier rounds have pairs to fit it on
-        pairs, _ = earlier_pairs(rounds)
+        earlier = earlier_pairs(rounds)
+        pairs = earlier[0]
         if pairs is not None and len(pairs) >= 2 and comps.embeddings is not None:
             single = rnd.step("rewards").manifest()["reward_model"]["version"]
             champion = None
@@ -348,7 +350,7 @@ def attach_rewards(comps: Completions, sel: SelectionConfig, rnd, rounds: list, 
             "selection.reward_source is 'champion' but the rewards step scored nothing (no champion reward model); "
             "run the rewards step after a promoted round, or set selection.reward_source: auto"
         )
-    pairs, missing = earlier_pairs(rounds)
+    pairs, missing = earlier if earlier is not None else earlier_pairs(rounds)
     if pairs is None or len(pairs) < 2:
         return False
     if comps.embeddings is None:
@@ -481,7 +483,8 @@ def run_select(cfg, rnd, *, force: bool = False, progress: bool = True) -> dict:
             raise CurateError(
                 "reward-based strategies (reward_margin, reward_disagreement) need preference pairs from an earlier "
                 "round or a champion reward model (the `rewards` step); found neither: use an uncertainty or "
-                "diversity strategy in the first round, or give it a cold start (e.g. strategy: reward_disagreement|kcenter)"
+                "diversity strategy in the first round, or give it a cold start "
+                "(e.g. strategy: reward_disagreement|kcenter)"
             )
         # Labelled items leave the pool, except those sent back as failures / feedback (error-based candidates);
         # the strategy arm (quotas, near-duplicates) and the random arm pick within the labelling budget.
