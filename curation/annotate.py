@@ -529,7 +529,7 @@ def _review_stage(ann, cfg, rnd, push_manifest, records, first, routed, out, pro
     ids = {r.record_id: [c.id for c in r.completions] for r in chosen}
     questions = review_questions()
     with ArgillaClient.from_config(a) as client:
-        sync = ensure_dataset(client, name, a.workspace, spec, next_version=None)
+        sync = ensure_dataset(client, name, a.workspace, spec, name_key="annotation.argilla.review_dataset")
         info.update(dataset=name, dataset_id=sync.id, **upsert_records(
             client, sync.dataset, spec, with_meta, questions=questions, batch_size=a.batch_size,
             extra_fields=summaries, progress=progress))

@@ -387,7 +387,7 @@ class Backend:
     ) -> tuple[list[list[Generation]], list[list[float]]]:
         """`generate(prompts, sampling)` and `loglikelihood(requests)` in one call, for requests on the prompts'
         own contexts (their reference answers). Each result equals what the two calls give alone; a backend that
-        can share work between them overrides `_generate_and_score` (vLLM: each context is computed once)."""
+        can share work between them overrides `_generate_after_scoring` (vLLM: each context is computed once)."""
         ids, pairs = self._prompts(prompts, sampling), self._requests(requests)
         if not ids or not pairs:
             return self.generate(ids, sampling), self.loglikelihood(pairs)
@@ -422,11 +422,16 @@ class Backend:
 
     def _generate_and_score(self, prompts: list[list[int]], sampling: Sampling,
                             requests: list[tuple[list[int], list[int]]]) -> tuple[list[list[Generation]], list[list[float]]]:
-        """Default: the two calls, nothing shared (timed as `generate` and `loglikelihood`, as alone)."""
+        """Scoring first, then generation through `_generate_after_scoring` (timed as `generate` and
+        `loglikelihood`, as alone; a backend that shares work overrides that hook)."""
         with self.timed("loglikelihood"):
             lls = self._loglikelihood(requests)
         with self.timed("generate"):
-            return self._generate(prompts, sampling), lls
+            return self._generate_after_scoring(prompts, sampling), lls
+
+    def _generate_after_scoring(self, prompts: list[list[int]], sampling: Sampling) -> list[list[Generation]]:
+        """Generation right after `_loglikelihood` ran on the same contexts. Default: `_generate`, nothing shared."""
+        return self._generate(prompts, sampling)
 
     def _loglikelihood_and_embed(self, requests: list[tuple[list[int], list[int]]], max_tokens: int
                                  ) -> tuple[list[list[float]], np.ndarray]:
@@ -617,16 +622,13 @@ class VLLMBackend(_HFTokenizerMixin, Backend):
             result.append(gens)
         return result
 
-    def _generate_and_score(self, prompts, sampling, requests):
-        """The requests scored by `_loglikelihood` (which computes each context once into the prefix cache), then
-        the prompts generated on the same cached contexts: the generate step's prompts and their reference answers
-        share one context pass instead of two (≈ 11 s of a 100 s step for the demo's 48 HH prompts on 2 AVX2
-        cores). Scoring goes first: blocks filled during generation (a context's last block with sampled tokens)
-        would otherwise be hit by a reference starting the same way."""
-        with self.timed("loglikelihood"):  # the shared context pass is counted here
-            lls = self._loglikelihood(requests)  # leaves the contexts in the prefix cache
-        with self.timed("generate"):
-            return self._generate(prompts, sampling, fresh=False), lls
+    def _generate_after_scoring(self, prompts, sampling):
+        """Generation on the contexts `_loglikelihood` just left in the prefix cache (the cache is not reset):
+        the generate step's prompts and their reference answers share one context pass instead of two (≈ 11 s of
+        a 100 s step for the demo's 48 HH prompts on 2 AVX2 cores; the pass is timed as `loglikelihood`).
+        Scoring goes first: blocks filled during generation (a context's last block with sampled tokens) would
+        otherwise be hit by a reference starting the same way."""
+        return self._generate(prompts, sampling, fresh=False)
 
     def _loglikelihood(self, requests):
         """prompt_logprobs on context+continuation, with contexts prefilled into the prefix cache first.

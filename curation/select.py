@@ -199,15 +199,20 @@ def previously_selected(rounds: list) -> tuple[set[str], np.ndarray | None]:
     return ids, (np.concatenate(embeddings) if embeddings else None)
 
 
-def thumbs_down_counts(rnd) -> dict[str, float]:
-    """prompt id → how many of its served answers users rated down (traffic metadata `thumbs_down`; pool items
-    without traffic feedback are absent): the `thumbs_down` signal, higher = more informative."""
+def pool_prompts(rnd) -> list:
+    """The round's pool prompts (empty before the pool step): read once for the pool-derived signals below."""
     if not rnd.step("pool").done:
-        return {}
+        return []
     from curation.pool import load_prompts
 
+    return load_prompts(rnd)
+
+
+def thumbs_down_counts(prompts: list) -> dict[str, float]:
+    """prompt id → how many of its served answers users rated down (traffic metadata `thumbs_down`; pool items
+    without traffic feedback are absent): the `thumbs_down` signal, higher = more informative."""
     out = {}
-    for p in load_prompts(rnd):
+    for p in prompts:
         value = (p.metadata or {}).get("thumbs_down")
         if value not in (None, "", "0"):
             try:
@@ -217,21 +222,16 @@ def thumbs_down_counts(rnd) -> dict[str, float]:
     return out
 
 
-def failure_reasons(rnd, feedback_file: Path | None) -> tuple[dict[str, list[str]], int]:
-    """prompt id → failure reasons, from the pool (source "failure:..." / metadata) and the feedback file.
-    Returns (reasons, number of feedback lines whose prompt id is unknown to the pool)."""
+def failure_reasons(prompts: list, feedback_file: Path | None) -> tuple[dict[str, list[str]], int]:
+    """prompt id → failure reasons, from the pool's `prompts` (source "failure:..." / metadata) and the feedback
+    file. Returns (reasons, number of feedback lines whose prompt id is unknown to the pool)."""
     reasons: dict[str, list[str]] = {}
-    known: set[str] | None = None
-    if rnd.step("pool").done:
-        from curation.pool import load_prompts
-
-        prompts = load_prompts(rnd)
-        known = {p.id for p in prompts}
-        for p in prompts:
-            meta = p.metadata or {}
-            tags = [str(meta[key]) for key in ("failure", "failure_reason") if meta.get(key)]
-            if p.source.startswith("failure:") or tags:
-                reasons.setdefault(p.id, []).extend(tags or [p.source])
+    known: set[str] | None = {p.id for p in prompts} if prompts else None
+    for p in prompts:
+        meta = p.metadata or {}
+        tags = [str(meta[key]) for key in ("failure", "failure_reason") if meta.get(key)]
+        if p.source.startswith("failure:") or tags:
+            reasons.setdefault(p.id, []).extend(tags or [p.source])
     unmatched = 0
     if feedback_file is not None:
         path = Path(feedback_file)
@@ -465,9 +465,10 @@ def run_select(cfg, rnd, *, force: bool = False, progress: bool = True) -> dict:
         if labelled_emb is not None and pool.embeddings is not None and labelled_emb.shape[1] != pool.embeddings.shape[1]:
             labelled_emb = None  # a different embedder than this round's: cannot compare distances
         pool.labelled = labelled_emb
-        reasons, unmatched = failure_reasons(rnd, sel.feedback_file)
+        prompts = pool_prompts(rnd)
+        reasons, unmatched = failure_reasons(prompts, sel.feedback_file)
         pool.signals["error_score"] = np.array([error_score(reasons.get(pid, [])) for pid in pool.ids])
-        thumbs = thumbs_down_counts(rnd)
+        thumbs = thumbs_down_counts(prompts)
         pool.signals["thumbs_down"] = np.array([thumbs.get(pid, 0.0) for pid in pool.ids])
         comps = load_completions(rnd)
         needs_rewards = bool(REWARD_SIGNALS & set(strategy.inputs))

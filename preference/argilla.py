@@ -508,11 +508,12 @@ class DatasetSync:
 
 
 def ensure_dataset(client: ArgillaClient, name: str, workspace: str, spec: dict, *,
-                   next_version: str | None = None) -> DatasetSync:
+                   next_version: str | None = None, name_key: str = "annotation.argilla.dataset") -> DatasetSync:
     """Create dataset `name` with `spec`, complete a half-created (draft) one, or reuse a matching one.
 
     Guidelines, the task distribution and missing metadata properties / vectors are synced in place. Questions,
-    labels and fields cannot change on a published dataset: a CurateError names `next_version` to push to.
+    labels and fields cannot change on a published dataset: a CurateError names `next_version` to push to, or
+    else the setting `name_key` that names the dataset.
     """
     import argilla as rg
 
@@ -546,7 +547,7 @@ def ensure_dataset(client: ArgillaClient, name: str, workspace: str, spec: dict,
                    for v in spec["vectors"] if v["name"] in dims and dims[v["name"]] != v["dimensions"]]
     if structural:
         how = (f"push to a new dataset version with `curate push --new-version` (creates {next_version!r})"
-               if next_version else "use another name (annotation.argilla.dataset)")
+               if next_version else f"use another name ({name_key})")
         raise CurateError(
             f"Argilla dataset {name!r} (workspace {workspace!r}, {client.url}) exists with a different layout: "
             + "; ".join(structural[:6]) + (f" (+{len(structural) - 6} more)" if len(structural) > 6 else "")

@@ -14,7 +14,7 @@ import pytest
 from curation.annotate import AnnotationConfig, load_records, run_pull, run_push
 from curation.config import RoundConfig
 from preference.aggregate import AggregationConfig
-from preference.argilla import ArgillaClient, ArgillaConfig, ArgillaError
+from preference.argilla import ArgillaClient, ArgillaConfig, ArgillaError, annotation_spec, ensure_dataset
 from preference.plumbing.errors import CurateError
 from preference.plumbing.io import read_json, read_jsonl, read_rows, write_rows
 from preference.plumbing.store import Project
@@ -228,6 +228,11 @@ def test_push_answer_pull_round_trip(argilla_server, tmp_path, monkeypatch):
         run_push(other, rnd, force=True, progress=False)
     assert not rnd.step("push").done
     assert len(argilla_server.records(info["dataset_id"])) == 5
+    # without a next version (the review dataset), the refusal names the setting that names the dataset
+    spec = annotation_spec(other.annotation.argilla, 4)
+    with ArgillaClient(argilla_server.url, argilla_server.api_key) as client, pytest.raises(
+            CurateError, match=r"use another name \(annotation\.argilla\.review_dataset\)"):
+        ensure_dataset(client, info["dataset"], "curate", spec, name_key="annotation.argilla.review_dataset")
 
 
 def _closed_port() -> int:

@@ -149,6 +149,8 @@ def test_closed_loop_serve_feedback_drift_next_round(loop):
     r2 = Path(cfg.project) / "round-0002"
     drift = read_json(sorted((Path(cfg.project) / "drift").glob("*/drift.json"))[-1])
     assert drift["embedding"]["slices"]["moderation"]["drift"] and drift["start_round"]
+    # both checks ran under the quiet console of `curate drift`: one run header each in its log
+    assert (Path(cfg.project) / "drift" / "log.txt").read_text().count("=== ") == 2
     # round 2's pool: the served prompts with their answers and thumbs; feedback.parquet for KTO
     pool = {r["id"]: r for r in read_rows(r2 / "pool" / "prompts.parquet")}
     served = [p for p in pool.values() if p["source"].startswith("traffic:")]

@@ -17,7 +17,14 @@ from curation.config import RoundConfig
 from curation.generate import GenerationConfig, load_completions, run_generate
 from curation.pool import PoolConfig, PoolSource, detect_format, load_prompts, run_pool
 from curation.score import ScoringConfig, run_score
-from curation.select import SelectionConfig, error_score, failure_reasons, run_select, thumbs_down_counts
+from curation.select import (
+    SelectionConfig,
+    error_score,
+    failure_reasons,
+    pool_prompts,
+    run_select,
+    thumbs_down_counts,
+)
 from curation.traffic import (
     THUMBS_DOWN_REASON,
     TrafficLog,
@@ -151,14 +158,14 @@ def test_traffic_pool_feedback_and_served_completions(tmp_path):
     traffic = read_rows(rnd.step("pool").file("traffic.parquet"))
     assert {t["response_id"] for t in traffic} >= {a, b}
     # thumbs-down items are error-based candidates through select's existing path
-    reasons, _ = failure_reasons(rnd, None)
+    reasons, _ = failure_reasons(pool_prompts(rnd), None)
     assert reasons == {poem.id: [THUMBS_DOWN_REASON]} and error_score(reasons[poem.id]) == 1.0
     # served answers join the candidates (generate's reference path, model "served")
     run_generate(cfg, rnd, progress=False)
     served = {c.prompt_id: c.text for c in load_completions(rnd) if c.model == "served"}
     assert served[poem.id] == "no." and served[router.id] == "Press the reset button." and len(served) == 4
     # the thumbs-down signal of its own: a `thumbs_down` strategy picks the rated-down prompt
-    assert thumbs_down_counts(rnd) == {poem.id: 1.0}
+    assert thumbs_down_counts(pool_prompts(rnd)) == {poem.id: 1.0}
     cfg = dataclasses.replace(cfg, scoring=ScoringConfig(backend="dummy", committee=["gen"]),
                               selection=SelectionConfig(strategy="thumbs_down", k=1, random_share=0.0))
     run_score(cfg, rnd, progress=False)
