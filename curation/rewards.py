@@ -70,6 +70,12 @@ def model_identity(folder: Path) -> str:
     return digest.hexdigest()
 
 
+def cache_identity(folder: Path, dtype: str) -> str:
+    """The reward cache's key of a model run at `dtype`: its files' sha256 and the dtype, so a project moved to a
+    machine whose `auto` precision differs never mixes rewards of two precisions."""
+    return f"{model_identity(folder)}-{dtype}"
+
+
 class RewardCache:
     """Rewards by (model identity, conversation): `<project>/cache/rewards.sqlite`, JSON lists of K floats."""
 
@@ -178,8 +184,8 @@ def _champion_scorer(cfg, folder: Path) -> tuple[_LazyModel, RewardCache, dict]:
     from preference.plumbing.hardware import resolve_dtype, resolve_threads
     from training.reward import RewardModel
 
-    cache = RewardCache(Path(cfg.project) / "cache" / "rewards.sqlite", model_identity(folder))
     dtype, threads = resolve_dtype("auto"), resolve_threads(None)
+    cache = RewardCache(Path(cfg.project) / "cache" / "rewards.sqlite", cache_identity(folder, dtype))
     model = _LazyModel(lambda: RewardModel.load(folder, dtype=dtype, threads=threads), folder)
     return model, cache, {"dtype": dtype, "threads": threads}
 

@@ -411,7 +411,7 @@ def goals(summaries: list[dict], default: dict[str, str]) -> None:
 
 # ----------------------------------------------------------------------------------------------------- main
 FEATURES = {  # --features: name → the task's feature arrays ("emb", plus "logprob"/"entropy" for LM features)
-    "tfidf": lambda task, progress: tfidf_features(task),
+    "tfidf": lambda task, progress, dtype: tfidf_features(task),  # no model: no precision
     "smollm2": smollm2_features,
     "minilm": minilm_features,  # the shipped configs' embedder, the answer's text alone (as rounds embed it)
 }
@@ -423,6 +423,9 @@ def parse_args(argv=None):
     ap.add_argument("--data", type=Path, help="another file of the same shape as --format (overrides --dataset)")
     ap.add_argument("--format", choices=list(LOADERS), help="shape of --data")
     ap.add_argument("--features", choices=tuple(FEATURES), default="tfidf")
+    ap.add_argument("--dtype", choices=("auto", "float32", "bfloat16"), default="auto",
+                    help="precision of the model features (smollm2, minilm): auto = bf16 only where the hardware "
+                         "computes it natively, else fp32; part of the feature cache key and printed in the header")
     ap.add_argument("--strategies", help="comma-separated specs (default: per format, see the docstring)")
     ap.add_argument("--seeds", type=int, default=10)
     ap.add_argument("--rounds", type=int)
@@ -472,7 +475,7 @@ def check_signals(specs: list[Spec], features: str) -> None:
 
 
 def main(argv=None) -> int:
-    from preference.plumbing.hardware import describe
+    from preference.plumbing.hardware import describe, resolve_dtype
 
     args = parse_args(argv)
     if args.report:
@@ -500,8 +503,9 @@ def main(argv=None) -> int:
         make_split(task, cfg, 0)  # too few rows for the protocol: say so before minutes of feature extraction
         defaults[name] = CONFIG_DEFAULT + (f"/{CONFIG_CHOOSER}" if cfg.format == "qa-feedback" else "")
         t0 = time.perf_counter()
-        feats = FEATURES[cfg.features](task, progress=not cfg.quiet)
-        header = (f"{len(task)} items from {cfg.data}, features {cfg.features} ({feats['emb'].shape[1]}-d, "
+        feats = FEATURES[cfg.features](task, progress=not cfg.quiet, dtype=cfg.dtype)
+        precision = "" if cfg.features == "tfidf" else f" {resolve_dtype(cfg.dtype)}"
+        header = (f"{len(task)} items from {cfg.data}, features {cfg.features}{precision} ({feats['emb'].shape[1]}-d, "
                   f"{time.perf_counter() - t0:.0f} s); init {cfg.init} + {cfg.rounds} rounds × {cfg.budget} labels, "
                   f"test {cfg.test}, learner: {cfg.members} members, C = {cfg.c}")
         if not cfg.quiet:

@@ -207,14 +207,18 @@ def feature_cache() -> Path:
     return Path(os.environ.get("CURATE_CACHE") or Path.home() / ".cache" / "curate") / "bench-features"
 
 
-def minilm_features(task: Task, *, max_tokens: int = 256, chunk: int = 256, progress: bool = True
-                    ) -> dict[str, np.ndarray]:
+def minilm_features(task: Task, *, max_tokens: int = 256, chunk: int = 256, progress: bool = True,
+                    dtype: str = "auto") -> dict[str, np.ndarray]:
     """all-MiniLM-L6-v2 sentence embeddings (384-d, L2-normalized) of each target text alone (an answer without
     its prompt, or a prompt): how `curate score` embeds completions and prompts with the shipped configs'
     `scoring.embedding_model`, so the reward-proxy strategies see the features rounds give them. Cached like
-    the others (keyed by the texts and the cap); no LM signals."""
+    the others (keyed by the texts, the cap and the dtype); no LM signals. `dtype`: as a backend's (`auto` =
+    bf16 only where the hardware computes it natively)."""
+    from preference.plumbing.hardware import resolve_dtype
+
     context, target = texts_for_features(task)
-    path = _cache_path("minilm", task, [target, max_tokens])
+    dtype = resolve_dtype(dtype)
+    path = _cache_path("minilm", task, [target, max_tokens] + ([dtype] if dtype != "float32" else []))
     if path.is_file():
         return _load(path)
     from tqdm import tqdm
@@ -223,14 +227,23 @@ def minilm_features(task: Task, *, max_tokens: int = 256, chunk: int = 256, prog
     from training.models import MINILM
 
     vecs = []
-    with load_backend(MINILM, BackendSettings(name="sentence-transformers")) as backend:
+    with load_backend(MINILM, BackendSettings(name="sentence-transformers", dtype=dtype)) as backend:
         for start in tqdm(range(0, len(target), chunk), disable=not progress, desc=f"MiniLM features ({task.name})"):
             vecs.append(backend.embed(target[start : start + chunk], max_tokens))
     return _save(path, {"emb": np.concatenate(vecs)})
 
 
+def smollm2_cache_path(task: Task, max_tokens: int, model_name: str, dtype: str) -> Path:
+    """Where `smollm2_features` caches a task's features: keyed by the texts, the cap, the model and the resolved
+    dtype (fp32 keeps the key it had before the dtype was part of it: those caches are fp32 ones)."""
+    context, target = texts_for_features(task)
+    return _cache_path("smollm2", task, [context, target, max_tokens, "96+32 tokens, mean of final norm"]
+                       + ([model_name] if model_name != "smollm2-135m-instruct" else [])
+                       + ([dtype] if dtype != "float32" else []))
+
+
 def smollm2_features(task: Task, *, max_tokens: int = 128, batch_size: int = 16, progress: bool = True,
-                     model_name: str = "smollm2-135m-instruct") -> dict[str, np.ndarray]:
+                     model_name: str = "smollm2-135m-instruct", dtype: str = "auto") -> dict[str, np.ndarray]:
     """SmolLM2-135M-Instruct features of each target text (an answer after its ChatML prompt, or a prompt as the
     user turn): the final (normed) hidden state mean-pooled over the target's tokens — a mean, not the last token,
     because answers are truncated and a mean over what is kept stays comparable across lengths — plus the target's
@@ -241,12 +254,17 @@ def smollm2_features(task: Task, *, max_tokens: int = 128, batch_size: int = 16,
     the answer, is what conditions it most). On the shipped data this keeps 89 % of HH answers, 51 % of qa-feedback
     answers and 57 % of moderation prompts whole, at ~70–100 tokens per text: the cap is what makes the features
     take minutes rather than hours on 2 CPU cores.
+    Precision: `dtype` as a backend's (`auto` = bf16 only where the hardware computes it natively, else fp32);
+    the model runs in it, the pooled states, logprobs and entropies are reduced in fp32.
     Resumable: every batch is written to `<cache>.parts/` as it finishes (.npz, no pickle), so a killed run
-    recomputes nothing already done; the merged .npz is written last, keyed by the hash of the texts and the cap.
-    The process lowers its CPU priority (os.nice) while computing: the machine is shared."""
+    recomputes nothing already done; the merged .npz is written last, keyed by the hash of the texts, the cap and
+    the dtype (features of different precisions never share a file).
+    The process lowers its CPU priority (os.nice) while computing, so it yields to interactive work."""
+    from preference.plumbing.hardware import resolve_dtype
+
     context, target = texts_for_features(task)
-    path = _cache_path("smollm2", task, [context, target, max_tokens, "96+32 tokens, mean of final norm"]
-                       + ([model_name] if model_name != "smollm2-135m-instruct" else []))
+    dtype = resolve_dtype(dtype)
+    path = smollm2_cache_path(task, max_tokens, model_name, dtype)
     if path.is_file():
         return _load(path)
     import time
@@ -255,11 +273,11 @@ def smollm2_features(task: Task, *, max_tokens: int = 128, batch_size: int = 16,
     from tqdm import tqdm
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from preference.plumbing.hardware import describe, hardware_summary, resolve_dtype, resolve_threads
+    from preference.plumbing.hardware import describe, hardware_summary, resolve_threads
     from training.models import resolve_model
 
     os.nice(max(0, 10 - os.nice(0)))  # niceness 10 (not 10 more when already started with `nice`)
-    threads, dtype_name = resolve_threads(None), resolve_dtype("auto")
+    threads, dtype_name = resolve_threads(None), dtype
     torch.set_num_threads(threads)
     model_dir = resolve_model(model_name, fetch=False)
     tok = AutoTokenizer.from_pretrained(model_dir)
@@ -295,9 +313,9 @@ def smollm2_features(task: Task, *, max_tokens: int = 128, batch_size: int = 16,
                 ids[j, : len(seq)] = torch.tensor(seq)
                 mask[j, : len(seq)] = 1
                 target_mask[j, start : len(seq)] = True
-            hidden = model.model(input_ids=ids, attention_mask=mask).last_hidden_state.float()
+            hidden = model.model(input_ids=ids, attention_mask=mask).last_hidden_state  # the model's dtype
             w = target_mask[..., None].float()
-            emb = (hidden * w).sum(1) / w.sum(1)
+            emb = (hidden.float() * w).sum(1) / w.sum(1)
             # token t is predicted at position t − 1: the LM head only where a target token is predicted
             pred = torch.zeros_like(target_mask)
             pred[:, :-1] = target_mask[:, 1:]

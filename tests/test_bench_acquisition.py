@@ -119,19 +119,25 @@ def test_spec_parsing():
         bench.Spec.parse("kcenter/best", 4.0)
 
 
-def test_lm_features_resume_after_a_kill(tmp_path, monkeypatch, tiny_model):
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+def test_lm_features_resume_after_a_kill(tmp_path, monkeypatch, tiny_model, dtype):
     """The LM features are written batch by batch: a run killed half-way recomputes only the missing batches, and
-    the merged result equals an uninterrupted run (real model forward, tiny-llama in place of SmolLM2)."""
+    the merged result equals an uninterrupted run (real model forward, tiny-llama in place of SmolLM2). Run at
+    both precisions explicitly, whatever this machine's `auto` is; the dtype is part of the cache key."""
     import torch.nn as nn
 
     from scripts import bench_tasks
 
     task = load_qa_feedback(first_rows(DATA / "qa-feedback-dev.jsonl.gz", tmp_path / "qa.jsonl", 3))
-    kwargs = dict(batch_size=4, progress=False, model_name="tiny-llama")
+    kwargs = dict(batch_size=4, progress=False, model_name="tiny-llama", dtype=dtype)
     monkeypatch.setattr(bench_tasks, "feature_cache", lambda: tmp_path / "clean")
     clean = bench_tasks.smollm2_features(task, **kwargs)
-    assert clean["emb"].shape[0] == 12 and np.isfinite(clean["emb"]).all()
+    assert clean["emb"].shape[0] == 12 and np.isfinite(clean["emb"]).all() and clean["emb"].dtype == np.float32
     assert (clean["logprob"] < 0).all() and (clean["entropy"] > 0).all()
+    cached = [p.name for p in (tmp_path / "clean").glob("smollm2-*.npz")]
+    assert cached == [bench_tasks.smollm2_cache_path(task, 128, "tiny-llama", dtype).name]
+    assert bench_tasks.smollm2_cache_path(task, 128, "tiny-llama", "float32") != \
+        bench_tasks.smollm2_cache_path(task, 128, "tiny-llama", "bfloat16")
 
     calls = []
     forward = nn.Module.__call__
@@ -186,11 +192,13 @@ def test_minilm_features_are_the_rounds_embeddings(tmp_path, monkeypatch):
 
     monkeypatch.setattr(bench_tasks, "feature_cache", lambda: tmp_path / "features")
     task = load_qa_feedback(first_rows(DATA / "qa-feedback-dev.jsonl.gz", tmp_path / "qa.jsonl", 40))
-    feats = bench_tasks.minilm_features(task, progress=False)
+    feats = bench_tasks.minilm_features(task, progress=False, dtype="float32")
     _, target = bench_tasks.texts_for_features(task)
     assert set(feats) == {"emb"} and feats["emb"].shape == (len(target), 384)
-    with load_backend(MINILM, BackendSettings(name="sentence-transformers")) as backend:
-        np.testing.assert_allclose(feats["emb"][:5], backend.embed(target[:5], 256), atol=1e-5)
+    # the backend embeds the same texts in the same call at the same precision: the same numbers (fp32 on both
+    # sides, whatever `auto` is here; the bf16 path is checked in test_minilm_features_in_bf16)
+    with load_backend(MINILM, BackendSettings(name="sentence-transformers", dtype="float32")) as backend:
+        np.testing.assert_allclose(feats["emb"], backend.embed(target, 256), atol=1e-6)
     cached = list((tmp_path / "features").glob("minilm-*.npz"))
     assert len(cached) == 1
     import curation.backends
@@ -199,6 +207,29 @@ def test_minilm_features_are_the_rounds_embeddings(tmp_path, monkeypatch):
         raise AssertionError("the cached features were computed again")
 
     monkeypatch.setattr(curation.backends, "load_backend", embed_again)
-    np.testing.assert_array_equal(bench_tasks.minilm_features(task, progress=False)["emb"], feats["emb"])
+    np.testing.assert_array_equal(bench_tasks.minilm_features(task, progress=False, dtype="float32")["emb"],
+                                  feats["emb"])
     line = error_line("--dataset", "qa-feedback", "--features", "minilm", "--strategies", "random,low_logprob")
     assert "--strategies low_logprob: needs the signal(s) mean_logprob, which --features minilm does not give" in line
+
+
+@pytest.mark.slow
+def test_minilm_features_in_bf16(tmp_path, monkeypatch):
+    """`--dtype bfloat16` (what `auto` gives on AVX512-BF16/AMX CPUs) on any machine: the features are the
+    backend's bf16 embeddings, cached apart from the fp32 ones, and close to them (bf16 keeps 8 bits of mantissa:
+    unit vectors' components agree to ~1e-2). Kept small: bf16 is emulated and slow on AVX2-only CPUs."""
+    from curation.backends import BackendSettings, load_backend
+    from scripts import bench_tasks
+    from training.models import MINILM
+
+    monkeypatch.setattr(bench_tasks, "feature_cache", lambda: tmp_path / "features")
+    task = load_qa_feedback(first_rows(DATA / "qa-feedback-dev.jsonl.gz", tmp_path / "qa.jsonl", 4))
+    _, target = bench_tasks.texts_for_features(task)
+    bf16 = bench_tasks.minilm_features(task, progress=False, dtype="bfloat16")["emb"]
+    fp32 = bench_tasks.minilm_features(task, progress=False, dtype="float32")["emb"]
+    assert len(list((tmp_path / "features").glob("minilm-*.npz"))) == 2  # one file per precision
+    with load_backend(MINILM, BackendSettings(name="sentence-transformers", dtype="bfloat16")) as backend:
+        np.testing.assert_allclose(bf16, backend.embed(target, 256), atol=1e-6)  # same call, same precision
+    assert bf16.dtype == np.float32 and not np.array_equal(bf16, fp32)
+    np.testing.assert_allclose(bf16, fp32, atol=2e-2)
+    assert np.allclose(np.linalg.norm(bf16, axis=1), 1.0, atol=1e-2)
