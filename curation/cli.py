@@ -77,16 +77,39 @@ def open_round(cfg, number: int | None):
     return Project(cfg.project).round(number, create=number is None)
 
 
+def writer(cfg, *, registry: bool = False):
+    """The write lock(s) of a command that writes the project (preference/plumbing/lock.py): the project's, and
+    with `registry` also the registry's when `gate.registry` puts it outside the project (shared by projects).
+    A second writer gets one line and exit code 12."""
+    import contextlib
+
+    from preference.plumbing.lock import project_lock
+    from training.registry import registry_root
+
+    stack = contextlib.ExitStack()
+    stack.enter_context(project_lock(cfg.project))
+    root = registry_root(cfg)
+    if registry and not root.resolve().is_relative_to(Path(cfg.project).resolve()):
+        stack.enter_context(project_lock(root, what="registry"))
+    return stack
+
+
+REGISTRY_STEPS = ("gate",)  # steps that write the registry (besides the round store)
+
+
 def run_step(name: str, fn: Callable, config: Path, round_: int | None, force: bool, overrides, quiet: bool,
              verbose: bool = False):
     """Run one round step (`name` as typed: "train reward" is step train_reward) with a quiet console: its
-    progress bar and one summary line here, library output in the step's log.txt (see plumbing/console.py)."""
+    progress bar and one summary line here, library output in the step's log.txt (see plumbing/console.py).
+    The project's write lock is held throughout (a second writer exits with 12)."""
     from preference.plumbing.console import step_console
 
     cfg = load(config, overrides)
-    rnd = open_round(cfg, round_)
-    with step_console(rnd.step(name.replace(" ", "_")), verbose=verbose):
-        manifest = fn(cfg, rnd, force=force, progress=not quiet)
+    step = name.replace(" ", "_")
+    with writer(cfg, registry=step in REGISTRY_STEPS):
+        rnd = open_round(cfg, round_)
+        with step_console(rnd.step(step), verbose=verbose):
+            manifest = fn(cfg, rnd, force=force, progress=not quiet)
     counts = ", ".join(f"{k}={v}" for k, v in (manifest.get("counts") or {}).items())
     typer.echo(f"round {rnd.number} {name}: done ({counts}) → {rnd.path / manifest.get('step', name)}")
 
@@ -116,10 +139,9 @@ STEP_HELP = {  # one line per round step of `curation.round.STEPS` (train steps:
     "evaluate": "Evaluate the trained models on held-out pairs, per slice, with bootstrap CIs.",
     "gate": "Promote the candidate model only if it beats the champion.",
     "failures": "Send the pairs the reward model still gets wrong back to the next round's pool.",
-    "report": "Write the round's HTML report (plots embedded) and print a terminal summary.",
 }
 for _name, _ in STEPS:  # a command per step: `curate <step>`, and `curate train <kind>` per trainer of the table
-    if _name in ("push", "pull"):  # their own commands below (extra option / reviewer summary)
+    if _name in ("push", "pull", "report"):  # their own commands below (extra option / reviewer summary / a reader)
         continue
     if _name in TRAIN_STEPS:
         _step_command(_name, TRAIN_STEPS[_name].help, train_app)
@@ -164,6 +186,25 @@ def pull(config: ConfigOpt, round_: RoundOpt = None, force: ForceOpt = False, se
             typer.echo("  " + "  ".join(cell(row.get(c)).ljust(widths[c]) for c in cols))
 
 
+@app.command("report")
+def report(config: ConfigOpt, round_: RoundOpt = None, force: ForceOpt = False, set_: SetOpt = None,
+           quiet: QuietOpt = False, verbose: VerboseOpt = False) -> None:
+    """Write the round's HTML report (plots embedded) and print a terminal summary. While another command writes
+    the project (e.g. `round run`), it does not wait: it writes a snapshot to <project>/snapshots/round-NNNN/."""
+    from curation.report import run_report, snapshot_report
+    from preference.plumbing.lock import ProjectBusy
+
+    try:
+        run_step("report", run_report, config, round_, force, set_, quiet, verbose)
+    except ProjectBusy as busy:
+        cfg = load(config, set_)
+        from preference.plumbing.store import Project
+
+        path = snapshot_report(Project(cfg.project).round(round_), progress=not quiet)
+        typer.echo(f"{busy}\nnot waiting: a snapshot of round {path.parent.name.removeprefix('round-')}'s report "
+                   f"as it stands → {path}")
+
+
 @app.command()
 def validate(configs: Annotated[list[Path], typer.Argument(help="Config files to check.")]) -> None:
     """Check config files (keys, types, referenced files) without running anything."""
@@ -192,10 +233,14 @@ def status(config: ConfigOpt, set_: SetOpt = None) -> None:
 
     from curation.round import STEPS
     from preference.plumbing.console import wall_time
+    from preference.plumbing.lock import current_writer, describe_writer
     from preference.plumbing.store import Project
 
     cfg = load(config, set_)
     project = Project(cfg.project)
+    writing = current_writer(project.root)
+    if writing:
+        typer.echo(f"being written by {describe_writer(writing)}")
     order = {name: i for i, (name, _) in enumerate(STEPS)}
     rows = sorted(project.status(), key=lambda r: (r["round"], order.get(r["step"], len(order)), r["step"]))
     if not rows:
@@ -230,7 +275,8 @@ def round_new(config: ConfigOpt, set_: SetOpt = None) -> None:
     from preference.plumbing.store import Project
 
     cfg = load(config, set_)
-    rnd = Project(cfg.project).new_round()
+    with writer(cfg):
+        rnd = Project(cfg.project).new_round()
     typer.echo(f"round {rnd.number}: {rnd.path}")
 
 
@@ -241,19 +287,26 @@ def round_run(
     next_: Annotated[bool, typer.Option("--next", help="Start the next round if the latest has finished.")] = False,
     if_drift: Annotated[bool, typer.Option(
         "--if-drift", help="With --next: start the new round only if `curate drift` finds drift or enough new "
-        "thumbs-down feedback. Exit 0 = a round ran, 11 = it waits for reviewers, 10 = nothing to do, 2 = error.",
+        "thumbs-down feedback. Exit 0 = a round ran, 11 = it waits for reviewers, 10 = nothing to do, 12 = another "
+        "command is writing the project (a cron skips quietly), 2 = error.",
     )] = False,
 ) -> None:
     """Run every step of a round in order, skipping finished ones (resumable after a kill).
 
     Without --round it continues the latest round; with --next it starts a new round once the latest finished
-    (the new round's pool is the previous one's minus labelled items plus its failures and new traffic)."""
-    from curation.round import run_round
-    from preference.plumbing.store import Project
-
+    (the new round's pool is the previous one's minus labelled items plus its failures and new traffic).
+    Holds the project's write lock: a second writer exits with 12."""
     cfg = load(config, set_)
     if if_drift and not next_:
         raise CurateError("--if-drift decides whether to start the next round; use it with --next")
+    with writer(cfg, registry=True):
+        _round_run(cfg, round_, force, quiet, verbose, next_, if_drift)
+
+
+def _round_run(cfg, round_: int | None, force: bool, quiet: bool, verbose: bool, next_: bool, if_drift: bool) -> None:
+    from curation.round import run_round
+    from preference.plumbing.store import Project
+
     if next_:
         if round_ is not None:
             raise CurateError("--next and --round exclude each other")
@@ -367,7 +420,9 @@ def registry_promote(version: Annotated[str, typer.Argument(help="Version id, e.
     """Make a version the champion by hand (the gate does this automatically when metrics improve)."""
     from training.registry import promote, registry_root
 
-    promote(registry_root(load(config, set_)), version)
+    cfg = load(config, set_)
+    with writer(cfg, registry=True):
+        promote(registry_root(cfg), version)
     typer.echo(f"champion: {version}")
 
 
@@ -376,7 +431,9 @@ def registry_rollback(config: ConfigOpt, set_: SetOpt = None) -> None:
     """Restore the previous champion."""
     from training.registry import registry_root, rollback
 
-    champion = rollback(registry_root(load(config, set_)))
+    cfg = load(config, set_)
+    with writer(cfg, registry=True):
+        champion = rollback(registry_root(cfg))
     typer.echo(f"champion: {champion or 'none'}")
 
 
@@ -459,7 +516,7 @@ def main() -> None:
         typer.echo(f"error: {exc}", err=True)
         for note in getattr(exc, "__notes__", ()):  # e.g. where the failed step's log is
             typer.echo(note, err=True)
-        sys.exit(2)
+        sys.exit(exc.exit_code)  # 2; 12 when another command is writing the project
     except KeyboardInterrupt:
         typer.echo("interrupted; finished steps are kept, rerun the same command to resume", err=True)
         sys.exit(130)

@@ -629,4 +629,17 @@ def run_report(cfg, rnd, *, force: bool = False, progress: bool = True) -> dict:
     return rnd.step("report").manifest()
 
 
-__all__ = ["run_report", "build_sections", "render_html", "section_reviewers", "summary_text"]
+def snapshot_report(rnd, *, progress: bool = True) -> Path:
+    """The report as the round stands, without recording a step: `<project>/snapshots/round-NNNN/report.html`
+    (+ summary.txt). What `curate report` writes while another command holds the project's write lock."""
+    sections = build_sections(rnd)
+    folder = rnd.project.root / "snapshots" / rnd.path.name
+    write_text(folder / "report.html", render_html(rnd, sections))
+    text = summary_text(rnd, sections)
+    write_text(folder / "summary.txt", text + "\n")
+    if progress:
+        print(text)
+    return folder / "report.html"
+
+
+__all__ = ["run_report", "snapshot_report", "build_sections", "render_html", "section_reviewers", "summary_text"]

@@ -136,6 +136,24 @@ def test_a_failing_step_restores_everything_and_names_its_log(step, capfd):
     assert "out of memory" not in out + err
 
 
+def test_a_lost_live_log_never_hides_the_steps_own_error(step, capfd):
+    """The console's teardown failing (the live log removed under it, as a second writer once did) must not
+    replace the step's real error, and must not fail a step that succeeded; the console is restored either way."""
+    before = state()
+    live = step.round.path / f".{step.name}.log"
+    with pytest.raises(RuntimeError, match="the real error") as info, step_console(step):
+        os.write(2, b"some library output\n")
+        live.unlink()
+        raise RuntimeError("the real error")
+    assert state() == before
+    assert "log could not be saved" in "\n".join(info.value.__notes__)
+    with step_console(step):
+        os.write(2, b"output of a run that succeeds\n")
+        live.unlink()
+    assert state() == before
+    assert "step 'generate''s log could not be saved" in capfd.readouterr().err
+
+
 def test_user_error_before_any_output_leaves_no_folder(step):
     with pytest.raises(CurateError) as info, step_console(step):
         raise CurateError("step 'generate' needs step 'pool', which has not finished")

@@ -228,13 +228,26 @@ class _Capture:
         for stream in self.opened:
             with contextlib.suppress(OSError, ValueError):
                 stream.close()
-        output = self.live.stat().st_size > self.header_end  # did the step write anything?
-        unexpected = failure is not None and not isinstance(failure, CurateError | KeyboardInterrupt)
-        tail = _tail(self.live, self.header_end) if unexpected else []
-        if failure is not None:
-            self.log.write("".join(traceback.format_exception(failure)))
-        self.log.close()
-        os.close(self.log_fd)
+        try:
+            self._save(failure)
+        except OSError as exc:  # the console is back: say so, and never let this replace the step's own error
+            message = f"{self.what}'s log could not be saved to {self.final}: {exc}"
+            if failure is None:
+                print(f"warning: {message}", file=sys.stderr)
+            else:
+                failure.add_note(message)
+
+    def _save(self, failure: BaseException | None) -> None:
+        """Append the run's output to the final log (and note its path on a failure); remove the live log."""
+        try:
+            output = self.live.stat().st_size > self.header_end  # did the step write anything?
+            unexpected = failure is not None and not isinstance(failure, CurateError | KeyboardInterrupt)
+            tail = _tail(self.live, self.header_end) if unexpected else []
+            if failure is not None:
+                self.log.write("".join(traceback.format_exception(failure)))
+        finally:
+            self.log.close()
+            os.close(self.log_fd)
         # kept when the step wrote something, failed unexpectedly, or a crashed run left its log here; a user
         # error before any output (e.g. an upstream step missing) leaves no folder behind
         if output or unexpected or self.earlier:
@@ -278,7 +291,10 @@ def _captured(capture: _Capture) -> Iterator[None]:
     try:
         yield
     except BaseException as exc:
-        capture.stop(exc)
+        try:
+            capture.stop(exc)
+        except Exception as teardown:  # the step's own error is what the user must see, not this one
+            exc.add_note(f"(and restoring the console failed: {teardown!r})")
         raise
     capture.stop(None)
 

@@ -1,8 +1,10 @@
-"""User-facing errors: one class, one line each, caught by the CLI (exit code 2)."""
+"""User-facing errors: one class, one line each, caught by the CLI (exit code 2, or the error's own `exit_code`)."""
 
 
 class CurateError(Exception):
     """An error the user can fix. The message says what was given, what was expected and how to fix it."""
+
+    exit_code: int = 2  # what the CLI exits with after printing the one line
 
 
 class WaitingForReviewers(CurateError):
