@@ -441,25 +441,12 @@ PortOpt = Annotated[int | None, typer.Option("--port", help="Server port (defaul
 DataDirOpt = Annotated[Path | None, typer.Option("--data-dir", help="Server data folder.")]
 
 
-def _argilla_server_module():
-    """scripts/argilla_server.py as a module (stdlib only; it installs the server into its own venv on first use)."""
-    import importlib.util
-
-    script = Path(__file__).resolve().parent.parent / "scripts" / "argilla_server.py"
-    if not script.is_file():
-        raise CurateError(f"{script} not found: `curate argilla` works from a source checkout of this project")
-    spec = importlib.util.spec_from_file_location("curate_argilla_server", script)
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module  # dataclasses in the script look their module up
-    spec.loader.exec_module(module)
-    return module
-
-
 def _argilla_server(command: str, port: int | None, data_dir: Path | None) -> None:
-    """Run scripts/argilla_server.py's `main` with these arguments."""
-    module = _argilla_server_module()
+    """`curate argilla <command>`: preference/argilla_server.py's `main` with these arguments."""
+    from preference import argilla_server
+
     argv = [command] + (["--port", str(port)] if port else []) + (["--data-dir", str(data_dir)] if data_dir else [])
-    raise typer.Exit(module.main(argv))
+    raise typer.Exit(argilla_server.main(argv))
 
 
 @argilla_app.command("up")
@@ -495,12 +482,10 @@ def doctor(
 
     if set_ and config is None:
         raise CurateError("--set needs --config/-c: it overrides a value of that config")
+    from preference import argilla_server
+
     cfg = load(config, set_) if config is not None else None
-    try:
-        local_server = _argilla_server_module().status()
-    except CurateError:
-        local_server = None  # not a source checkout
-    report = diagnose(cfg, config=config, local_server=local_server)
+    report = diagnose(cfg, config=config, local_server=argilla_server.status())
     typer.echo(json.dumps(report, indent=2) if json_ else format_report(report))
     if not report["ok"]:
         raise typer.Exit(1)

@@ -1,6 +1,6 @@
 """`curate doctor`: what this machine and setup will do with a round, and what to fix first.
 
-    report = diagnose(cfg, config=path, local_server=status)   # cfg: RoundConfig or None; status: argilla_server.py
+    report = diagnose(cfg, config=path, local_server=status)   # cfg: RoundConfig or None; status: preference.argilla_server
     print(format_report(report))                     # or json.dumps(report) for `curate doctor --json`
 
 Checks: CPU (name, AVX2 / AVX-512 / AVX512-BF16 / AMX), GPU, the precision and thread count every model path
@@ -116,7 +116,7 @@ def check_argilla(argilla_cfg, *, used: bool) -> tuple[dict, list[Problem]]:
 
 def diagnose(cfg=None, *, config: str | Path | None = None, local_server: dict | None = None) -> dict:
     """Everything `curate doctor` reports, as plain JSON-able values. `cfg`: a RoundConfig (optional) read from
-    the file `config`; `local_server`: `status()` of scripts/argilla_server.py (None when it is not available)."""
+    the file `config`; `local_server`: `status()` of preference/argilla_server.py (None: not checked)."""
     from training.models import BUILT_IN
 
     problems: list[Problem] = []
@@ -193,7 +193,7 @@ def format_report(report: dict) -> str:
     server = report["argilla"]["local_server"]
     conf = report["argilla"]["configured"]
     if server is None:
-        local = "n/a (scripts/argilla_server.py needs a source checkout)"
+        local = "not checked"
     else:
         local = (f"running at {server['url']}" if server.get("ready") else "not running") + f" (data: {server['data_dir']})"
     if conf.get("reachable"):

@@ -34,9 +34,6 @@ import hmac
 import json
 import math
 import os
-import signal
-import socket
-import subprocess
 import sys
 import time
 import uuid
@@ -47,6 +44,7 @@ from typing import Any, Literal
 from preference.plumbing.errors import CurateError
 from preference.plumbing.hardware import Dtype
 from preference.plumbing.io import read_json, write_json
+from preference.plumbing.processes import Processes, free_port, http_ok, port_open
 
 GATEWAY_MODULE = "curation.serve"
 VLLM_MODULE = "vllm.entrypoints.openai.api_server"
@@ -183,114 +181,21 @@ def lora_rank(adapter: Path) -> int:
 
 
 # --------------------------------------------------------------------------------------------------- processes
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+NEEDLES = {"vllm": VLLM_MODULE, "gateway": GATEWAY_MODULE}  # what each process's command line contains
 
 
-def _port_busy(host: str, port: int) -> bool:
-    with contextlib.closing(socket.socket()) as s:
-        s.settimeout(1)
-        return s.connect_ex(("127.0.0.1" if host in ("0.0.0.0", "") else host, port)) == 0
+def processes(root: Path) -> Processes:
+    """The model server and the logging layer of a serve folder (pid files, logs, start, stop by process group:
+    preference/plumbing/processes.py, as for the local Argilla server)."""
+    return Processes(root, NEEDLES)
 
 
-def _read_pid(path: Path) -> int | None:
-    try:
-        return int(path.read_text().strip())
-    except (FileNotFoundError, ValueError):
-        return None
-
-
-def _alive(pid: int | None, needle: str) -> bool:
-    """`pid` runs and its command line contains `needle` (so a recycled pid is never taken for ours)."""
-    if not pid:
-        return False
-    try:
-        cmdline = Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
-        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[-1].split()[0]
-    except (OSError, IndexError):
-        return False
-    return needle in cmdline and state != "Z"
-
-
-class Processes:
-    """The two server processes of a serve folder: pid files, logs, spawn, stop by process group."""
-
-    NEEDLES = {"vllm": VLLM_MODULE, "gateway": GATEWAY_MODULE}
-
-    def __init__(self, root: Path):
-        self.root = root
-        self.pids = root / "pids"
-        self.logs = root / "logs"
-        self.state_path = root / "serve.json"
-
-    def pid(self, name: str) -> int | None:
-        return _read_pid(self.pids / f"{name}.pid")
-
-    def alive(self, name: str) -> bool:
-        return _alive(self.pid(name), self.NEEDLES[name])
-
-    def spawn(self, name: str, cmd: list[str], env: dict[str, str]) -> subprocess.Popen:
-        self.pids.mkdir(parents=True, exist_ok=True)
-        self.logs.mkdir(parents=True, exist_ok=True)
-        with open(self.logs / f"{name}.log", "ab") as log:
-            proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, env=env,
-                                    start_new_session=True)
-        (self.pids / f"{name}.pid").write_text(f"{proc.pid}\n")
-        return proc
-
-    def stop(self, name: str, timeout_s: float = 30.0) -> bool:
-        """SIGTERM the process group started as `name`, SIGKILL it after `timeout_s`. True if one was running."""
-        pid, needle = self.pid(name), self.NEEDLES[name]
-        running = _alive(pid, needle)
-        if running:
-            with contextlib.suppress(ProcessLookupError):
-                os.killpg(pid, signal.SIGTERM)
-            deadline = time.monotonic() + timeout_s
-            while _alive(pid, needle) and time.monotonic() < deadline:
-                with contextlib.suppress(ChildProcessError):
-                    os.waitpid(pid, os.WNOHANG)
-                time.sleep(0.2)
-            if _alive(pid, needle):
-                with contextlib.suppress(ProcessLookupError):
-                    os.killpg(pid, signal.SIGKILL)
-            with contextlib.suppress(ChildProcessError):
-                os.waitpid(pid, os.WNOHANG)
-        (self.pids / f"{name}.pid").unlink(missing_ok=True)
-        return running
-
-    def log_tail(self, name: str, n: int = 20) -> str:
-        path = self.logs / f"{name}.log"
-        lines = path.read_text(errors="replace").splitlines()[-n:] if path.is_file() else []
-        return f"last lines of {path}:\n" + "\n".join(lines)
-
-    def start_and_wait(self, name: str, cmd: list[str], env: dict[str, str], ready, timeout_s: float) -> None:
-        """Spawn `name` and wait until `ready()`; on a failure or a timeout it is stopped and the error says why."""
-        proc = self.spawn(name, cmd, env)
-        deadline = time.monotonic() + timeout_s
-        try:
-            while not ready():
-                if proc.poll() is not None:
-                    raise CurateError(f"the {name} process exited (code {proc.returncode}) before it was ready; "
-                                      + self.log_tail(name))
-                if time.monotonic() > deadline:
-                    raise CurateError(f"the {name} process was not ready after {timeout_s:.0f} s "
-                                      f"(serve.ready_timeout_s); " + self.log_tail(name))
-                time.sleep(1.0)
-        except BaseException:  # a timeout, a crash or Ctrl-C: leave nothing running
-            self.stop(name)
-            raise
+def _state_path(root: Path) -> Path:
+    return root / "serve.json"
 
 
 def _http_ok(url: str, key: str | None = None) -> bool:
-    import httpx
-
-    try:
-        headers = {"Authorization": f"Bearer {key}"} if key else {}
-        return httpx.get(url, headers=headers, timeout=3).status_code == 200
-    except httpx.HTTPError:
-        return False
+    return http_ok(url, {"Authorization": f"Bearer {key}"} if key else None)
 
 
 def vllm_command(cfg, plan: ServePlan, model_dir: Path, port: int) -> list[str]:
@@ -332,8 +237,8 @@ def start(cfg, *, echo=print) -> dict:
     key = api_key(cfg)
     plan = plan_serving(cfg)
     s, root = cfg.serve, serve_dir(cfg)
-    procs = Processes(root)
-    state = read_json(procs.state_path) if procs.state_path.is_file() else {}
+    procs, state_path = processes(root), _state_path(root)
+    state = read_json(state_path) if state_path.is_file() else {}
     gateway = gateway_settings(cfg)
     vllm_ok = state.get("plan") == plan.key() and procs.alive("vllm")
     if vllm_ok and procs.alive("gateway") and all(state.get(k) == v for k, v in gateway.items()):
@@ -341,7 +246,7 @@ def start(cfg, *, echo=print) -> dict:
         return status(cfg)
     for name in ("gateway",) if vllm_ok else ("gateway", "vllm"):
         procs.stop(name)
-    if _port_busy(s.host, s.port):
+    if port_open(s.port, s.host):
         raise CurateError(f"port {s.port} on {s.host} is in use by another program; set serve.port (or --port)")
     if not vllm_ok:
         if plan.policy == "merged":
@@ -349,7 +254,7 @@ def start(cfg, *, echo=print) -> dict:
             model_dir = merge_adapter(plan.base, plan.adapter, root / "models" / f"{plan.version}-merged")
         else:
             model_dir = plan.base
-        port = s.vllm_port or _free_port()
+        port = s.vllm_port or free_port()
         env = {**os.environ, "VLLM_API_KEY": key,
                "VLLM_CPU_KVCACHE_SPACE": str(max(1, math.ceil(s.kv_cache_space_gib)))}
         what = {"lora": "base + LoRA", "merged": "base + adapter merged", "base": "base policy: the champion has "
@@ -357,17 +262,18 @@ def start(cfg, *, echo=print) -> dict:
         echo(f"starting vLLM for champion {plan.version} ({what}) on 127.0.0.1:{port}; logs: {procs.logs}")
         upstream = f"http://127.0.0.1:{port}"
         procs.start_and_wait("vllm", vllm_command(cfg, plan, model_dir, port), env,
-                             lambda: _http_ok(f"{upstream}/v1/models", key), s.ready_timeout_s)
+                             lambda: _http_ok(f"{upstream}/v1/models", key), s.ready_timeout_s,
+                             setting="serve.ready_timeout_s", poll_s=1.0)
         state = {"plan": plan.key(), "upstream": {"url": upstream, "model": plan.version}}
     else:
         echo(f"vLLM for champion {plan.version} is running; restarting the logging layer")
     host_shown = "127.0.0.1" if s.host in ("0.0.0.0", "") else s.host
     state.update(gateway, version=plan.version, policy=plan.policy, url=f"http://{host_shown}:{s.port}/v1",
                  started_at=time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()))
-    write_json(procs.state_path, state)
+    write_json(state_path, state)
     code_root = str(Path(__file__).resolve().parent.parent)  # the child runs this very code, whatever the cwd
     env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [code_root, os.environ.get("PYTHONPATH")]))}
-    procs.start_and_wait("gateway", [sys.executable, "-m", GATEWAY_MODULE, "--state", str(procs.state_path.resolve())],
+    procs.start_and_wait("gateway", [sys.executable, "-m", GATEWAY_MODULE, "--state", str(state_path.resolve())],
                          env, lambda: _http_ok(f"http://{host_shown}:{s.port}/health"), 120)
     echo(f"serving champion {plan.version} at {state['url']} (model \"{s.model_name}\", key in "
          f"${s.api_key_env}); traffic log: {state['traffic']}")
@@ -376,15 +282,15 @@ def start(cfg, *, echo=print) -> dict:
 
 def stop(cfg, *, echo=print) -> bool:
     """Stop the logging layer, then the model server, by their pid files. True if anything was running."""
-    procs = Processes(serve_dir(cfg))
+    procs = processes(serve_dir(cfg))
     stopped = [name for name in ("gateway", "vllm") if procs.stop(name)]
     echo(f"stopped: {', '.join(stopped)}" if stopped else f"nothing running ({procs.root})")
     return bool(stopped)
 
 
 def status(cfg) -> dict:
-    procs = Processes(serve_dir(cfg))
-    state = read_json(procs.state_path) if procs.state_path.is_file() else {}
+    procs = processes(serve_dir(cfg))
+    state = read_json(_state_path(procs.root)) if _state_path(procs.root).is_file() else {}
     out: dict[str, Any] = {"dir": str(procs.root), "version": state.get("version"), "url": state.get("url"),
                            "traffic": state.get("traffic", str(traffic_dir(cfg)))}
     for name in ("gateway", "vllm"):

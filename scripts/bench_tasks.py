@@ -21,8 +21,8 @@ logit, largest over open comparisons), plus member rewards per answer for the co
 Features (`--features`): `tfidf` (TF-IDF 1–2-grams of prompt + answer, TruncatedSVD to 256-d; seconds) or
 `smollm2` (SmolLM2-135M-Instruct final hidden state mean-pooled over the answer tokens — over the prompt for
 moderation — plus the answer's mean token logprob and entropy; at most 96 answer tokens after the prompt's last 32;
-fp32/bf16 as `preference.plumbing.hardware` decides; computed once, niced, resumable, cached under
-`~/.cache/curate/bench-features/`; see `smollm2_features`).
+at `--dtype` (default `auto`: bf16 where the hardware computes it natively, else fp32; part of the cache key);
+computed once, niced, resumable, cached under `~/.cache/curate/bench-features/`; see `smollm2_features`).
 """
 
 from __future__ import annotations

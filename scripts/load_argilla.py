@@ -20,7 +20,6 @@ What it does (its own server on a free port with a temporary data folder, stoppe
 from __future__ import annotations
 
 import argparse
-import importlib.util
 import sys
 import tempfile
 import threading
@@ -54,11 +53,9 @@ from preference.simulated import (  # noqa: E402
 
 
 def server_module():
-    spec = importlib.util.spec_from_file_location("curate_argilla_server", ROOT / "scripts" / "argilla_server.py")
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module
-    spec.loader.exec_module(module)
-    return module
+    from preference import argilla_server
+
+    return argilla_server
 
 
 def build_records(source: Path, n: int) -> list[AnnotationRecord]:

@@ -1,6 +1,6 @@
 """pytest plugin: a real local Argilla server for the session, plus annotator helpers.
 
-`argilla_server` starts noida + Argilla (scripts/argilla_server.py) on free loopback ports with a temporary data
+`argilla_server` starts noida + Argilla (preference/argilla_server.py) on free loopback ports with a temporary data
 dir, and stops both by pid at the end of the session. The server's venv is the shared one
 (`$CURATE_ARGILLA_VENV` or `$CURATE_CACHE/argilla-server-venv`), installed on first use (1-2 min).
 
@@ -13,7 +13,6 @@ names `argilla_server` and imports nothing (importing the fixture into a module 
 
 from __future__ import annotations
 
-import importlib.util
 import os
 import sys
 from dataclasses import dataclass
@@ -26,15 +25,10 @@ ROOT = Path(__file__).resolve().parent.parent
 
 
 def load_server_module():
-    """scripts/argilla_server.py as a module (scripts/ is not a package)."""
-    name = "curate_argilla_server_script"
-    if name in sys.modules:
-        return sys.modules[name]
-    spec = importlib.util.spec_from_file_location(name, ROOT / "scripts" / "argilla_server.py")
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[name] = module
-    spec.loader.exec_module(module)
-    return module
+    """The local server manager (`curate argilla up|down|status`)."""
+    from preference import argilla_server
+
+    return argilla_server
 
 
 def in_ci() -> bool:
@@ -46,6 +40,7 @@ class ArgillaTestServer:
     url: str
     api_key: str
     workspace: str
+    data_dir: Path | None = None  # the server's data folder (pid files, logs, SQLite)
 
     def _owner(self) -> httpx.Client:
         return httpx.Client(base_url=self.url, headers={"X-Argilla-Api-Key": self.api_key}, timeout=30)
@@ -94,6 +89,6 @@ def argilla_server(tmp_path_factory) -> ArgillaTestServer:
             pytest.fail(message)
         pytest.skip(message)
     try:
-        yield ArgillaTestServer(url=cfg.url, api_key=cfg.api_key, workspace=cfg.workspace)
+        yield ArgillaTestServer(url=cfg.url, api_key=cfg.api_key, workspace=cfg.workspace, data_dir=cfg.data_dir)
     finally:
         mod.down(cfg, echo=lambda *_: None)

@@ -98,3 +98,17 @@ def test_registry_outside_the_project_is_locked_too(tmp_path):
         with pytest.raises(ProjectBusy, match=rf"registry {shared} is being written by"), writer(two, registry=True):
             pass
     assert Path(shared / LOCK_NAME).read_text() == ""
+
+
+def test_argilla_data_folder_has_one_writer(tmp_path, capsys):
+    """`curate argilla up|down` hold the server's data folder: a second one meanwhile exits 12 naming the first."""
+    from preference import argilla_server
+
+    data = tmp_path / "argilla-data"
+    with project_lock(data, "curate argilla up"):
+        code = argilla_server.main(["up", "--data-dir", str(data), "--venv", str(tmp_path / "venv")])
+        assert code == EXIT_BUSY
+        err = capsys.readouterr().err
+        assert f"error: Argilla data folder {data} is being written by `curate argilla up` (pid {os.getpid()})" in err
+        assert argilla_server.main(["down", "--data-dir", str(data)]) == EXIT_BUSY
+    assert argilla_server.main(["down", "--data-dir", str(data)]) == 0  # free again: nothing was running

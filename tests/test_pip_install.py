@@ -1,8 +1,10 @@
-"""scripts/pip_install.py: uv gets the package sources pip is configured with; without uv, pip does the work."""
+"""The installer (preference/plumbing/installer.py, run by `make install` through scripts/pip_install.py): uv gets the
+package sources pip is configured with; without uv, pip does the work."""
 
 from __future__ import annotations
 
-import importlib.util
+import os
+import subprocess
 import sys
 from pathlib import Path
 
@@ -10,10 +12,17 @@ ROOT = Path(__file__).resolve().parent.parent
 
 
 def load():
-    spec = importlib.util.spec_from_file_location("pip_install_under_test", ROOT / "scripts" / "pip_install.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    from preference.plumbing import installer
+
+    return installer
+
+
+def test_the_script_runs_the_installer_before_the_project_is_installed(tmp_path):
+    """`make install` runs scripts/pip_install.py with a bare interpreter: it finds the installer by itself."""
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
+    out = subprocess.run([sys.executable, "-S", str(ROOT / "scripts" / "pip_install.py"), "--help"], cwd=tmp_path,
+                         capture_output=True, text=True, env=env)
+    assert out.returncode == 0 and "--python" in out.stdout, out.stderr
 
 
 def test_uv_gets_pips_sources_and_compiles_bytecode(tmp_path, monkeypatch):

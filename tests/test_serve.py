@@ -213,7 +213,7 @@ def test_killed_logging_layer_loses_no_acknowledged_request_and_restarts_alone(l
     cfg, path = loop
     # serving the current champion first (idempotent; restarts vLLM when an earlier test's gate promoted another)
     assert curate("serve", "-c", path, env_extra={KEY_ENV: KEY}).returncode == 0
-    procs = serve.Processes(Path(cfg.serve.dir))
+    procs = serve.processes(Path(cfg.serve.dir))
     vllm_pid, gateway_pid = procs.pid("vllm"), procs.pid("gateway")
     acked, lock = [], threading.Lock()
 

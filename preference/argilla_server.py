@@ -1,8 +1,8 @@
-"""A local Argilla 2.8 server for development and tests: `up`, `down`, `status`.
+"""A local Argilla 2.8 server for development and tests: `curate argilla up|down|status`.
 
-    python scripts/argilla_server.py up        # installs its own venv once, starts noida + Argilla, waits
-    python scripts/argilla_server.py status
-    python scripts/argilla_server.py down      # stops both by their pid files; data is kept
+    curate argilla up        # installs its own venv once, starts noida + Argilla, waits (also: scripts/argilla-server)
+    curate argilla status
+    curate argilla down      # stops both by their pid files; data is kept
 
 What `up` does (idempotent: a healthy running server is left alone):
 
@@ -17,9 +17,11 @@ What `up` does (idempotent: a healthy running server is left alone):
    the data dir (`--data-dir`, default `$CURATE_ARGILLA_HOME` or `$CURATE_CACHE/argilla-server`);
 5. waits until `GET /api/v1/me` answers for the owner's key.
 
-Each process runs in its own session (process group); its pid goes to `<data-dir>/pids/`, and `down` stops that
-group only. Logs: `<data-dir>/logs/`. Standard library only, so any Python >= 3.11 can run it; importable
-(`up`, `down`, `status`, `ServerConfig`) for the `curate` CLI and the test fixture.
+The processes are started and stopped by `preference.plumbing.processes` (pid files in `<data-dir>/pids/`, logs
+in `<data-dir>/logs/`, each in its own process group). `up` and `down` hold the data folder's write lock
+(`<data-dir>/writer.lock`): a second `up` on the same folder meanwhile gets one line and exit code 12. Part of
+the installed package (`curate argilla` works from a wheel) and standard library only, so any Python >= 3.11
+runs it: `python -m preference.argilla_server up`.
 
 This server is for development and tests. For real annotation work point `annotation.argilla.url` (or
 `$ARGILLA_API_URL`) and `$ARGILLA_API_KEY` at a production Argilla instead.
@@ -34,14 +36,14 @@ import fcntl
 import hashlib
 import json
 import os
-import signal
-import socket
 import subprocess
 import sys
 import time
-import urllib.error
-import urllib.request
 from pathlib import Path
+
+from preference.plumbing.errors import CurateError
+from preference.plumbing.lock import project_lock
+from preference.plumbing.processes import Processes, free_port, http_ok, port_open
 
 PACKAGES = ("argilla-server==2.8.0", "noida-db==0.2.3")
 DEFAULT_PORT = 6900
@@ -50,7 +52,7 @@ DEV_PASSWORD = "curate-dev-password"
 OWNER = "curate"
 
 
-class ServerError(RuntimeError):
+class ServerError(CurateError):
     """The local server could not be installed, started or stopped; the message says why and where to look."""
 
 
@@ -84,14 +86,6 @@ class ServerConfig:
         return f"http://127.0.0.1:{self.port}"
 
     @property
-    def pid_dir(self) -> Path:
-        return self.data_dir / "pids"
-
-    @property
-    def log_dir(self) -> Path:
-        return self.data_dir / "logs"
-
-    @property
     def python(self) -> Path:
         return self.venv / "bin" / "python"
 
@@ -109,22 +103,13 @@ def ensure_venv(cfg: ServerConfig, echo=print) -> Path:
         if marker.is_file() and marker.read_text() == wanted and cfg.python.exists():
             return cfg.python
         echo(f"installing {' '.join(PACKAGES)} into {cfg.venv} (once; seconds with uv, 1-2 min with pip)")
-        installer = _pip_install_module()
+        from preference.plumbing import installer
+
         if not cfg.python.exists():
             _run(installer.make_venv(cfg.venv), "create the server venv")
         _run(installer.command(cfg.python, PACKAGES), f"install {' '.join(PACKAGES)}")
         marker.write_text(wanted)
     return cfg.python
-
-
-def _pip_install_module():
-    """scripts/pip_install.py (uv when at hand, else pip), loaded by path: this file runs as a script too."""
-    import importlib.util
-
-    spec = importlib.util.spec_from_file_location("curate_pip_install", Path(__file__).with_name("pip_install.py"))
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
 
 
 def _run(cmd: list[str], what: str, env: dict | None = None) -> str:
@@ -136,103 +121,16 @@ def _run(cmd: list[str], what: str, env: dict | None = None) -> str:
 
 
 # processes ----------------------------------------------------------------------------------------------------
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+NEEDLES = {"noida": "noida-db", "server": "uvicorn"}
 
 
-def _read_pid(path: Path) -> int | None:
-    try:
-        return int(path.read_text().strip())
-    except (FileNotFoundError, ValueError):
-        return None
-
-
-def _alive(pid: int | None, needle: str) -> bool:
-    """True if `pid` runs and its command line contains `needle` (guards against a recycled pid).
-
-    For processes started by another invocation (`down`, `status`); `up` watches its own children directly."""
-    if not pid:
-        return False
-    try:
-        cmdline = Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
-    except OSError:
-        return False
-    stat = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[-1].split()
-    return needle in cmdline and stat[0] != "Z"
-
-
-def _spawn(cmd: list[str], name: str, cfg: ServerConfig, env: dict) -> subprocess.Popen:
-    cfg.log_dir.mkdir(parents=True, exist_ok=True)
-    cfg.pid_dir.mkdir(parents=True, exist_ok=True)
-    with open(cfg.log_dir / f"{name}.log", "ab") as log:
-        proc = subprocess.Popen(
-            cmd, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, env=env, start_new_session=True
-        )
-    (cfg.pid_dir / f"{name}.pid").write_text(f"{proc.pid}\n")
-    return proc
-
-
-def _stop(cfg: ServerConfig, name: str, needle: str, timeout_s: float = 20.0) -> bool:
-    """Stop the process group started as `name` (SIGTERM, then SIGKILL). True if something was stopped."""
-    pid_file = cfg.pid_dir / f"{name}.pid"
-    pid = _read_pid(pid_file)
-    stopped = False
-    if _alive(pid, needle):
-        with contextlib.suppress(ProcessLookupError):
-            os.killpg(pid, signal.SIGTERM)
-        deadline = time.monotonic() + timeout_s
-        while _alive(pid, needle) and time.monotonic() < deadline:
-            with contextlib.suppress(ChildProcessError):
-                os.waitpid(pid, os.WNOHANG)
-            time.sleep(0.2)
-        if _alive(pid, needle):
-            with contextlib.suppress(ProcessLookupError):
-                os.killpg(pid, signal.SIGKILL)
-        with contextlib.suppress(ChildProcessError):  # reap it if this process started it
-            os.waitpid(pid, os.WNOHANG)
-        stopped = True
-    pid_file.unlink(missing_ok=True)
-    return stopped
-
-
-def _log_tail(cfg: ServerConfig, name: str, n: int = 25) -> str:
-    path = cfg.log_dir / f"{name}.log"
-    lines = path.read_text(errors="replace").splitlines()[-n:] if path.is_file() else []
-    return f"last lines of {path}:\n" + "\n".join(lines)
-
-
-def _wait(check, what: str, timeout_s: float, cfg: ServerConfig, name: str, proc: subprocess.Popen) -> None:
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        if check():
-            return
-        if proc.poll() is not None:
-            raise ServerError(
-                f"{name} exited (code {proc.returncode}) while waiting for {what}; {_log_tail(cfg, name)}"
-            )
-        time.sleep(0.5)
-    raise ServerError(f"{what} not ready after {timeout_s:.0f} s; {_log_tail(cfg, name)}")
-
-
-def _http_ok(url: str, headers: dict | None = None) -> bool:
-    try:
-        with urllib.request.urlopen(urllib.request.Request(url, headers=headers or {}), timeout=3) as resp:
-            return resp.status == 200
-    except (urllib.error.URLError, OSError, ValueError):
-        return False
-
-
-def _port_open(port: int) -> bool:
-    with contextlib.closing(socket.socket()) as s:
-        s.settimeout(1)
-        return s.connect_ex(("127.0.0.1", port)) == 0
+def processes(cfg: ServerConfig) -> Processes:
+    return Processes(cfg.data_dir, NEEDLES)
 
 
 def ready(cfg: ServerConfig) -> bool:
     """The server answers `/api/v1/me` for the owner's API key."""
-    return _http_ok(f"{cfg.url}/api/v1/me", {"X-Argilla-Api-Key": cfg.api_key})
+    return http_ok(f"{cfg.url}/api/v1/me", {"X-Argilla-Api-Key": cfg.api_key})
 
 
 # the server ---------------------------------------------------------------------------------------------------
@@ -289,30 +187,36 @@ def _state_path(cfg: ServerConfig) -> Path:
 def status(cfg: ServerConfig | None = None) -> dict:
     """Where the server stands: pids, ports, whether each process runs and whether the API answers."""
     cfg = cfg or ServerConfig()
+    procs = processes(cfg)
     state = json.loads(_state_path(cfg).read_text()) if _state_path(cfg).is_file() else {}
-    noida, server = _read_pid(cfg.pid_dir / "noida.pid"), _read_pid(cfg.pid_dir / "server.pid")
-    port = state.get("port", cfg.port)
-    probe = dataclasses.replace(cfg, port=port)
+    probe = dataclasses.replace(cfg, port=state.get("port", cfg.port))
+    server_running = procs.alive("server")
     return {
         "url": probe.url,
         "data_dir": str(cfg.data_dir),
-        "noida": {"pid": noida, "running": _alive(noida, "noida-db"), **state.get("noida", {})},
-        "server": {"pid": server, "running": _alive(server, "uvicorn")},
-        "ready": _alive(server, "uvicorn") and ready(probe),
+        "noida": {"pid": procs.pid("noida"), "running": procs.alive("noida"), **state.get("noida", {})},
+        "server": {"pid": procs.pid("server"), "running": server_running},
+        "ready": server_running and ready(probe),
     }
 
 
 def up(cfg: ServerConfig | None = None, echo=print) -> dict:
-    """Start noida (Elasticsearch + Redis) and the Argilla server; return `status()`. Idempotent."""
+    """Start noida (Elasticsearch + Redis) and the Argilla server; return `status()`. Idempotent. Holds the data
+    folder's write lock: a second `up` or `down` on it meanwhile fails at once (`ProjectBusy`, exit 12)."""
     cfg = cfg or ServerConfig()
+    with project_lock(cfg.data_dir, what="Argilla data folder"):
+        return _up(cfg, echo)
+
+
+def _up(cfg: ServerConfig, echo) -> dict:
     current = status(cfg)
     if current["ready"] and current["noida"]["running"]:
         if current["url"] != cfg.url:
             raise ServerError(f"a server from {cfg.data_dir} already runs at {current['url']}; run `down` first")
         echo(f"argilla server already running at {cfg.url} (data: {cfg.data_dir})")
         return current
-    down(cfg, echo=lambda *_: None)  # leftovers of a half-started server
-    if _port_open(cfg.port):
+    _down(cfg, echo=lambda *_: None)  # leftovers of a half-started server
+    if port_open(cfg.port):
         raise ServerError(f"port {cfg.port} on 127.0.0.1 is taken by another program; pass --port or free it")
     python = ensure_venv(cfg, echo)
     import_check = "import importlib.resources as r; print(r.files('noida_db') / 'noida-db')"
@@ -323,26 +227,23 @@ def up(cfg: ServerConfig | None = None, echo=print) -> dict:
         redis_port = free_port()
     (cfg.data_dir / "home").mkdir(parents=True, exist_ok=True)
     env = _env(cfg, es_port, redis_port)
+    procs = processes(cfg)
     t0 = time.monotonic()
     echo(f"starting noida-db (elasticsearch :{es_port}, redis :{redis_port})")
-    noida = _spawn(
-        [str(noida_bin), "start", "--data-dir", str(cfg.data_dir / "noida"), "--host", "127.0.0.1",
-         "--only", "elasticsearch,redis", "--elasticsearch-port", str(es_port), "--redis-port", str(redis_port)],
-        "noida", cfg, env,
-    )
     try:
-        _wait(lambda: _http_ok(f"http://127.0.0.1:{es_port}/") and _port_open(redis_port),
-              "noida-db (elasticsearch, redis)", 60, cfg, "noida", noida)
+        procs.start_and_wait(
+            "noida", [str(noida_bin), "start", "--data-dir", str(cfg.data_dir / "noida"), "--host", "127.0.0.1",
+                      "--only", "elasticsearch,redis", "--elasticsearch-port", str(es_port),
+                      "--redis-port", str(redis_port)],
+            env, lambda: http_ok(f"http://127.0.0.1:{es_port}/") and port_open(redis_port), 60)
         bootstrap(cfg, python, env)
         echo(f"starting argilla-server on {cfg.url}")
-        server = _spawn(
-            [str(python), "-m", "uvicorn", "argilla_server:app", "--host", "127.0.0.1", "--port", str(cfg.port)],
-            "server", cfg, env,
-        )
-        _wait(lambda: ready(cfg), f"argilla server at {cfg.url}/api/v1/me", cfg.ready_timeout_s,
-              cfg, "server", server)
-    except BaseException:
-        down(cfg, echo=lambda *_: None)
+        procs.start_and_wait(
+            "server", [str(python), "-m", "uvicorn", "argilla_server:app", "--host", "127.0.0.1",
+                       "--port", str(cfg.port)],
+            env, lambda: ready(cfg), cfg.ready_timeout_s)
+    except BaseException:  # noida up but the server not: stop both
+        _down(cfg, echo=lambda *_: None)
         raise
     state = {"port": cfg.port, "noida": {"elasticsearch_port": es_port, "redis_port": redis_port},
              "started_seconds": round(time.monotonic() - t0, 1)}
@@ -355,15 +256,23 @@ def up(cfg: ServerConfig | None = None, echo=print) -> dict:
 def down(cfg: ServerConfig | None = None, echo=print) -> bool:
     """Stop the server, then noida, by their pid files. True if anything was running. Data is kept."""
     cfg = cfg or ServerConfig()
-    stopped = _stop(cfg, "server", "uvicorn")
-    stopped = _stop(cfg, "noida", "noida-db") or stopped
+    with project_lock(cfg.data_dir, what="Argilla data folder"):
+        return _down(cfg, echo)
+
+
+def _down(cfg: ServerConfig, echo) -> bool:
+    procs = processes(cfg)
+    stopped = procs.stop("server", timeout_s=20)
+    stopped = procs.stop("noida", timeout_s=20) or stopped
     _state_path(cfg).unlink(missing_ok=True)
     echo(f"argilla server {'stopped' if stopped else 'was not running'} (data kept in {cfg.data_dir})")
     return stopped
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    """`up | down | status [--port N] [--data-dir D] [--venv V]`; exit 0, 1 (status: not ready), 2 (an error) or
+    12 (another `up`/`down` holds the data folder)."""
+    parser = argparse.ArgumentParser(prog="curate argilla", description=__doc__.split("\n\n")[0])
     parser.add_argument("command", choices=("up", "down", "status"))
     parser.add_argument("--port", type=int, help=f"server port (default $CURATE_ARGILLA_PORT or {DEFAULT_PORT})")
     parser.add_argument("--data-dir", type=Path, help="data dir (default $CURATE_ARGILLA_HOME)")
@@ -380,9 +289,9 @@ def main(argv: list[str] | None = None) -> int:
             info = status(cfg)
             print(json.dumps(info, indent=2))
             return 0 if info["ready"] else 1
-    except ServerError as exc:
+    except CurateError as exc:
         print(f"error: {exc}", file=sys.stderr)
-        return 2
+        return exc.exit_code
     return 0
 
 
