@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 import sysconfig
@@ -29,7 +30,12 @@ def installed(tmp_path_factory) -> Path:
     """A venv with only the wheel installed (no dependencies: those are found in the test's own environment,
     appended to the venv's path without its .pth files, so the checkout's editable install stays invisible)."""
     tmp = tmp_path_factory.mktemp("wheel")
-    sh(sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "-q", "-w", tmp / "dist", ROOT,
+    src = tmp / "src"  # what a source distribution holds (setuptools builds in place: keep the checkout clean)
+    for name in ("curation", "preference", "training"):
+        shutil.copytree(ROOT / name, src / name, ignore=shutil.ignore_patterns("__pycache__"))
+    for name in ("pyproject.toml", "README.md"):
+        shutil.copy(ROOT / name, src / name)
+    sh(sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "-q", "-w", tmp / "dist", src,
        cwd=tmp)
     wheel = next((tmp / "dist").glob("curate_prefs-*.whl"))
     venv = tmp / "venv"
