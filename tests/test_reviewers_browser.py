@@ -39,12 +39,13 @@ BOB = [
     {"ranks": {1: 1, 2: 2, 3: 3}},
     {"ranks": {1: 2, 2: 1, 3: 3}, "harms": {1: ["none"], 2: ["none"], 3: ["violence"]}},
 ]
-# the pairs these answers imply (Borda: a rank r of 3 scores (3 - r) / 2, averaged over the record's reviewers; a
-# pair for every score difference; an answer flagged by half the reviewers or more is harmful: rejected against
+# the pairs these answers imply (Borda: an answer scores (answers it beats + ½ per answer tied with it) / 2,
+# averaged over the record's reviewers — alice's 1=2>3 gives 0.75, 0.75, 0 and bob's 1>2>3 1, 0.5, 0; a pair for
+# every score difference; an answer flagged by half the reviewers or more is harmful: rejected against
 # every clean answer with margin ≥ 1; a correction beats the best answer by 0.5):
 #   (chosen slot | "correction", rejected slot, margin, rejected_harmful)
 EXPECTED = [
-    [(1, 2, 0.25, False), (1, 3, 0.75, False), (2, 3, 0.5, False)],               # alice 1=2>3, bob 1>2>3
+    [(1, 2, 0.25, False), (1, 3, 0.875, False), (2, 3, 0.625, False)],            # alice 1=2>3, bob 1>2>3
     [(2, 1, 0.5, False), (2, 3, 1.0, True), (1, 3, 1.0, True)],                   # both 2>1>3, both flag 3
     [(1, 2, 0.5, False), (1, 3, 1.0, False), (2, 3, 0.5, False), ("correction", 1, 0.5, False)],
     [(1, 3, 0.5, False), (1, 2, 1.0, False), (3, 2, 0.5, False)],
@@ -79,10 +80,10 @@ def test_reviewers_in_the_web_ui_to_a_trained_reward_model(argilla_server, tmp_p
         config = write_config(tmp_path / "round.yaml", project, argilla_server.url)
         env = {**os.environ, "OMP_NUM_THREADS": "1", "ARGILLA_API_KEY": argilla_server.api_key}
         env.pop("ARGILLA_API_URL", None)
-        c = ["-c", config, "-q"]
+        c = ["-c", config]
 
         # the round runs up to the push and waits: nobody has answered
-        first = curate("round", "run", *c, env=env)
+        first = curate("round", "run", *c, "-q", env=env)
         assert first.returncode == 11, first.stderr[-3000:]
         assert "0 submitted responses are in" in first.stdout and "rerun `curate round run`" in first.stdout
         r1 = project / "round-0001"
@@ -115,7 +116,7 @@ def test_reviewers_in_the_web_ui_to_a_trained_reward_model(argilla_server, tmp_p
         page.context.close()
 
         # not enough answers yet (min_responses 6): a waiting round exits 11 and says who has pending records
-        waiting = curate("round", "run", *c, env=env)
+        waiting = curate("round", "run", *c, "-q", env=env)
         assert waiting.returncode == 11, waiting.stderr[-3000:]
         assert "4 submitted responses are in" in waiting.stdout
         assert "alice 4/0" in waiting.stdout and "bob 0/4" in waiting.stdout
@@ -134,7 +135,7 @@ def test_reviewers_in_the_web_ui_to_a_trained_reward_model(argilla_server, tmp_p
         page.context.close()
 
     # enough answers: the round continues through the pull into training
-    done = curate("round", "run", *c, env=env)
+    done = curate("round", "run", *c, "-q", env=env)
     assert done.returncode == 0, done.stderr[-3000:] + done.stdout[-2000:]
     assert "round 1 finished" in done.stdout
     pull = r1 / "pull"
