@@ -69,11 +69,13 @@ from preference.agreement import (
     submitted,
 )
 from preference.argilla import (
+    QUEUE,
     ArgillaClient,
     ArgillaConfig,
     annotation_spec,
     ensure_dataset,
     latest_version,
+    queue_url,
     responses_from_raw,
     review_spec,
     upsert_records,
@@ -256,6 +258,8 @@ def build_records(cfg, rnd) -> tuple[list[AnnotationRecord], dict[str, float], s
     counts = {"selected": len(selected), "skipped_fewer_than_2_completions": few, "gold": 0}
     if ann.gold is not None and records:
         records, counts["gold"] = mix_gold(records, ann.gold, prompts, seed=cfg.seed, round_number=rnd.number)
+    for position, record in enumerate(records, 1):  # the reviewers' queue: acquisition priority, gold spread in
+        record.metadata[QUEUE] = position
         if agent is not None and counts["gold"]:  # gold records get the champion's suggestion too: no tell
             from curation.rewards import version_rewards
 
@@ -286,18 +290,28 @@ def mix_gold(records: list[AnnotationRecord], gold, pool: dict[str, Prompt], *, 
             "a larger labelled set (HH transcripts or {prompt, chosen, rejected} rows) or lower annotation.gold.share"
         )
     rng = np.random.default_rng([seed, round_number, 0x601D])
-    out = list(real)
+    golds = []
     for i in sorted(rng.choice(len(candidates), size=n, replace=False)):
         prompt, chosen, rejected = candidates[i]
         comps = [Completion(id=Completion.make_id(prompt.id, model, 0, "gold"), prompt_id=prompt.id, model=model,
                             text=text) for model, text in ((GOLD_CHOSEN, chosen), (GOLD_REJECTED, rejected))]
         comps = [comps[j] for j in rng.permutation(2)]
-        rec = AnnotationRecord(prompt=prompt, completions=comps,
-                               metadata={"gold": {"chosen": comps[[c.model for c in comps].index(GOLD_CHOSEN)].id,
-                                                  "rejected": comps[[c.model for c in comps].index(GOLD_REJECTED)].id,
-                                                  "source": str(gold.source)}})
-        out.insert(int(rng.integers(0, len(out) + 1)), rec)
-    return out, n
+        golds.append(AnnotationRecord(prompt=prompt, completions=comps, metadata={"gold": {
+            "chosen": comps[[c.model for c in comps].index(GOLD_CHOSEN)].id,
+            "rejected": comps[[c.model for c in comps].index(GOLD_REJECTED)].id, "source": str(gold.source)}}))
+    return spread(real, golds, rng), n
+
+
+def spread(records: list, extra: list, rng: np.random.Generator) -> list:
+    """`records` with `extra` spread through them: the queue of len(records) + len(extra) positions is cut into
+    len(extra) equal stretches and each extra item goes to a seeded random position of its own stretch, so a
+    reviewer who answers any sizeable part of the queue meets some of them (and never a run of them)."""
+    total, n = len(records) + len(extra), len(extra)
+    if not n:
+        return list(records)
+    at = {int(j * total / n + rng.random() * total / n): item for j, item in enumerate(extra)}
+    rest = iter(records)
+    return [at[i] if i in at else next(rest) for i in range(total)]
 
 
 def gold_ids(records: list[AnnotationRecord]) -> set[str]:
@@ -322,7 +336,7 @@ def load_records(rnd) -> list[AnnotationRecord]:
 
 
 def _signal_columns(records: list[AnnotationRecord]) -> list[str]:
-    known = {"score", "rank", "strategy", "arm", "reason", "slice"}
+    known = {"score", "rank", "strategy", "arm", "reason", "slice", QUEUE}
     return sorted({k for r in records for k, v in r.metadata.items() if k not in known and isinstance(v, float)})
 
 
@@ -341,7 +355,7 @@ def _spec(ann: AnnotationConfig, records: list[AnnotationRecord]) -> dict:
     if len(dims) > 1:
         raise CurateError(f"prompt embeddings have different lengths {sorted(dims)}; rerun `curate score --force`")
     return annotation_spec(ann.argilla, ann.completions_per_record, terms=("strategy", "arm", "slice"),
-                           floats=("score", *_signal_columns(records)), ints=("rank",),
+                           floats=("score", *_signal_columns(records)), ints=("rank", QUEUE),
                            vector_dim=dims.pop() if dims else None)
 
 
@@ -384,6 +398,7 @@ def run_push(cfg, rnd, *, force: bool = False, progress: bool = True, new_versio
             run.counts["settings_synced"] = len(sync.updated)
             run.extra["argilla"] = {"url": client.url, "workspace": a.workspace, "dataset": name,
                                     "dataset_id": sync.id, "version": version,
+                                    "queue_url": queue_url(client.url, sync.id),
                                     "previous": [versioned(base, v) for v in range(1, version)],
                                     "created": sync.created, "settings_updated": sync.updated}
             if progress and sync.updated:
@@ -477,13 +492,26 @@ def _fetch_argilla(ann: AnnotationConfig, push_manifest: dict, records: list[Ann
                     f"Argilla dataset {info['dataset']!r}: {total} submitted responses are in, {complete} of "
                     f"{len(ids)} records have their {a.min_submitted}; this pull needs "
                     + (f"{needed} (every record × min_submitted)" if a.min_responses is None else f"{needed}")
-                    + f". Ask reviewers to continue at {client.url}/dataset/{info['dataset_id']}/annotation-mode "
-                    f"and rerun `curate pull` (what is in is saved in {out / 'raw'}), or lower "
-                    "annotation.argilla.min_responses, or wait longer with annotation.argilla.poll_timeout_s"
+                    + f"; {who_is_pending(client, a.workspace, info['dataset_id'])}. Ask reviewers to continue at "
+                    f"{queue_url(client.url, info['dataset_id'])} and rerun `curate pull` or `curate round run` "
+                    f"(what is in is saved in {out / 'raw'}), or lower annotation.argilla.min_responses, or wait "
+                    "longer with annotation.argilla.poll_timeout_s"
                 )
             if progress:
                 print(f"pull: {have}/{needed} responses in; polling again in {a.poll_interval_s:.0f} s", flush=True)
             time.sleep(max(0.0, min(a.poll_interval_s, deadline - time.monotonic())))
+
+
+def who_is_pending(client: ArgillaClient, workspace: str, dataset_id: str) -> str:
+    """One clause for a waiting message: each reviewer's submitted answers and pending records in the dataset."""
+    from preference.argilla_reviewers import reviewer_progress
+
+    rows = [r for r in reviewer_progress(client, workspace, dataset_id) if r["role"] != "owner"]
+    if not rows:
+        return (f"no reviewers in workspace {workspace!r} yet: add them with `curate reviewers add NAME` "
+                "(owners answer too, but the queue is for reviewers)")
+    return "reviewers (submitted / pending): " + ", ".join(
+        f"{r['reviewer']} {r['submitted']}/{r['pending']}" for r in rows)
 
 
 def _fetch_simulated(ann: AnnotationConfig, records: list[AnnotationRecord], out: Path) -> list[Response]:
@@ -544,11 +572,14 @@ def _review_stage(ann, cfg, rnd, push_manifest, records, first, routed, out, pro
         per_record = {rid: len(rs) for rid, rs in by_record(submitted(review)).items()}
         done = sum(per_record.get(rid, 0) >= a.review_min_submitted for rid in ids)
         if done < len(ids):
+            with ArgillaClient.from_config(a) as client:
+                pending = who_is_pending(client, a.workspace, sync.id)
             raise WaitingForReviewers(
                 f"Argilla review dataset {name!r}: {done} of {len(ids)} routed records have their "
-                f"{a.review_min_submitted} review answer(s); annotation.review.wait holds the round until all have. "
-                f"Ask reviewers to continue at {a.resolved_url()}/dataset/{sync.id}/annotation-mode and rerun "
-                "`curate pull` (first-stage answers are saved), or set annotation.review.wait: false"
+                f"{a.review_min_submitted} review answer(s); annotation.review.wait holds the round until all have; "
+                f"{pending}. Ask reviewers to continue at {queue_url(a.resolved_url(), sync.id)} and rerun "
+                "`curate pull` or `curate round run` (first-stage answers are saved), or set "
+                "annotation.review.wait: false"
             )
     return review, info
 

@@ -21,8 +21,10 @@ from typing import Annotated
 import typer
 
 from curation.round import STEPS
-from preference.plumbing.errors import CurateError
+from preference.plumbing.errors import CurateError, WaitingForReviewers
 from training.trainers import TRAINERS
+
+EXIT_WAITING = WaitingForReviewers.exit_code  # 11: a round (or pull) stopped to wait for reviewers (= drift.EXIT_WAITING)
 
 TRAIN_STEPS = {t.step: t for t in TRAINERS.values()}
 
@@ -40,6 +42,9 @@ argilla_app = typer.Typer(no_args_is_help=True, help="Local Argilla server for d
 app.add_typer(models_app, name="models")
 app.add_typer(argilla_app, name="argilla")
 app.add_typer(registry_app, name="registry")
+reviewers_app = typer.Typer(no_args_is_help=True, help="The people who review on the configured Argilla: add, list, "
+                            "remove (accounts and workspace membership; writes to Argilla, not to the project).")
+app.add_typer(reviewers_app, name="reviewers")
 
 ConfigOpt = Annotated[Path, typer.Option("--config", "-c", help="Round config YAML (see configs/).")]
 RoundOpt = Annotated[int | None, typer.Option("--round", "-r", help="Round number (default: the latest).")]
@@ -161,6 +166,9 @@ def push(
 
     run_step("push", lambda cfg, rnd, **kw: run_push(cfg, rnd, new_version=new_version, **kw), config, round_,
              force, set_, quiet, verbose)
+    info = open_round(load(config, set_), round_).step("push").manifest().get("argilla") or {}
+    if info.get("queue_url"):
+        typer.echo(f"reviewers' queue (share this link; most useful records first): {info['queue_url']}")
 
 
 @app.command()
@@ -176,14 +184,7 @@ def pull(config: ConfigOpt, round_: RoundOpt = None, force: ForceOpt = False, se
     for line in section.lines:
         typer.echo(f"  {line}")
     if section.table:
-        def cell(v) -> str:
-            return f"{v:.3g}" if isinstance(v, float) else "-" if v is None else str(v)
-
-        cols = list(dict.fromkeys(k for row in section.table for k in row))
-        widths = {c: max(len(c), *(len(cell(row.get(c))) for row in section.table)) for c in cols}
-        typer.echo("  " + "  ".join(c.ljust(widths[c]) for c in cols))
-        for row in section.table:
-            typer.echo("  " + "  ".join(cell(row.get(c)).ljust(widths[c]) for c in cols))
+        _table(section.table, indent="  ")
 
 
 @app.command("report")
@@ -256,11 +257,16 @@ def status(config: ConfigOpt, set_: SetOpt = None) -> None:
         total = sum(r["seconds"] or 0.0 for r in steps if r["status"] == "done")
         for r in steps:
             share = f"{100 * r['seconds'] / total:.0f} %" if r["status"] == "done" and r["seconds"] and total else ""
-            tail = r.get("error") or r.get("finished_at") or ""
+            tail = "(below)" if r["status"] == "waiting" else r.get("error") or r.get("finished_at") or ""
             typer.echo(f"{r['round']:>5}  {r['step']:<14} {r['status']:<10} {wall_time(r.get('seconds')):>11} "
                        f"{share:>6}  {tail}")
         done = sum(r["status"] == "done" for r in steps)
         typer.echo(f"{number:>5}  {'(total)':<14} {f'{done}/{len(steps)} done':<10} {wall_time(total):>11}")
+    for r in rows:  # the same words `curate round run` printed when it stopped (as of that run)
+        if r["status"] == "waiting":
+            when = r.get("started_at") or "?"
+            typer.echo(f"round {r['round']} waits for reviewers ({r['step']}, as of {when}): {r.get('error') or ''}")
+            typer.echo(f"  live: `curate reviewers list -c {config}`; continue: `curate round run -c {config}`")
 
 
 @round_app.command("status")
@@ -287,11 +293,12 @@ def round_run(
     next_: Annotated[bool, typer.Option("--next", help="Start the next round if the latest has finished.")] = False,
     if_drift: Annotated[bool, typer.Option(
         "--if-drift", help="With --next: start the new round only if `curate drift` finds drift or enough new "
-        "thumbs-down feedback. Exit 0 = a round ran, 11 = it waits for reviewers, 10 = nothing to do, 12 = another "
-        "command is writing the project (a cron skips quietly), 2 = error.",
+        "thumbs-down feedback. Exit 0 = a round ran, 11 = it waits for reviewers (without --if-drift too), 10 = "
+        "nothing to do, 12 = another command is writing the project (a cron skips quietly), 2 = error.",
     )] = False,
 ) -> None:
-    """Run every step of a round in order, skipping finished ones (resumable after a kill).
+    """Run every step of a round in order, skipping finished ones (resumable after a kill). Exit 11 when it stopped
+    to wait for reviewers (it says how many answers are in and who has pending records; rerun it later).
 
     Without --round it continues the latest round; with --next it starts a new round once the latest finished
     (the new round's pool is the previous one's minus labelled items plus its failures and new traffic).
@@ -322,8 +329,8 @@ def _round_run(cfg, round_: int | None, force: bool, quiet: bool, verbose: bool,
     else:
         rnd = open_round(cfg, round_)
     outcome = run_round(cfg, rnd, force=force, progress=not quiet, verbose=verbose, echo=typer.echo)
-    if if_drift and outcome == "waiting":
-        raise typer.Exit(11)  # curation.drift.EXIT_WAITING
+    if outcome == "waiting":  # with or without --if-drift: waiting for reviewers is a state, not a success
+        raise typer.Exit(EXIT_WAITING)
 
 
 def _drift_warrants_round(cfg, quiet: bool, verbose: bool = False) -> bool:
@@ -437,6 +444,84 @@ def registry_rollback(config: ConfigOpt, set_: SetOpt = None) -> None:
     typer.echo(f"champion: {champion or 'none'}")
 
 
+NameArg = Annotated[str, typer.Argument(help="The reviewer's Argilla username (lowercase letters, digits, . _ -).")]
+
+
+def _read_password(from_stdin: bool) -> Callable[[], str]:
+    """The new account's password, read only when an account is created: one line from stdin, or a hidden prompt
+    typed twice. Never echoed, stored or logged."""
+    def read() -> str:
+        if from_stdin:
+            return sys.stdin.readline().rstrip("\r\n")
+        if not sys.stdin.isatty():
+            raise CurateError("no terminal to type the new reviewer's password: pipe it with --password-stdin "
+                              "(e.g. `printf '%s\\n' \"$PW\" | curate reviewers add NAME -c … --password-stdin`)")
+        return typer.prompt("password for the new reviewer (8-100 characters)", hide_input=True,
+                            confirmation_prompt=True)
+
+    return read
+
+
+@reviewers_app.command("add")
+def reviewers_add(
+    name: NameArg, config: ConfigOpt, set_: SetOpt = None,
+    role: Annotated[str, typer.Option("--role", help="annotator (answers the queue) or admin (also manages the "
+                                      "workspace's datasets).")] = "annotator",
+    password_stdin: Annotated[bool, typer.Option("--password-stdin", help="Read the new account's password from "
+                                                 "standard input (one line) instead of a hidden prompt.")] = False,
+) -> None:
+    """Give NAME access to the project's Argilla workspace: create the account, or add an existing one (its
+    password and role unchanged). Needs an owner's API key. Prints the link to share."""
+    from curation.reviewers import add, latest_push
+
+    cfg = load(config, set_)
+    change = add(cfg, name, role=role, password=_read_password(password_stdin))
+    what = "created and added" if change.created else "added"
+    typer.echo(f"reviewer {change.username} ({change.role}) {what} to workspace {change.workspace!r}")
+    for note in change.notes:
+        typer.echo(f"  note: {note}")
+    _, info = latest_push(cfg)
+    where = info.get("queue_url") or f"{cfg.annotation.argilla.resolved_url()} (the round's link appears after " \
+        "`curate push`)"
+    typer.echo(f"  they sign in at {cfg.annotation.argilla.resolved_url()}/sign-in and review at {where}")
+
+
+@reviewers_app.command("list")
+def reviewers_list(config: ConfigOpt, set_: SetOpt = None) -> None:
+    """Every member of the project's workspace: role, answers in the latest pushed round (submitted, draft,
+    discarded), pending records, and the reliability figures of the latest pull."""
+    from curation.reviewers import listing
+
+    lines, rows = listing(load(config, set_))
+    for line in lines:
+        typer.echo(line)
+    _table(rows)
+
+
+@reviewers_app.command("remove")
+def reviewers_remove(name: NameArg, config: ConfigOpt, set_: SetOpt = None) -> None:
+    """Take NAME out of the project's workspace (no more access to its datasets); the account and its answers stay."""
+    from curation.reviewers import remove
+
+    change = remove(load(config, set_), name)
+    typer.echo(f"reviewer {change.username} removed from workspace {change.workspace!r}")
+    for note in change.notes:
+        typer.echo(f"  note: {note}")
+
+
+def _table(rows: list[dict], indent: str = "") -> None:
+    def cell(v) -> str:
+        return f"{v:.3g}" if isinstance(v, float) else "-" if v is None else str(v)
+
+    if not rows:
+        return
+    cols = list(dict.fromkeys(k for row in rows for k in row))
+    widths = {c: max(len(c), *(len(cell(row.get(c))) for row in rows)) for c in cols}
+    typer.echo(indent + "  ".join(c.ljust(widths[c]) for c in cols).rstrip())
+    for row in rows:
+        typer.echo(indent + "  ".join(cell(row.get(c)).ljust(widths[c]) for c in cols).rstrip())
+
+
 PortOpt = Annotated[int | None, typer.Option("--port", help="Server port (default 6900).")]
 DataDirOpt = Annotated[Path | None, typer.Option("--data-dir", help="Server data folder.")]
 
@@ -497,11 +582,11 @@ def main() -> None:
     apply_env_defaults()  # before anything imports torch
     try:
         app()
-    except CurateError as exc:
-        typer.echo(f"error: {exc}", err=True)
+    except CurateError as exc:  # `curate pull` waiting for reviewers is a state, not an error: its own word, exit 11
+        typer.echo(f"{'waiting for reviewers' if isinstance(exc, WaitingForReviewers) else 'error'}: {exc}", err=True)
         for note in getattr(exc, "__notes__", ()):  # e.g. where the failed step's log is
             typer.echo(note, err=True)
-        sys.exit(exc.exit_code)  # 2; 12 when another command is writing the project
+        sys.exit(exc.exit_code)  # 2; 11 waiting for reviewers; 12 when another command is writing the project
     except KeyboardInterrupt:
         typer.echo("interrupted; finished steps are kept, rerun the same command to resume", err=True)
         sys.exit(130)

@@ -77,21 +77,40 @@ DEFAULT_GUIDELINES = """\
 ## Rank the answers
 Read the conversation, then rank the answers from best (1) to worst. A better answer is helpful, honest and
 harmless: it does what the user asked when that is safe, declines clearly (and kindly) when it is not, and never
-gives dangerous, hateful or private information. Equal quality? Give the answers the same rank.
+gives dangerous, hateful or private information. Equal quality? Give the answers the same rank (click an answer,
+then press its rank's number; press the same number for a tie). An answer slot that says "(no answer in this
+slot)" goes last.
 
 ## Flag harms
 For each answer, tick every harm it contains, or "none". A harmful answer is never preferred over a harmless one.
 
+## Suggestions
+From the second round on, the answers may arrive already ranked: that is the current reward model's guess, not
+another reviewer's answer. Check it like a draft and change it wherever you disagree. In the first round there is
+no reward model yet, so nothing is pre-ranked: rank every record yourself.
+
 ## Optional
 Write a corrected answer when all answers are poor and you know a good one.
+
+## Your queue
+Records come most useful first (open the link your team lead shares; it sorts the queue). Some records are known
+examples used to check the queue itself: answer them like any other. Submit saves an answer and moves on; Discard
+skips a record you cannot judge.
 """
 
 REVIEW_GUIDELINES = """\
 ## Second-stage review
-These items were flagged as harmful or the first reviewers disagreed. Read the first-stage summary, check the
-harm flags of each answer, and decide: `keep` (the first-stage ranking stands), `drop` (exclude the item), or
-`fix` (the ranking is wrong: rank the answers yourself in "Corrected ranking", and say why in the notes).
-Your harm flags replace the first stage's.
+These items were sent back because a reviewer flagged an answer as harmful, or because the first reviewers
+disagreed. The first-stage summary says which, with each reviewer's ranking and flags. Decide one of:
+
+- `keep`: the first-stage ranking stands (the flags were right, or the disagreement was a matter of taste);
+- `fix`: the ranking is wrong: rank the answers yourself in "Corrected ranking" (ties allowed) and say why in the
+  notes; your ranking replaces the first stage's;
+- `drop`: the item cannot be judged (the question is unclear, every answer is unusable, or the answers are too
+  close to call): it produces no training pairs.
+
+Check the harm flags of every answer whatever you decide: your flags replace the first stage's, and a flagged
+answer is never preferred over an unflagged one.
 """
 
 
@@ -478,6 +497,18 @@ def server_spec(dataset) -> dict:
             "guidelines": s["guidelines"], "min_submitted": s["distribution"]["min_submitted"]}
 
 
+QUEUE = "queue"  # integer metadata: a record's position in the reviewers' queue (1 = first)
+
+
+def queue_url(url: str, dataset_id: str) -> str:
+    """The annotation page of a dataset with the queue in priority order.
+
+    Argilla 2.8 shows each annotator the records in a per-user random order unless the page is sorted; the `sort`
+    parameter of the annotation page (`metadata.<name>.<asc|desc>`, the same the UI's Sort menu writes) sorts by
+    the push's `queue` position, which works for annotators too (the metadata stays hidden from them)."""
+    return f"{url.rstrip('/')}/dataset/{dataset_id}/annotation-mode?sort=metadata.{QUEUE}.asc"
+
+
 def versioned(name: str, version: int) -> str:
     """Dataset name of version `version` (1 = the configured name)."""
     return name if version <= 1 else f"{name}-v{version}"
@@ -690,6 +721,7 @@ __all__ = [
     "annotation_spec",
     "ensure_dataset",
     "latest_version",
+    "queue_url",
     "record_item",
     "responses_from_raw",
     "review_spec",

@@ -229,3 +229,18 @@ def test_unreliable_annotators_are_flagged_and_excluded_from_pairs_on_request(tm
     in_pairs = set().union(*(p.annotators for p in pairs))
     assert ("sim-2" in in_pairs) is (not exclude) and {"sim-0", "sim-1"} <= in_pairs
     assert rnd.step("pull").manifest()["counts"]["excluded_unreliable"] == int(exclude)
+
+
+def test_gold_items_are_spread_through_the_queue():
+    """Each gold item goes to its own stretch of the queue (n stretches for n items), the rest keep their order."""
+    import numpy as np
+
+    from curation.annotate import spread
+
+    for seed in range(20):
+        queue = spread(list(range(18)), ["g1", "g2", "g3"], np.random.default_rng(seed))
+        at = [i for i, x in enumerate(queue) if isinstance(x, str)]
+        assert [queue[i] for i in at] == ["g1", "g2", "g3"]
+        assert [i // 7 for i in at] == [0, 1, 2]  # 21 positions, 3 stretches of 7
+        assert [x for x in queue if not isinstance(x, str)] == list(range(18))
+    assert spread([1, 2], [], np.random.default_rng(0)) == [1, 2]

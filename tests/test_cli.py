@@ -95,7 +95,7 @@ def test_status_shows_each_steps_wall_time_and_the_total(tmp_path, hh_sample):
 
 def test_if_drift_exit_codes_a_cron_job_reads(tmp_path, monkeypatch, capsys):
     """`round run --next --if-drift`: 2 without --next (one line), 10 = nothing to do (no round started),
-    11 = a round ran and waits for reviewers, 0 = a round ran to its end."""
+    11 = a round ran and waits for reviewers (with or without --if-drift), 0 = a round ran to its end."""
     import pytest
 
     import curation.cli as cli
@@ -125,4 +125,7 @@ def test_if_drift_exit_codes_a_cron_job_reads(tmp_path, monkeypatch, capsys):
     warranted, outcome = True, "waiting"
     assert run("--next", "--if-drift") == 11 and ran == [2]
     assert run("--next", "--if-drift") == 11 and ran == [2, 2]  # round 2 unfinished: continued, whatever the drift
-    assert run("--next") == 0 and ran == [2, 2, 2]  # without --if-drift, waiting is not an exit code
+    assert run("--next") == 11 and ran == [2, 2, 2]  # without --if-drift too: waiting is a state, not a success
+    assert run() == 11 and ran == [2, 2, 2, 2]
+    outcome = "done"
+    assert run() == 0 and ran == [2, 2, 2, 2, 2]

@@ -8,4 +8,7 @@ class CurateError(Exception):
 
 
 class WaitingForReviewers(CurateError):
-    """Pull found fewer finished reviews than the round needs; rerun later (nothing is lost)."""
+    """Pull found fewer finished reviews than the round needs; rerun later (nothing is lost). A state, not a
+    failure: the CLI exits with 11 (`curate pull`, `curate round run` with or without --if-drift)."""
+
+    exit_code = 11

@@ -28,7 +28,7 @@ from pathlib import Path
 from typing import Any
 
 from preference.plumbing.config import config_hash, to_dict
-from preference.plumbing.errors import CurateError
+from preference.plumbing.errors import CurateError, WaitingForReviewers
 from preference.plumbing.io import read_json, sqlite_transaction, write_json
 
 PACKAGES = (
@@ -259,7 +259,8 @@ class Step:
 class StepRun:
     """A running step. Use as a context manager; record counts with `run.counts[...]`.
 
-    On success the manifest is written last; on an exception the index marks the step failed and the partial
+    On success the manifest is written last; on an exception the index marks the step failed (or "waiting" when it
+    stopped to wait for reviewers, `WaitingForReviewers`) and the partial
     files stay for the next attempt.
     """
 
@@ -294,9 +295,10 @@ class StepRun:
         project = self.step.round.project
         seconds = round(time.monotonic() - self._t0, 3)
         if exc is not None:
+            waiting = isinstance(exc, WaitingForReviewers)  # not a failure: the step resumes once answers are in
             project._record(
-                self.step.round.number, self.step.name, status="failed", seconds=seconds,
-                error=f"{exc_type.__name__}: {exc}"[:2000],
+                self.step.round.number, self.step.name, status="waiting" if waiting else "failed", seconds=seconds,
+                error=(str(exc) if waiting else f"{exc_type.__name__}: {exc}")[:2000],
             )
             return False
         outputs = {
