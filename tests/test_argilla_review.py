@@ -174,7 +174,7 @@ def test_gold_items_and_reviewer_profiles_through_the_server(argilla_server, tmp
     server = records_by_id(argilla_server, info["dataset_id"])
     assert set(server) == {r.record_id for r in records}
     for rid in golden:  # nothing on the server tells a gold record apart
-        assert set(server[rid]["metadata"]) == {"completion_ids"} and rid.startswith("p")
+        assert set(server[rid]["metadata"]) == {"completion_ids", "queue"} and rid.startswith("p")  # every record has a queue place
     manifest = run_pull(cfg, rnd, progress=False)
     pull_dir = rnd.step("pull").path
     pairs = read_rows(pull_dir / "pairs.parquet")
