@@ -40,9 +40,11 @@ the push stale (`--force` re-pushes and syncs); an operational change does not.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
 import time
 from collections import defaultdict
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
@@ -514,8 +516,9 @@ def who_is_pending(client: ArgillaClient, workspace: str, dataset_id: str) -> st
         f"{r['reviewer']} {r['submitted']}/{r['pending']}" for r in rows)
 
 
-def _fetch_simulated(ann: AnnotationConfig, records: list[AnnotationRecord], out: Path) -> list[Response]:
-    responses = SimulatedAnnotator(ann.simulated).annotate(records, questions=ann.argilla.questions())
+def _fetch_simulated(ann: AnnotationConfig, records: list[AnnotationRecord], out: Path,
+                     simulator: SimulatedAnnotator) -> list[Response]:
+    responses = simulator.annotate(records, questions=ann.argilla.questions())
     write_jsonl(out / "raw" / f"simulated-{_stamp()}.jsonl", [r.to_row() for r in responses])
     write_jsonl(out / "responses.jsonl", [r.to_row() for r in responses])
     return responses
@@ -533,8 +536,11 @@ def _summary_markdown(record: AnnotationRecord, routed: dict, responses: list[Re
     return "\n".join(lines)
 
 
-def _review_stage(ann, cfg, rnd, push_manifest, records, first, routed, out, progress) -> tuple[list[Response], dict]:
-    """Second stage: push the routed records to the review dataset, (simulate,) fetch its answers, maybe wait."""
+def _review_stage(ann, cfg, rnd, push_manifest, records, first, routed, out, progress,
+                  simulator: Callable[[], SimulatedAnnotator]) -> tuple[list[Response], dict]:
+    """Second stage: push the routed records to the review dataset, (simulate,) fetch its answers, maybe wait.
+    `simulator()`: the pull's simulated annotator (made once per pull: it trains its text oracle and harm
+    classifier)."""
     chosen = [r for r in records if r.record_id in routed]
     info: dict[str, Any] = {"routed": len(chosen)}
     if not chosen:
@@ -542,7 +548,7 @@ def _review_stage(ann, cfg, rnd, push_manifest, records, first, routed, out, pro
     if ann.backend == "simulated":
         if not ann.review.wait:
             return [], info
-        review = SimulatedAnnotator(ann.simulated).review(chosen, first)
+        review = simulator().review(chosen, first)
         write_jsonl(out / "raw" / f"simulated-review-{_stamp()}.jsonl", [r.to_row() for r in review])
         return review, info
     a = ann.argilla
@@ -564,7 +570,7 @@ def _review_stage(ann, cfg, rnd, push_manifest, records, first, routed, out, pro
         if ann.simulate_reviewers:
             from preference.argilla_reviewers import submit_responses
 
-            answers = SimulatedAnnotator(ann.simulated).review(chosen, first)
+            answers = simulator().review(chosen, first)
             info.update(submit_responses(client, sync.id, a.workspace, chosen, answers, questions=questions,
                                          layout=a.layout(ann.completions_per_record), progress=progress))
         review = _fetch_dataset(client, name, a.workspace, ids, out, "review", questions)
@@ -610,6 +616,7 @@ def run_pull(cfg, rnd, *, force: bool = False, progress: bool = True) -> dict:
     run = rnd.start_step("pull", pull_key(ann), inputs=(push,), seeds={"seed": cfg.seed}, force=force)
     if run is None:
         return rnd.step("pull").manifest()
+    simulator = functools.cache(lambda: SimulatedAnnotator(ann.simulated))  # both stages share one (and its models)
     with run:
         records = load_records(rnd)
         gold = gold_ids(records)
@@ -619,7 +626,7 @@ def run_pull(cfg, rnd, *, force: bool = False, progress: bool = True) -> dict:
             responses, warnings = _fetch_argilla(ann, push.manifest(), records, run.path, progress)
             source = f"human:{push.manifest()['argilla']['dataset']}"
         else:
-            responses = _fetch_simulated(ann, records, run.path)
+            responses = _fetch_simulated(ann, records, run.path, simulator())
             source = f"simulated:{ann.simulated.source}"
         # 3. agreement and annotators (gold items are answered like any record, so they count here)
         questions = ann.argilla.questions()
@@ -637,7 +644,7 @@ def run_pull(cfg, rnd, *, force: bool = False, progress: bool = True) -> dict:
         # 4. second-stage review: routing, the review dataset, its answers read back
         routed = route_for_review(responses, ann.review, skip=gold)
         review, review_info = _review_stage(ann, cfg, rnd, push.manifest(), records, responses, routed, run.path,
-                                            progress)
+                                            progress, simulator)
         review, review_warnings = dedupe(review)
         warnings += review_warnings
         write_jsonl(run.path / "review_responses.jsonl", [r.to_row() for r in review])
