@@ -93,7 +93,8 @@ class SelectionConfig:
     # pairs (a single reward model gives no disagreement), else a single champion; champion = require the
     # champion; ensemble = always the fast ensemble (the rewards step then loads no model)
     reward_source: Literal["auto", "champion", "ensemble"] = "auto"
-    # which completions of a picked prompt reviewers see (curation/pairing.py): info_gain, thompson, diverse, random
+    # which completions of a picked prompt reviewers see (curation/pairing.py): info_gain, thompson, maxmin,
+    # delta_ucb, diverse, random
     completion_choice: str = "info_gain"
     completion_random_share: float = 0.15  # share of records whose completions are drawn at random (control arm)
     completions_per_record: int | None = None  # null = annotation.completions_per_record (2 = a pairwise question)
