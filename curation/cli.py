@@ -216,6 +216,24 @@ def status(config: ConfigOpt, set_: SetOpt = None) -> None:
                        f"{share:>6}  {tail}")
         done = sum(r["status"] == "done" for r in steps)
         typer.echo(f"{number:>5}  {'(total)':<14} {f'{done}/{len(steps)} done':<10} {wall_time(total):>11}")
+    arms_status(project, max(r["round"] for r in rows), cfg.selection.ensemble_c)
+
+
+def arms_status(project, latest: int, c: float) -> None:
+    """`curate status`'s closing lines: per round and cumulatively, the strategy arm(s) vs the random arm on the
+    labels so far, and what they support (`curation.arms`)."""
+    from curation.arms import arm_line, arms_report
+
+    report = arms_report(project.round(latest), c)
+    if not report["per_round"]:
+        return
+    typer.echo("arms (strategy vs random, 95 % intervals):")
+    for p in report["per_round"]:
+        for a in p["arms"]:
+            typer.echo(f"{p['round']:>5}  {arm_line(a)}")
+    for a in report["cumulative"]:
+        typer.echo(f"{'all':>5}  {arm_line(a)}")
+    typer.echo(f"so far: {report['worth']['sentence']}")
 
 
 @round_app.command("status")
