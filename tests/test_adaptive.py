@@ -168,46 +168,47 @@ def test_report_and_status_state_arms_as_the_rounds_wrote_them(tiny_rounds):
 
 @pytestmark_rounds
 def test_adaptive_in_real_rounds(tiny_rounds, tmp_path):
-    """Round 1 redone with `adaptive` (select, then the simulated reviewers' push and pull); its arms measured on
-    round 2's random-arm pairs as the next round's select measures them; round 2's select with `adaptive` stores
-    its state before the manifest, attributes every pick to an arm and carries round 1's state."""
-    from curation.annotate import run_pull, run_push
+    """An adaptive portfolio holding the fixture's strategy (`hybrid`, so its rounds' picks are that arm's labels)
+    and `kcenter`: the arms of both real rounds measured on the other round's random-arm pairs, as the next round's
+    select measures them; round 2's select with it stores its state before the manifest, attributes every pick to
+    an arm, counts the labels each arm got before and shows all of it in the report."""
+    from curation.report import section_selection
     from curation.select import adaptive_update, run_select
     from preference.plumbing.config import replace_path
     from preference.plumbing.store import Project
     from tests.round_fixture import tiny_config
 
     root = tiny_rounds.copy_project(tmp_path / "proj")
-    cfg = replace_path(tiny_config(root), "selection.strategy", "adaptive")
+    cfg = replace_path(tiny_config(root), "selection.strategy", "adaptive[hybrid+kcenter]")
     project = Project(root)
     r1, r2 = project.round(1), project.round(2)
-    manifest = run_select(cfg, r1, force=True, progress=False)
-    state1 = read_json(r1.step("select").file("adaptive.json"))
-    rows1 = read_rows(r1.step("select").file("selected.parquet"))
-    arms1 = [r["strategy"] for r in rows1 if r["arm"] == "strategy"]
-    assert set(arms1) <= set(state1["arms"]) and state1["picked"] == {a: arms1.count(a) for a in state1["arms"]}
-    assert state1["picked"]["reward_disagreement"] == 0 and "sitting out" in state1["reason"]  # no reward model
-    assert manifest["adaptive"]["reason"] == state1["reason"]
-    run_push(cfg, r1, force=True, progress=False)
-    run_pull(cfg, r1, force=True, progress=False)
+    hybrid = build_strategy("hybrid", weights=cfg.selection.weights).name
+    selected = {r.number: read_rows(r.step("select").file("selected.parquet")) for r in (r1, r2)}
+    assert {x["strategy"] for x in selected[1] if x["arm"] == "strategy"} == {hybrid}
 
-    adaptive = build_strategy("adaptive")
+    adaptive = build_strategy(cfg.selection.strategy, weights=cfg.selection.weights)
     labels = adaptive_update(adaptive, [r2, r1], cfg.selection, 0)  # what round 3's select would do
-    assert labels["random"] == sum(1 for r in (r1, r2) for x in read_rows(
-        r.step("select").file("selected.parquet")) if x["arm"] == "random")
-    measured = {m["arm"]: m for m in adaptive.measurements if m["round"] == 1}
-    asked = {a: arms1.count(a) for a in set(arms1)}
-    assert {a: m["labels"] for a, m in measured.items() if a != CONTROL} == asked
-    r2_random = {x["prompt_id"] for x in read_rows(r2.step("select").file("selected.parquet")) if x["arm"] == "random"}
-    assert all(m["test"] == sum(p["prompt_id"] in r2_random for p in read_rows(r2.step("pull").file("pairs.parquet")))
-               for m in measured.values())
+    for n, other in ((1, 2), (2, 1)):
+        asked = {a: sum(x["arm"] == ("random" if a == CONTROL else "strategy") for x in selected[n])
+                 for a in (hybrid, CONTROL)}
+        other_random = {x["prompt_id"] for x in selected[other] if x["arm"] == "random"}
+        other_pairs = sum(p["prompt_id"] in other_random
+                          for p in read_rows(project.round(other).step("pull").file("pairs.parquet")))
+        measured = {m["arm"]: m for m in adaptive.measurements if m["round"] == n}
+        assert {a: m["labels"] for a, m in measured.items()} == asked
+        assert {m["test"] for m in measured.values()} == {other_pairs}
+    assert labels == {hybrid: 12, CONTROL: 4}
 
     manifest = run_select(cfg, r2, force=True, progress=False)
-    state2 = read_json(r2.step("select").file("adaptive.json"))
-    rows2 = read_rows(r2.step("select").file("selected.parquet"))
-    assert state2["labels_before"] == {**{a: asked.get(a, 0) for a in state2["arms"]},
-                                       "random": sum(x["arm"] == "random" for x in rows1)}
-    assert {x["strategy"] for x in rows2 if x["arm"] == "strategy"} <= set(state2["arms"])
-    assert sum(x["arm"] == "random" for x in rows2) == round(cfg.selection.k * cfg.selection.random_share)
-    assert manifest["adaptive"]["picked"] == state2["picked"]
-    assert all(x["reason"].startswith(f"adaptive's {x['strategy']} arm") for x in rows2 if x["arm"] == "strategy")
+    state = read_json(r2.step("select").file("adaptive.json"))
+    rows = read_rows(r2.step("select").file("selected.parquet"))
+    picks = [x["strategy"] for x in rows if x["arm"] == "strategy"]
+    assert state["arms"] == [hybrid, "kcenter"] and state["picked"] == {a: picks.count(a) for a in state["arms"]}
+    assert state["labels_before"] == {hybrid: 6, "kcenter": 0, "random": 2}  # round 1's picks
+    assert "exploring" in state["reason"]  # nothing measurable from one earlier round
+    assert sum(x["arm"] == "random" for x in rows) == round(cfg.selection.k * cfg.selection.random_share)
+    assert manifest["adaptive"]["picked"] == state["picked"] and manifest["adaptive"]["reason"] == state["reason"]
+    assert all(x["reason"].startswith(f"adaptive's {x['strategy']} arm") for x in rows if x["arm"] == "strategy")
+    lines = section_selection(r2).lines
+    assert f"adaptive strategy ({state['strategy']}): this round's allocation — {state['reason']}" in lines
+    assert any(line.startswith(f"  {hybrid}: 6 labels before this round") for line in lines)
