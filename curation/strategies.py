@@ -945,8 +945,9 @@ class Adaptive(Strategy):
         sitting = [n for n in self.arms if n not in names]
         if unmeasured or len(names) == 1:
             share = {n: 1.0 / len(names) for n in names}
-            why = ("exploring: equal shares while " + ", ".join(unmeasured) + f" has fewer than {self.explore_rounds}"
-                   " measured rounds") if unmeasured else "one arm available"
+            why = ("exploring: equal shares while " + ", ".join(unmeasured)
+                   + f" {'has' if len(unmeasured) == 1 else 'have'} fewer than {self.explore_rounds} measured rounds"
+                   ) if unmeasured else "one arm available"
         else:
             mean = np.array([values[n]["relative"] for n in names])
             se = np.array([values[n]["relative_se"] or 0.0 for n in names])
