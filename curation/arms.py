@@ -57,8 +57,11 @@ def round_label_log(rounds: list) -> tuple[LabelLog, Pairs | None]:
     for r in sorted(rounds, key=lambda x: -x.number):
         if not (r.step("select").done and r.step("pull").done and r.step("score").done):
             continue
+        scores = r.step("score").path / "completion_scores.parquet"
+        if not scores.is_file():  # a score step without completions: no embeddings for its pairs
+            continue
         arm_of = selected_arms(r)
-        table, emb = read_scores(r.step("score").file("completion_scores.parquet"))
+        table, emb = read_scores(scores)
         if emb is None or (dim is not None and emb.shape[1] != dim):
             continue
         dim = emb.shape[1]

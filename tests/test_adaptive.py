@@ -104,7 +104,7 @@ def test_a_useless_arm_loses_its_budget_within_the_benchmarks_rounds():
     args = argparse.Namespace(test=150, init=20, rounds=8, budget=20, members=3, c=0.02, candidate_factor=4.0,
                               near_duplicate=0.98, data="synthetic", rare_share=0.05)
     spec = bench.Spec.parse("adaptive[low_logprob+reward_disagreement+kcenter]@0.25", 4.0)
-    for seed in (0, 1):
+    for seed in (0,):  # one seed: CI time (seed 1 passes too)
         out = bench.run(task, feats, spec, bench.make_split(task, args, seed), args, seed)
         first, last = out["allocations"][0]["allocation"], out["allocations"][-1]["allocation"]
         assert first == {"low_logprob": 5, "reward_disagreement": 5, "kcenter": 5}  # explored equally
