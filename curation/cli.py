@@ -267,6 +267,24 @@ def status(config: ConfigOpt, set_: SetOpt = None) -> None:
             when = r.get("started_at") or "?"
             typer.echo(f"round {r['round']} waits for reviewers ({r['step']}, as of {when}): {r.get('error') or ''}")
             typer.echo(f"  live: `curate reviewers list -c {config}`; continue: `curate round run -c {config}`")
+    arms_status(project, max(r["round"] for r in rows), cfg.selection.ensemble_c)
+
+
+def arms_status(project, latest: int, c: float) -> None:
+    """`curate status`'s closing lines: per round and cumulatively, the strategy arm(s) vs the random arm on the
+    labels so far, and what they support (`curation.arms`)."""
+    from curation.arms import arm_line, arms_report
+
+    report = arms_report(project.round(latest), c)
+    if not report["per_round"]:
+        return
+    typer.echo("arms (strategy vs random, 95 % intervals):")
+    for p in report["per_round"]:
+        for a in p["arms"]:
+            typer.echo(f"{p['round']:>5}  {arm_line(a)}")
+    for a in report["cumulative"]:
+        typer.echo(f"{'all':>5}  {arm_line(a)}")
+    typer.echo(f"so far: {report['worth']['sentence']}")
 
 
 @round_app.command("status")

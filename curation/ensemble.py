@@ -184,3 +184,14 @@ def prompt_reward_signals(rewards: np.ndarray, prompt_index: np.ndarray, n_promp
     out["reward_margin"][rows] = gap.mean(axis=0)
     out["reward_disagreement"][rows] = gap.std(axis=0)
     return out
+
+
+def heldout_loglik(train: Pairs, test: Pairs, c: float) -> float:
+    """Mean log-likelihood of the `test` pairs' preferences under ONE Bradley–Terry model (no bootstrap: the same
+    data give the same number) fitted on `train`: the held-out score `curation.strategies.measure_round` compares
+    with and without an arm's batch. NaN when either side has fewer than 2 pairs (resp. 1)."""
+    if len(train) < 2 or len(test) < 1:
+        return float("nan")
+    model = BTEnsemble(EnsembleConfig(members=1, c=c, bootstrap=False)).fit(train)
+    margin = model.compare(test.chosen, test.rejected).margin
+    return float(np.mean(-np.logaddexp(0.0, -margin)))  # log σ(margin), stable

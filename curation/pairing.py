@@ -19,6 +19,11 @@ Registry names:
   (a small |margin|). m > 2: greedy, each next completion adds the most information with those chosen;
 - `thompson`: double Thompson sampling over the ensemble (each slot: draw a member, take its best remaining
   completion), as in active exploration for preference learning;
+- `maxmin`: the completions the ensemble's mean reward puts highest and lowest (a large predicted quality gap:
+  a clear, low-noise label; ActiveUltraFeedback's strongest simple baseline, Melikidze et al. 2026);
+- `delta_ucb`: ActiveUltraFeedback's DeltaUCB — the pair maximizing the optimistic gap UCB(a) − LCB(b) =
+  (μ_a + β σ_a) − (μ_b − β σ_b) over the ensemble's mean μ and spread σ (β = 1): a large gap the ensemble is
+  not yet sure of;
 - `diverse`: the farthest-apart completions in embedding space (the cold start: no reward model yet);
 - `random`: uniform (the control arm).
 Every chooser skips near-duplicates — a completion whose text equals, or whose embedding has cosine ≥
@@ -182,6 +187,31 @@ class Thompson(Chooser):
         return np.asarray(chosen if len(chosen) > 1 else [], dtype=np.int64)
 
 
+class MaxMin(Chooser):
+    """The highest- and lowest-rewarded completions under the ensemble's mean reward (m > 2: greedy, each next
+    completion the farthest in mean reward from those chosen)."""
+
+    name, needs_rewards = "maxmin", True
+
+    def rank(self, rewards, embeddings, m, rng, ok, dup) -> np.ndarray:
+        mean = rewards.mean(axis=0)
+        return self.greedy(np.abs(mean[:, None] - mean[None, :]), m, rng, ok, dup)
+
+
+class DeltaUCB(Chooser):
+    """DeltaUCB (ActiveUltraFeedback): the pair (a, b) with the largest UCB(a) − LCB(b), with UCB/LCB = mean ± β·std
+    of the ensemble members' rewards; as a symmetric pair gain |μ_a − μ_b| + β (σ_a + σ_b). With one member
+    (σ = 0) it is `maxmin`."""
+
+    name, needs_rewards = "delta_ucb", True
+    beta = 1.0
+
+    def rank(self, rewards, embeddings, m, rng, ok, dup) -> np.ndarray:
+        mean, spread = rewards.mean(axis=0), rewards.std(axis=0)
+        gain = np.abs(mean[:, None] - mean[None, :]) + self.beta * (spread[:, None] + spread[None, :])
+        return self.greedy(gain, m, rng, ok, dup)
+
+
 class Diverse(Chooser):
     """The farthest-apart completions (1 − cosine of their embeddings): the cold start, before any reward
     model. Without embeddings: uniform among distinct texts."""
@@ -208,6 +238,8 @@ class Random(Chooser):
 CHOOSERS: dict[str, Callable[..., Chooser]] = {
     "info_gain": InfoGain,
     "thompson": Thompson,
+    "maxmin": MaxMin,
+    "delta_ucb": DeltaUCB,
     "diverse": Diverse,
     "random": Random,
 }

@@ -235,7 +235,28 @@ def section_selection(rnd) -> Section:
                              + (f"\n(+{len(shown) - ANSWERS_SHOWN} more)" if len(shown) > ANSWERS_SHOWN else ""),
             "reason": r.get("reason"),
         })
+    adaptive = _json(rnd, "select", "adaptive.json")
+    if adaptive:
+        lines += adaptive_lines(adaptive)
     return Section("Selection (what and why)", lines, [], table)
+
+
+def adaptive_lines(state: dict) -> list[str]:
+    """The adaptive strategy's state (`select/adaptive.json`) in words: per arm the labels it got before this
+    round, its measured value per label with the 95 % interval, this round's picks; and the reason."""
+    out = [f"adaptive strategy ({state.get('strategy')}): this round's allocation — {state.get('reason') or 'n/a'}"]
+    values = state.get("values") or {}
+    for arm in [*state.get("arms", []), "random"]:
+        v = values.get(arm) or {}
+        value = "not measured yet" if v.get("value") is None else (
+            f"value {1000 * v['value']:+.2f}" + ("" if v.get("value_ci") is None else f" ± {1000 * v['value_ci']:.2f}")
+            + f" mnats/label over {v.get('measured_rounds')} round(s)"
+            + ("" if v.get("relative") is None else f", vs the round's arms {1000 * v['relative']:+.2f}"
+               + ("" if v.get("relative_ci") is None else f" ± {1000 * v['relative_ci']:.2f}")))
+        picked = (state.get("picked") or {}).get(arm)
+        out.append(f"  {arm}: {(state.get('labels_before') or {}).get(arm, 0)} labels before this round, {value}"
+                   + ("" if picked is None else f"; picks now {picked}"))
+    return out
 
 
 def _num(v: Any, digits: int = 3) -> str:
@@ -518,7 +539,23 @@ def section_labels(rnd) -> Section:
               "RM acc. on pairs, strategy / random": f"{_fmt(p['rm_accuracy_strategy'], 2)} / "
                                                      f"{_fmt(p['rm_accuracy_random'], 2)}"}
              for p in points]
+    lines += arm_claim_lines(rnd)
     return Section("Labels used so far, across rounds", lines, figures, table)
+
+
+def arm_claim_lines(rnd) -> list[str]:
+    """Strategy arm(s) vs the random arm on the labels so far, per round and cumulatively
+    (`curation.arms.arms_report`), and the one sentence the data support."""
+    from curation.arms import arm_line, arms_report
+
+    report = arms_report(rnd)
+    lines = [f"round {p['round']} — " + arm_line(a) for p in report["per_round"] for a in p["arms"]]
+    lines += ["all rounds — " + arm_line(a) for a in report["cumulative"]]
+    lines += [f"round {m['round']} measured on {m['test']} random-arm pairs of other rounds: value per label, "
+              f"selected {1000 * m['strategy']:+.2f}, random {1000 * m['random']:+.2f} mnats"
+              for m in report["worth"]["rounds"]]
+    lines.append("what the labels so far support: " + report["worth"]["sentence"])
+    return lines
 
 
 SECTIONS = (section_steps, section_pool, section_scores, section_selection, section_annotation, section_reviewers,

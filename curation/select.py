@@ -59,9 +59,10 @@ from curation.strategies import (
     SliceQuotas,
     Strategy,
     build_strategy,
+    find_adaptive,
 )
 from preference.plumbing.errors import CurateError
-from preference.plumbing.io import atomic_path, read_jsonl, read_rows
+from preference.plumbing.io import atomic_path, read_json, read_jsonl, read_rows, write_json
 from preference.schema import stable_id
 
 REWARD_SIGNALS = frozenset({"reward_margin", "reward_disagreement"})
@@ -93,7 +94,8 @@ class SelectionConfig:
     # pairs (a single reward model gives no disagreement), else a single champion; champion = require the
     # champion; ensemble = always the fast ensemble (the rewards step then loads no model)
     reward_source: Literal["auto", "champion", "ensemble"] = "auto"
-    # which completions of a picked prompt reviewers see (curation/pairing.py): info_gain, thompson, diverse, random
+    # which completions of a picked prompt reviewers see (curation/pairing.py): info_gain, thompson, maxmin,
+    # delta_ucb, diverse, random
     completion_choice: str = "info_gain"
     completion_random_share: float = 0.15  # share of records whose completions are drawn at random (control arm)
     completions_per_record: int | None = None  # null = annotation.completions_per_record (2 = a pairwise question)
@@ -452,6 +454,12 @@ def run_select(cfg, rnd, *, force: bool = False, progress: bool = True) -> dict:
     inputs = (score_step,) + tuple(rnd.step(n) for n in ("pool", "generate", "rewards") if rnd.step(n).done)
     if rounds and rounds[0].step("select").done:
         inputs += (rounds[0].step("select"),)
+    strategy = build_strategy(sel.strategy, weights=sel.weights, candidate_factor=sel.candidate_factor)
+    adaptive = find_adaptive(strategy)
+    if adaptive is not None:  # its allocation reads every earlier round's picks and the pairs that came back
+        have = {s.path for s in inputs}
+        inputs += tuple(r.step(n) for r in rounds for n in ("select", "pull") if r.step(n).done and
+                        r.step(n).path not in have)
     m = sel.completions_per_record or cfg.annotation.completions_per_record
     key = {"selection": sel, "seed": seed, "feedback_sha256": file_digest(sel.feedback_file),
            "completions_per_record": m, "annotation_models": list(cfg.annotation.models)}
@@ -459,7 +467,7 @@ def run_select(cfg, rnd, *, force: bool = False, progress: bool = True) -> dict:
     if run is None:
         return rnd.step("select").manifest()
     with run:
-        strategy = build_strategy(sel.strategy, weights=sel.weights, candidate_factor=sel.candidate_factor)
+        labels_so_far = adaptive_update(adaptive, rounds, sel, seed) if adaptive is not None else {}
         pool = load_items(score_step.file("prompt_scores.parquet"))
         labelled_ids, labelled_emb = previously_selected(rounds)
         if labelled_emb is not None and pool.embeddings is not None and labelled_emb.shape[1] != pool.embeddings.shape[1]:
@@ -514,7 +522,9 @@ def run_select(cfg, rnd, *, force: bool = False, progress: bool = True) -> dict:
         items = pool.subset(eligible)
         scores = strategy.checked_score(items)
         row_of = {int(i): r for r, i in enumerate(eligible)}
-        chosen = [("strategy", strategy.name, i) for i in picks] + [("random", "random", i) for i in random_picks]
+        arm_name = (lambda i: adaptive.attribution.get(str(pool.ids[i]), strategy.name)) if adaptive is not None \
+            else (lambda i: strategy.name)
+        chosen = [("strategy", arm_name(i), i) for i in picks] + [("random", "random", i) for i in random_picks]
         shown, choosers = choose_completions(comps, [str(pool.ids[i]) for _, _, i in chosen], sel, m,
                                              list(cfg.annotation.models), seed)
         rows, rank = [], {"strategy": 0, "random": 0}
@@ -528,7 +538,8 @@ def run_select(cfg, rnd, *, force: bool = False, progress: bool = True) -> dict:
                 "strategy": name,
                 "score": float(scores[r]),
                 "rank": rank[arm],
-                "reason": explain(strategy, items, scores, r, arm, reasons),
+                "reason": (f"adaptive's {name} arm; " if adaptive is not None and arm == "strategy" else "")
+                          + explain(strategy, items, scores, r, arm, reasons),
                 "completion_ids": completion_ids,
                 "completion_choice": chooser,
             }
@@ -550,8 +561,10 @@ def run_select(cfg, rnd, *, force: bool = False, progress: bool = True) -> dict:
         run.extra["strategy"] = strategy.name
         run.extra["completion_choice"] = {"method": sel.completion_choice, "per_record": m,
                                           "random_share": sel.completion_random_share}
+        if adaptive is not None:
+            run.extra["adaptive"] = write_adaptive_state(run.path / "adaptive.json", adaptive, rows, labels_so_far)
         notes = []
-        if needs_rewards and not have_rewards:
+        if needs_rewards and not have_rewards and adaptive is None:
             notes.append("cold start: no reward model yet (no champion, no earlier pairs), the strategy's diversity "
                          "part picked from the whole pool")
         if "error_score" in strategy.inputs and not (items.signals["error_score"] > 0).any():
@@ -564,6 +577,45 @@ def run_select(cfg, rnd, *, force: bool = False, progress: bool = True) -> dict:
         if notes:
             run.extra["note"] = "; ".join(notes)
     return rnd.step("select").manifest()
+
+
+# ----------------------------------------------------------------------------------------------- adaptive
+def adaptive_update(adaptive, rounds: list, sel: SelectionConfig, seed: int) -> dict[str, int]:
+    """Carry the measurements of the newest earlier `select/adaptive.json`, then measure every earlier round's
+    arms not measured yet on the pairs that came back (`curation.arms.round_label_log`: each pair's arm from its
+    round's `strategy` column; the learner is one Bradley–Terry model on the answers' embeddings, C =
+    selection.ensemble_c). Returns the labels (items asked) each arm got in earlier rounds."""
+    from curation.arms import pair_heldout, round_label_log
+
+    for r in rounds:  # newest first
+        path = r.step("select").path / "adaptive.json"
+        if r.step("select").done and path.is_file():
+            adaptive.load_state(read_json(path))
+            break
+    log, pairs = round_label_log(rounds)
+    adaptive.update(log, pair_heldout(pairs, sel.ensemble_c), np.random.default_rng([seed, 3]))
+    labels: dict[str, int] = {}
+    for (_, arm), n in log.spent.items():
+        labels[arm] = labels.get(arm, 0) + n
+    return labels
+
+
+def write_adaptive_state(path: Path, adaptive, rows: list[dict], labels_so_far: dict[str, int]) -> dict:
+    """`select/adaptive.json` (written before the manifest): the portfolio, every measurement so far, each arm's
+    value with its interval, this round's allocation (planned and picked) and the reason. Returns the manifest's
+    summary of it."""
+    state = adaptive.state()
+    picked = {arm: 0 for arm in adaptive.arms}
+    for row in rows:
+        if row["arm"] == "strategy" and row["strategy"] in picked:
+            picked[row["strategy"]] += 1
+    state["picked"] = picked
+    state["labels_before"] = {arm: labels_so_far.get(arm, 0) for arm in [*adaptive.arms, "random"]}
+    write_json(path, state)
+    values = {arm: {k: v[k] for k in ("measured_rounds", "value", "value_ci", "relative", "relative_ci")}
+              for arm, v in state["values"].items()}
+    return {"arms": list(adaptive.arms), "picked": picked, "reason": state["reason"], "values": values,
+            "labels_before": state["labels_before"]}
 
 
 def write_selected(path: Path, rows: list[dict], signals: list[str], with_embedding: bool) -> None:

@@ -20,6 +20,8 @@ Families (registry names in brackets):
   sampling from the clusters least covered by labels [under_dense];
 - error-based: items from earlier rounds' failures and user feedback [error];
 - [random].
+Adaptive: `Adaptive` [adaptive] — a portfolio of strategies sharing each batch, the budget moved round by round
+towards the arms whose labels paid off on this pool, measured on the random arm's labels (`measure_round`).
 Hybrids: `WeightedSum` (rank-normalized weighted sum), `TopThenDiverse` (batch mode: top-M by one strategy's
 score, then k-center down to k) and `ColdStart` (`S|C`: C until the pool has S's signals). Constraints compose by wrapping: `SliceQuotas`, `ExcludeIds`,
 `DropNearDuplicates`, `Budget`, and `RandomArm` (the control arm beside the strategy; `select_arms` returns the
@@ -746,6 +748,300 @@ class RandomArm(Wrapper):
         return picks, control.astype(np.int64)
 
 
+# ------------------------------------------------------------------------------------------------- adaptive
+PORTFOLIO = ("reward_disagreement", "low_logprob", "entropy", "kcenter")  # `adaptive`'s arms unless named
+CONTROL = "random"  # the control arm's name in a LabelLog: the random arm's labels (and random initial labels)
+
+
+@dataclass
+class LabelLog:
+    """The labels that came back so far, as the adaptive strategy measures them.
+
+    One row per label unit (a preference pair, or a labelled item): `arm[u]` is the arm whose pick produced it (a
+    portfolio arm's name, `CONTROL` for the random arm and random initial labels, anything else for labels that
+    only train) and `round[u]` the round it was picked in. `spent[(round, arm)]` counts the labels that arm spent
+    in that round (items asked: ties and unanswered items included, so an arm whose labels come back as ties
+    pays for them); when absent, the arm's units are counted."""
+
+    arm: np.ndarray
+    round: np.ndarray
+    spent: dict[tuple[int, str], int] = field(default_factory=dict)
+
+    def __post_init__(self):
+        self.arm = np.asarray(self.arm, dtype=object).reshape(-1)
+        self.round = np.asarray(self.round, dtype=np.int64).reshape(-1)
+        if len(self.arm) != len(self.round):
+            raise CurateError(f"label log: {len(self.arm)} arms for {len(self.round)} rounds; expected one per unit")
+
+    def __len__(self) -> int:
+        return len(self.arm)
+
+    def labels(self, rnd: int, arm: str) -> int:
+        return int(self.spent.get((rnd, arm), int(np.sum((self.round == rnd) & (self.arm == arm)))))
+
+
+# score(train unit indices, test unit indices) -> held-out quality of a learner fitted on `train`, measured on
+# `test` (higher = better, e.g. mean log-likelihood of the test labels); NaN when it cannot be measured.
+Heldout = Callable[[np.ndarray, np.ndarray], float]
+
+
+def measure_round(log: LabelLog, rnd: int, arms: Iterable[str], heldout: Heldout, rng: np.random.Generator,
+                  folds: int = 3) -> list[dict]:
+    """The value of each arm's batch of round `rnd`, measured on labels that arm did not choose.
+
+    Test labels: the control arm's units of every OTHER round (an unbiased sample of the pool; the control arm's
+    own batch of `rnd` is measured, so it is never tested on). They are split into `folds` folds; per fold the
+    learner is fitted on every unit of rounds ≤ `rnd` except the fold ("with"), and again without the arm's batch
+    ("without"); the arm's gain is the fold-size-weighted mean of score(with) − score(without). Value per label =
+    gain / labels the arm spent in the round. Returns one dict per arm that spent labels in the round (the
+    control arm included, as the yardstick): {round, arm, labels, gain, value, test}; [] when fewer than 4 test
+    units exist (nothing can be measured yet)."""
+    test_pool = np.flatnonzero((log.arm == CONTROL) & (log.round != rnd))
+    names = [a for a in dict.fromkeys([*arms, CONTROL]) if log.labels(rnd, a) > 0]
+    if len(test_pool) < 4 or not names:
+        return []
+    n_folds = max(2, min(folds, len(test_pool) // 2))
+    fold_of = rng.permutation(len(test_pool)) % n_folds
+    context = log.round <= rnd
+    gains = {a: 0.0 for a in names}
+    weight = 0
+    for f in range(n_folds):
+        test = test_pool[fold_of == f]
+        train = context.copy()
+        train[test] = False
+        with_all = heldout(np.flatnonzero(train), test)
+        if not np.isfinite(with_all):
+            continue
+        weight += len(test)
+        for a in names:
+            batch = (log.round == rnd) & (log.arm == a)
+            if not (train & batch).any():  # the batch holds no usable unit (all ties): no gain, nothing to fit
+                continue
+            without = heldout(np.flatnonzero(train & ~batch), test)
+            if np.isfinite(without):
+                gains[a] += len(test) * (with_all - without)
+    if weight == 0:
+        return []
+    out = []
+    for a in names:
+        labels = log.labels(rnd, a)
+        gain = gains[a] / weight
+        out.append({"round": int(rnd), "arm": a, "labels": labels, "gain": float(gain),
+                    "value": float(gain / labels), "test": int(weight)})
+    return out
+
+
+def arm_values(measurements: list[dict], arms: Iterable[str]) -> dict[str, dict]:
+    """Per arm: labels measured, the mean value per label over its measured rounds with a 95 % interval, and the
+    same centred on each round's mean over the arms measured in it (`relative`: removes the round's effect — a
+    label is worth less as labels accumulate — so arms compare on the same rounds). The spread is pooled over
+    arms (each round's measurements around their arm's mean), so an arm measured once still has an interval."""
+    from scipy.stats import t as student_t
+
+    rows = [m for m in measurements if m["arm"] in set(arms) | {CONTROL}]
+    by_round: dict[int, list[float]] = {}
+    for m in rows:
+        if m["arm"] != CONTROL:
+            by_round.setdefault(m["round"], []).append(m["value"])
+    out: dict[str, dict] = {}
+    residuals, rel_residuals = [], []
+    for a in dict.fromkeys([*arms, CONTROL]):
+        mine = [m for m in rows if m["arm"] == a]
+        values = np.array([m["value"] for m in mine])
+        rel = np.array([m["value"] - np.mean(by_round[m["round"]]) for m in mine if m["round"] in by_round])
+        out[a] = {"measured_rounds": len(mine), "labels_measured": int(sum(m["labels"] for m in mine)),
+                  "value": float(values.mean()) if len(values) else None,
+                  "relative": float(rel.mean()) if len(rel) else None, "n_relative": len(rel)}
+        residuals += (values - values.mean()).tolist() if len(values) else []
+        rel_residuals += (rel - rel.mean()).tolist() if len(rel) else []
+    n_arms = sum(1 for v in out.values() if v["measured_rounds"])
+    for key, res, n_key in (("value", residuals, "measured_rounds"), ("relative", rel_residuals, "n_relative")):
+        df = len(res) - n_arms
+        sd = float(np.sqrt(np.sum(np.square(res)) / df)) if df > 0 else None
+        t = float(student_t.ppf(0.975, df)) if df > 0 else None
+        for v in out.values():
+            n = v[n_key]
+            v[f"{key}_ci"] = None if sd is None or not n or v[key] is None else float(t * sd / np.sqrt(n))
+            v[f"{key}_se"] = None if sd is None or not n or v[key] is None else float(sd / np.sqrt(n))
+    return out
+
+
+class Adaptive(Strategy):
+    """A portfolio of strategies (`arms`, default `PORTFOLIO`) sharing each batch, with the budget moved round by
+    round towards the arms whose labels have paid off on this pool.
+
+    Each item of a batch is picked by one arm (`attribution`: item id → arm). After labels come back, `update`
+    measures every arm's latest batch on labels it did not choose (`measure_round`: the control arm's labels are
+    the test set; the learner's held-out score with vs without the batch, per label spent) and `plan` splits the
+    next batch: while an arm has fewer than `explore_rounds` measurements every available arm gets an equal share
+    (exploration); then each arm's share is the probability that its value per label is the highest (Thompson
+    draws from its round-centred value ± standard error, seeded by the `rng` given), and every available arm
+    keeps at least `floor` picks, so no arm is dropped before (or after) it is measured. An arm whose signals the
+    pool lacks (e.g. `reward_disagreement` before any reward model) sits the round out. The random arm is not
+    part of the portfolio: it stays the `RandomArm` beside this strategy and is never taken away.
+
+    The state (`measurements`, the last `allocation` and its `reason`) is plain JSON (`state()` /
+    `load_state`): rounds store it in `select/adaptive.json`; the benchmark keeps it in memory."""
+
+    family = "hybrid"
+
+    def __init__(self, arms: Iterable[Strategy | str] | None = None, *, floor: int = 1, explore_rounds: int = 2,
+                 folds: int = 3, draws: int = 4000):
+        built = [make(a) if isinstance(a, str) else a for a in (PORTFOLIO if arms is None else arms)]
+        names = [a.name for a in built]
+        if len(built) < 2 or len(set(names)) != len(names):
+            raise CurateError(f"adaptive needs at least two different strategies, got {names}")
+        if CONTROL in names:
+            raise CurateError("adaptive: 'random' is the control arm beside the strategy (selection.random_share), "
+                              "not a portfolio arm; leave it out of the list")
+        if floor < 0 or explore_rounds < 1 or folds < 2 or draws < 100:
+            raise CurateError(f"adaptive: floor ≥ 0, explore_rounds ≥ 1, folds ≥ 2, draws ≥ 100 expected, got "
+                              f"{floor}, {explore_rounds}, {folds}, {draws}")
+        self.arms = {a.name: a for a in built}
+        self.floor, self.explore_rounds, self.folds, self.draws = floor, explore_rounds, folds, draws
+        self.name = "adaptive" if arms is None else f"adaptive[{'+'.join(names)}]"
+        self.inputs = tuple(dict.fromkeys(c for a in built for c in a.inputs))
+        self.measurements: list[dict] = []
+        self.allocation: dict[str, int] = {}
+        self.share: dict[str, float] = {}
+        self.reason = ""
+        self.attribution: dict[str, str] = {}
+
+    # ---- state
+    def state(self) -> dict:
+        values = arm_values(self.measurements, self.arms)
+        return {"strategy": self.name, "arms": list(self.arms), "allocation": dict(self.allocation),
+                "share": dict(self.share), "reason": self.reason, "values": values, "measurements": list(self.measurements)}
+
+    def load_state(self, state: dict | None) -> None:
+        """Carry the measurements of an earlier state (rounds already measured are not measured again)."""
+        if state:
+            self.measurements = [dict(m) for m in state.get("measurements") or []]
+
+    def update(self, log: LabelLog, heldout: Heldout, rng: np.random.Generator) -> list[dict]:
+        """Measure every round of `log` that has portfolio-arm labels and no measurement yet (see
+        `measure_round`); returns the new measurements (also appended to `measurements`)."""
+        done = {m["round"] for m in self.measurements}
+        new = []
+        for rnd in sorted(set(log.round.tolist()) - done):
+            if any(log.labels(rnd, a) for a in self.arms):
+                new += measure_round(log, rnd, self.arms, heldout, rng, self.folds)
+        self.measurements += new
+        return new
+
+    # ---- allocation
+    def available(self, items: Items) -> list[str]:
+        return [n for n, a in self.arms.items()
+                if all(c == EMBEDDING and items.embeddings is not None or c in items.signals for c in a.inputs)]
+
+    def plan(self, items: Items, k: int, rng: np.random.Generator) -> dict[str, int]:
+        """Picks per arm for a batch of k (also kept in `allocation`, with the why in `reason`)."""
+        names = self.available(items)
+        if not names:
+            raise CurateError(f"adaptive: none of its strategies ({', '.join(self.arms)}) has the signals it needs "
+                              f"in this pool (columns: {', '.join(sorted(items.signals)) or 'none'})")
+        values = arm_values(self.measurements, names)
+        unmeasured = [n for n in names if values[n]["n_relative"] < self.explore_rounds]
+        sitting = [n for n in self.arms if n not in names]
+        if unmeasured or len(names) == 1:
+            share = {n: 1.0 / len(names) for n in names}
+            why = ("exploring: equal shares while " + ", ".join(unmeasured)
+                   + f" {'has' if len(unmeasured) == 1 else 'have'} fewer than {self.explore_rounds} measured rounds"
+                   ) if unmeasured else "one arm available"
+        else:
+            mean = np.array([values[n]["relative"] for n in names])
+            se = np.array([values[n]["relative_se"] or 0.0 for n in names])
+            draws = mean + se * rng.standard_normal((self.draws, len(names)))
+            best = np.bincount(np.argmax(draws, axis=1), minlength=len(names)) / self.draws
+            share = dict(zip(names, best.tolist(), strict=True))
+            why = ("by the probability that each arm's labels are worth most per label (Thompson draws from its value "
+                   "on the control arm's labels, round-centred, ± standard error): "
+                   + ", ".join(f"{n} {share[n]:.2f}" for n in names))
+        alloc = apportion(share, k, self.floor, rng)
+        if self.floor and k >= self.floor * len(names):
+            why += f"; every arm keeps ≥ {self.floor} pick(s) so it stays measured"
+        if sitting:
+            why += "; sitting out (signals missing in this pool): " + ", ".join(sitting)
+        if not self.allocation:  # the batch's plan; a refill (near-duplicates skipped) keeps it
+            self.allocation = {n: alloc.get(n, 0) for n in self.arms}
+            self.share = {n: float(share.get(n, 0.0)) for n in self.arms}
+            self.reason = why
+        return alloc
+
+    def new_batch(self) -> None:
+        """Forget the last batch's plan and attribution (the measurements stay)."""
+        self.allocation, self.share, self.reason, self.attribution = {}, {}, "", {}
+
+    # ---- strategy
+    def score(self, items: Items) -> np.ndarray:
+        """The allocation-weighted sum of the available arms' rank-normalized scores (for explanations)."""
+        names = self.available(items)
+        weights = {n: self.allocation.get(n, 0) for n in names}
+        if not sum(weights.values()):
+            weights = {n: 1 for n in names}
+        total = np.zeros(len(items))
+        for n in names:
+            if weights[n]:
+                total += weights[n] * rank_normalize(self.arms[n].checked_score(items))
+        return total / sum(weights.values())
+
+    def directions(self) -> dict[str, bool]:
+        return {col: up for a in self.arms.values() for col, up in a.directions().items()}
+
+    def usable_without(self, columns: set[str]) -> bool:
+        return any(a.usable_without(columns) for a in self.arms.values())
+
+    def pick(self, items: Items, k: int, rng: np.random.Generator) -> np.ndarray:
+        """Each arm picks its share in turn (largest share first) from what earlier arms left; earlier arms'
+        picks count as covered for the diversity arms."""
+        alloc = self.plan(items, k, rng)
+        chosen: list[int] = []
+        for name in sorted(alloc, key=lambda n: (-alloc[n], list(self.arms).index(n))):
+            if alloc[name] <= 0:
+                continue
+            done = np.asarray(chosen, dtype=np.int64)
+            rest = np.setdiff1d(np.arange(len(items)), done)
+            if len(rest) == 0:
+                break
+            sub = items.subset(rest, covered=done if len(done) else None)
+            picks = rest[self.arms[name].select(sub, alloc[name], rng)]
+            for i in picks:
+                self.attribution[str(items.ids[i])] = name
+            chosen += picks.tolist()
+        return np.asarray(chosen, dtype=np.int64)
+
+
+def apportion(share: dict[str, float], k: int, floor: int, rng: np.random.Generator) -> dict[str, int]:
+    """k picks split by `share` (largest remainders), every arm first getting `floor` when k allows; when it does
+    not, one pick each to the arms with the largest shares (ties broken by `rng`)."""
+    names = list(share)
+    weights = np.array([share[n] for n in names], dtype=np.float64)
+    order = np.lexsort((rng.random(len(names)), -weights))
+    if k < floor * len(names):
+        return {names[i]: int(j < k) for j, i in enumerate(order)}
+    base = np.full(len(names), floor, dtype=np.int64)
+    rest = k - int(base.sum())
+    total = weights.sum()
+    exact = rest * (weights / total if total > 0 else np.full(len(names), 1.0 / len(names)))
+    base += np.floor(exact).astype(np.int64)
+    left = k - int(base.sum())
+    remainder = exact - np.floor(exact)
+    for i in np.lexsort((rng.random(len(names)), -remainder))[:left]:
+        base[i] += 1
+    return {n: int(v) for n, v in zip(names, base, strict=True)}
+
+
+def find_adaptive(strategy: Strategy) -> Adaptive | None:
+    """The `Adaptive` inside a chain of wrappers / cold starts (None when there is none)."""
+    while True:
+        if isinstance(strategy, Adaptive):
+            return strategy
+        inner = getattr(strategy, "base", None) or getattr(strategy, "first", None)
+        if inner is None:
+            return None
+        strategy = inner
+
+
 # ------------------------------------------------------------------------------------------------- registry
 STRATEGIES: dict[str, Callable[[], Strategy]] = {
     "random": Random,
@@ -764,7 +1060,8 @@ STRATEGIES: dict[str, Callable[[], Strategy]] = {
     "error": ErrorBased,
     "thumbs_down": ThumbsDown,
 }
-COMPOSITES = ("weighted", "hybrid", "<first>><diverse>", "<strategy>|<cold start>")
+COMPOSITES = ("weighted", "hybrid", "adaptive", "adaptive[<a>+<b>+...]", "<first>><diverse>",
+              "<strategy>|<cold start>")
 
 
 def make(name: str) -> Strategy:
@@ -792,9 +1089,17 @@ def build_strategy(spec: str, *, weights: dict[str, float] | None = None, candid
     - `hybrid`: `weighted` then k-center (top candidate_factor·k by the weighted score, k-center down to k);
       while the weighted signals are missing (no reward model yet), k-center alone (the cold start);
     - `A>B`: top candidate_factor·k by A, then B picks k of them (e.g. `entropy>kcenter`, `weighted>kmeans++`);
-    - `S|C`: strategy S while the pool has its signals, else C (`reward_disagreement|kcenter`: a cold start).
+    - `S|C`: strategy S while the pool has its signals, else C (`reward_disagreement|kcenter`: a cold start);
+    - `adaptive`: the portfolio `PORTFOLIO` (reward_disagreement, low_logprob, entropy, kcenter) sharing each
+      batch, the budget moved towards the arms whose labels paid off (`Adaptive`); `adaptive[a+b+...]` names the
+      arms (each any spec above).
     """
     spec = spec.strip()
+    if spec == "adaptive":
+        return Adaptive()
+    if spec.startswith("adaptive[") and spec.endswith("]"):
+        arms = [a for a in spec[len("adaptive["):-1].split("+") if a.strip()]
+        return Adaptive([build_strategy(a, weights=weights, candidate_factor=candidate_factor) for a in arms])
     if "|" in spec:
         first, _, fallback = spec.partition("|")
         return ColdStart(build_strategy(first, weights=weights, candidate_factor=candidate_factor),
@@ -817,4 +1122,5 @@ def all_strategies() -> list[Strategy]:
     out.append(build_strategy("weighted", weights={"entropy": 1.0, "committee": 0.5}))
     out.append(build_strategy("hybrid", weights={"entropy": 1.0, "low_logprob": 1.0}))
     out.append(build_strategy("reward_disagreement|kcenter"))
+    out.append(build_strategy("adaptive"))
     return out

@@ -60,6 +60,45 @@ The goal check reran the strategies those tables single out plus the default wit
 `--json runs/bench/smollm2-<dataset>-30seeds.json` per dataset, and the default's own rows in
 `runs/bench/smollm2-<dataset>-default-30seeds.json`; the lists are in the README).
 
+Adaptive strategy and the `maxmin` / `delta_ucb` choosers — protocol fixed BEFORE the runs (2026-12-04):
+
+`adaptive@0.25` is `curation.strategies.Adaptive` (the same class and update rule rounds run; this loop gives it the
+label history: every label unit with the arm that chose it — the initial labels are random, so they count as the
+control arm's — and the round it was chosen in; the learner's held-out score is `PreferenceLearner.heldout` /
+`HarmClassifier.heldout`: one deterministic Bradley–Terry / class-balanced logistic model, C = `--c`, log-likelihood
+on the control arm's labels), portfolio `reward_disagreement, low_logprob, entropy, kcenter`, beside a 25 % random
+arm, as the configs would run it. Same protocol as above (the presets, paired seeds 0–29, SmolLM2 features in fp32:
+`--features smollm2 --dtype float32 --seeds 30`), one process at a time under `nice -n 10`. Rows run:
+
+    A="random,reward_disagreement,low_logprob,entropy,kcenter,low_logprob@0.25,entropy@0.25,kcenter@0.25,"
+    A+="reward_disagreement|kcenter@0.25,adaptive@0.25"                             # hh-harmless, skewed-moderation
+    Q="random,random/info_gain,random/maxmin,random/delta_ucb,reward_disagreement/info_gain,low_logprob/info_gain,"
+    Q+="entropy/info_gain,kcenter/info_gain,low_logprob@0.25/info_gain,entropy@0.25/info_gain,"
+    Q+="kcenter@0.25/info_gain,reward_disagreement|kcenter@0.25/info_gain,reward_disagreement|kcenter@0.25/maxmin,"
+    Q+="reward_disagreement|kcenter@0.25/delta_ucb,reward_disagreement|kcenter@0.25/random,adaptive@0.25/info_gain"
+    for d in skewed-moderation:$A qa-feedback:$Q hh-harmless:$A; do
+      nice -n 10 python scripts/bench_acquisition.py --dataset ${d%%:*} --features smollm2 --dtype float32 \
+        --seeds 30 --strategies ${d#*:} --json runs/bench/adaptive-${d%%:*}.json
+    done
+    python scripts/bench_acquisition.py --report runs/bench/adaptive-*.json
+
+(`reward_disagreement@0.25` is not run: in the benchmark a reward model always exists, so it equals the default
+`reward_disagreement|kcenter@0.25`.) Pass rules (`adaptive_goals`), per dataset, for `adaptive@0.25` (`/info_gain` on
+qa-feedback):
+- G1 never significantly worse than random: ΔAUC + its 95 % CI ≥ 0, on all three datasets;
+- G2 ΔAUC ≥ (the best fixed strategy's ΔAUC) − 0.005 on all three datasets; "fixed" = every row run except
+  `random` and the adaptive one — the pure strategies and those with a 25 % random arm — and on qa-feedback only
+  rows with the configs' chooser `/info_gain`, so the comparison is of strategies, not choosers;
+- G3 savings ≥ 30 % with the savings CI's low end > 0 on at least two datasets.
+Decision rule: all three met → `adaptive` becomes the shipped default (configs/*.yaml, `SelectionConfig.strategy`,
+`CONFIG_DEFAULT = "adaptive@0.25"`). Otherwise the README says which goal failed, and the default becomes, of the
+shipped-form candidates run on all three datasets (`DEFAULT_CANDIDATES`: `low_logprob@0.25`, `entropy@0.25`,
+`kcenter@0.25`, `reward_disagreement|kcenter@0.25`, `adaptive@0.25`), one never significantly worse than random on
+any dataset — the one with the highest worst-dataset ΔAUC (a tie keeps the current default). Choosers: the
+qa-feedback rows `random/<chooser>` and `reward_disagreement|kcenter@0.25/<chooser>` compare `info_gain`, `maxmin`,
+`delta_ucb` and `random` (ΔAUC and tie rate); they are reported, the chooser default is not changed by this run.
+Every row run is reported, with the adaptive rows' labels per arm and their first and last allocations.
+
 TF-IDF features (one process per dataset):
 
     for d in hh-harmless qa-feedback skewed-moderation; do
@@ -91,7 +130,16 @@ from preference.plumbing.env import apply_env_defaults  # noqa: E402
 apply_env_defaults()  # before torch is imported
 
 from curation.pairing import CHOOSERS, make_chooser  # noqa: E402
-from curation.strategies import EMBEDDING, Items, RandomArm, Strategy, build_strategy  # noqa: E402
+from curation.strategies import (  # noqa: E402
+    CONTROL,
+    EMBEDDING,
+    Items,
+    LabelLog,
+    RandomArm,
+    Strategy,
+    build_strategy,
+    find_adaptive,
+)
 from preference.plumbing.errors import CurateError  # noqa: E402
 from scripts.bench_tasks import (  # noqa: E402,I001
     LOADERS,
@@ -240,17 +288,29 @@ def item_embeddings(task: Task, feats: dict, items) -> np.ndarray:
 
 
 def run(task: Task, feats: dict, spec: Spec, split: Split, args, seed: int) -> dict:
+    """One strategy on one seed's split: the learning curve, ties, labels spent; for an adaptive strategy also the
+    labels each arm got and its allocation per round. The strategy is built afresh (an adaptive one carries state
+    across rounds — never across seeds) and an adaptive one is measured by its own `update` on the loop's label
+    history: every label unit with the arm that chose it (the initial labels are random, so they count as the
+    control arm's) and the round it was chosen in."""
     t0 = time.perf_counter()
     rng = np.random.default_rng([seed, 1])
+    spec = Spec.parse(spec.text, args.candidate_factor)
+    adaptive = find_adaptive(spec.strategy)
     if task.kind == "classification":
         learner = HarmClassifier(task, feats, args.members, args.c, seed)
         labelled_items = list(split.init)
         spent, ties = len(labelled_items), 0
+        units = labelled_items
     else:
         learner = PreferenceLearner(task, feats, args.members, args.c, seed)
         asked = {(a, b) for a, b, _ in split.init}
         labels = list(split.init)
         spent, ties = len(labels), sum(o == 0 for _, _, o in labels)
+        units = labels
+    unit_arm, unit_round = [CONTROL] * len(units), [0] * len(units)
+    arm_spent: dict[tuple[int, str], int] = {(0, CONTROL): len(units)}
+    allocations = []
     test_comps = [c for i in split.test for c in task.comparisons[i]] if task.kind != "classification" else None
     chooser = make_chooser(spec.chooser, args.near_duplicate)
     curve = []
@@ -275,11 +335,23 @@ def run(task: Task, feats: dict, spec: Spec, split: Split, args, seed: int) -> d
         signals, answer_rewards = item_signals(task, feats, learner, cand, open_comps)
         items = Items(ids=cand, signals=signals, embeddings=item_embeddings(task, feats, cand),
                       slices=task.slices[cand], labelled=item_embeddings(task, feats, labelled_rows))
-        picks = cand[spec.strategy.select(items, args.budget, rng)]
-        for i in picks:
+        if adaptive is not None:
+            adaptive.new_batch()
+            log = LabelLog(np.array(unit_arm, dtype=object), np.array(unit_round), dict(arm_spent))
+            adaptive.update(log, learner.heldout(units), np.random.default_rng([seed, 2, r]))
+        strategy_rows, control_rows = spec.strategy.select_arms(items, args.budget, rng)
+        picks = cand[np.concatenate([strategy_rows, control_rows]).astype(np.int64)]
+        arm_of = [adaptive.attribution.get(str(i), "strategy") if adaptive is not None else "strategy"
+                  for i in cand[strategy_rows]] + [CONTROL] * len(control_rows)
+        if adaptive is not None:
+            allocations.append({"round": r + 1, "allocation": dict(adaptive.allocation), "reason": adaptive.reason})
+        for i, arm in zip(picks, arm_of, strict=True):
             spent += 1
+            arm_spent[(r + 1, arm)] = arm_spent.get((r + 1, arm), 0) + 1
             if task.kind == "classification":
                 labelled_items.append(int(i))
+                unit_arm.append(arm)
+                unit_round.append(r + 1)
                 continue
             comps = open_comps[int(i)]
             local = {a: j for j, a in enumerate(task.answers[i])}
@@ -292,8 +364,16 @@ def run(task: Task, feats: dict, spec: Spec, split: Split, args, seed: int) -> d
             outcome = next(c for c in comps if {c[0], c[1]} == {ga, gb})
             asked.add((outcome[0], outcome[1]))
             labels.append(outcome)
+            unit_arm.append(arm)
+            unit_round.append(r + 1)
             ties += outcome[2] == 0
-    return {"curve": curve, "ties": ties, "spent": spent, "seconds": time.perf_counter() - t0}
+    out = {"curve": curve, "ties": ties, "spent": spent, "seconds": time.perf_counter() - t0}
+    if adaptive is not None:
+        out["allocations"] = allocations
+        out["arm_labels"] = {a: sum(n for (rnd, arm), n in arm_spent.items() if arm == a and rnd > 0)
+                             for a in [*adaptive.arms, CONTROL]}
+        out["values"] = adaptive.state()["values"]
+    return out
 
 
 # --------------------------------------------------------------------------------------------------- tables
@@ -350,6 +430,13 @@ def summarize(name: str, task: Task, results: dict, args) -> dict:
             "seconds": float(np.mean([r["seconds"] for r in results[s]])),
             "curve": acc[s].mean(axis=0).tolist(),
         })
+        if "allocations" in results[s][0]:  # an adaptive strategy: labels per arm and its last allocation
+            arms = list(results[s][0]["arm_labels"])
+            rows[-1]["arm_labels"] = {a: float(np.mean([r["arm_labels"][a] for r in results[s]])) for a in arms}
+            last = [r["allocations"][-1]["allocation"] for r in results[s]]
+            first = [r["allocations"][0]["allocation"] for r in results[s]]
+            rows[-1]["first_allocation"] = {a: float(np.mean([x.get(a, 0) for x in first])) for a in arms[:-1]}
+            rows[-1]["final_allocation"] = {a: float(np.mean([x.get(a, 0) for x in last])) for a in arms[:-1]}
     return {"dataset": name, "labels": labels.tolist(), "target": float(target), "seeds": seeds, "rows": rows,
             "kind": task.kind}
 
@@ -379,6 +466,12 @@ def print_table(summary: dict, header: str) -> None:
         ties = f" {100 * r['tie_rate']:3.0f}% |" if qa else ""
         print(f"| {r['strategy']:<34} | {r['labels']:>6} | {r['final']:.3f} ± {ci} | {r['auc']:.3f} |"
               f" {r['delta_auc']:+.3f} ± {dci}          | {need:>16} | {sav:<21} |{ties} {r['seconds']:5.1f} |")
+    for r in summary["rows"]:
+        if "final_allocation" in r:
+            print(f"\n{r['strategy']}: labels per arm over the rounds (mean over seeds): "
+                  + ", ".join(f"{a} {n:.1f}" for a, n in r["arm_labels"].items())
+                  + "; first round's allocation: " + ", ".join(f"{a} {n:.1f}" for a, n in r["first_allocation"].items())
+                  + "; last round's allocation: " + ", ".join(f"{a} {n:.1f}" for a, n in r["final_allocation"].items()))
     print("\nmean quality by labels used:")
     print(f"{'strategy':<36} " + " ".join(f"{n:>6}" for n in summary["labels"]))
     for r in summary["rows"]:
@@ -407,6 +500,76 @@ def goals(summaries: list[dict], default: dict[str, str]) -> None:
             print(f"  default {d['strategy']}: ΔAUC {d['delta_auc']:+.3f} ± {d['delta_ci']:.3f} "
                   f"({'significantly WORSE than random' if worse else 'not significantly worse than random'})")
     print(f"- savings goal met on {met} of {len(summaries)} datasets (needed: 2)")
+
+
+# The adaptive protocol (the docstring's "Adaptive strategy" section): the row the goals are about, the shipped-form
+# candidates a default is chosen from when it fails, and the tolerance to the best fixed strategy.
+ADAPTIVE_ROW = "adaptive@0.25"
+DEFAULT_CANDIDATES = ("low_logprob@0.25", "entropy@0.25", "kcenter@0.25", "reward_disagreement|kcenter@0.25",
+                      "adaptive@0.25")
+WITHIN = 0.005
+
+
+def _parts(text: str) -> tuple[str, str]:
+    head, _, chooser = text.partition("/")
+    return head, chooser or "random"
+
+
+def adaptive_goals(summaries: list[dict]) -> dict:
+    """The issue's goals for `ADAPTIVE_ROW` (with the configs' chooser on multi-answer data), per dataset: G1 not
+    significantly worse than random (ΔAUC + CI ≥ 0), G2 ΔAUC ≥ the best fixed strategy's − WITHIN (fixed: every
+    row but random and adaptive ones, on qa-feedback those with the configs' chooser), G3 savings ≥ 30 % with the
+    CI's low end > 0 (needed on ≥ 2 datasets); then the default by the rule fixed beforehand: the adaptive row when
+    every goal is met, else of `DEFAULT_CANDIDATES` run on every dataset, those never significantly worse than
+    random, the one with the highest worst-dataset ΔAUC. Prints the verdicts and returns them."""
+    print("\n## adaptive strategy: goals fixed before running")
+    verdict: dict = {"datasets": {}, "default": None}
+    minima: dict[str, list[float]] = {}
+    for s in summaries:
+        chooser = CONFIG_CHOOSER if s.get("kind") == "preference" and any(
+            "/" in r["strategy"] for r in s["rows"]) else "random"
+        rows = {r["strategy"]: r for r in s["rows"]}
+        name = ADAPTIVE_ROW + (f"/{chooser}" if chooser != "random" else "")
+        fixed = [r for r in s["rows"] if _parts(r["strategy"])[0] != "random"
+                 and not _parts(r["strategy"])[0].startswith("adaptive") and _parts(r["strategy"])[1] == chooser]
+        for cand in DEFAULT_CANDIDATES:
+            row = rows.get(cand + (f"/{chooser}" if chooser != "random" else ""))
+            if row is not None:
+                worse = row["delta_ci"] is not None and row["delta_auc"] + row["delta_ci"] < 0
+                minima.setdefault(cand, []).append(-np.inf if worse else row["delta_auc"])
+        a = rows.get(name)
+        if a is None or not fixed:
+            print(f"- {s['dataset']}: no {name} row or no fixed strategy row: not judged")
+            continue
+        best = max(fixed, key=lambda r: r["delta_auc"])
+        g1 = a["delta_ci"] is not None and a["delta_auc"] + a["delta_ci"] >= 0
+        g2 = a["delta_auc"] >= best["delta_auc"] - WITHIN
+        g3 = a["savings"][0] >= 0.30 and a["savings"][1] > 0
+        verdict["datasets"][s["dataset"]] = {"not_worse": g1, "near_best": g2, "saves": g3}
+        print(f"- {s['dataset']}: {name} ΔAUC {a['delta_auc']:+.3f} ± {a['delta_ci']:.3f} — G1 not significantly "
+              f"worse than random: {'PASS' if g1 else 'FAIL'}; G2 within {WITHIN} of the best fixed "
+              f"({best['strategy']} {best['delta_auc']:+.3f} ± {best['delta_ci']:.3f}, of {len(fixed)}): "
+              f"{'PASS' if g2 else 'FAIL'} (gap {a['delta_auc'] - best['delta_auc']:+.3f}); savings "
+              f"{fmt_savings(a['savings'])}: {'≥ 30 % with CI > 0' if g3 else 'not ≥ 30 % with CI > 0'}")
+    judged = verdict["datasets"].values()
+    n_saves = sum(v["saves"] for v in judged)
+    met = len(judged) == len(summaries) and all(v["not_worse"] and v["near_best"] for v in judged) and n_saves >= 2
+    verdict["met"] = met
+    print(f"- G1 on every dataset: {all(v['not_worse'] for v in judged)}; G2 on every dataset: "
+          f"{all(v['near_best'] for v in judged)}; G3 on {n_saves} of {len(judged)} (needed: 2) → goals "
+          f"{'MET' if met else 'NOT met'}")
+    complete = {c: m for c, m in minima.items() if len(m) == len(summaries)}
+    eligible = {c: min(m) for c, m in complete.items() if np.isfinite(min(m))}
+    if met:
+        verdict["default"] = ADAPTIVE_ROW
+    elif eligible:
+        top = max(eligible.values())
+        verdict["default"] = next((c for c in eligible if eligible[c] == top and c == CONFIG_DEFAULT),
+                                  next(c for c in eligible if eligible[c] == top))
+    print("- never significantly worse than random on every dataset (worst-dataset ΔAUC): "
+          + (", ".join(f"{c} {v:+.3f}" for c, v in sorted(eligible.items(), key=lambda kv: -kv[1])) or "none")
+          + f" → default by the rule: {verdict['default'] or 'none (keep the current one)'}")
+    return verdict
 
 
 # ----------------------------------------------------------------------------------------------------- main
@@ -468,6 +631,13 @@ def configure(args, name: str) -> argparse.Namespace:
 def check_signals(specs: list[Spec], features: str) -> None:
     have = {"reward_margin", "reward_disagreement", EMBEDDING} | (LM_SIGNALS if features == "smollm2" else set())
     for spec in specs:
+        adaptive = find_adaptive(spec.strategy)
+        if adaptive is not None:  # arms whose signals are missing sit the rounds out; two must be left
+            usable = [n for n, a in adaptive.arms.items() if set(a.inputs) <= have]
+            if len(usable) < 2:
+                raise CurateError(f"--strategies {spec.text}: only {usable or 'none'} of its arms have their signals "
+                                  f"with --features {features}; use --features smollm2")
+            continue
         missing = sorted(set(spec.strategy.inputs) - have)
         if missing:
             raise CurateError(f"--strategies {spec.text}: needs the signal(s) {', '.join(missing)}, which --features "
@@ -483,6 +653,7 @@ def main(argv=None) -> int:
         for summary in summaries:
             print_table(summary, summary["header"])
         goals(summaries, {s["dataset"]: s["default"] for s in summaries})
+        adaptive_goals(summaries)
         return 0
     names = ["custom"] if args.data is not None else (list(PRESETS) if args.dataset == "all" else [args.dataset])
     print(f"hardware: {describe()}")
@@ -526,6 +697,7 @@ def main(argv=None) -> int:
         summaries.append(summary)
         print_table(summary, header)
     goals(summaries, defaults)
+    adaptive_goals(summaries)
     if args.json:
         args.json.parent.mkdir(parents=True, exist_ok=True)
         args.json.write_text(json.dumps(summaries, indent=1))

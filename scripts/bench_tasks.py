@@ -35,7 +35,7 @@ from pathlib import Path
 
 import numpy as np
 
-from curation.ensemble import BTEnsemble, EnsembleConfig, Pairs
+from curation.ensemble import BTEnsemble, EnsembleConfig, Pairs, heldout_loglik
 from preference.plumbing.errors import CurateError
 from preference.plumbing.io import open_text
 from preference.schema import parse_hh_pair, prompt_text
@@ -373,6 +373,18 @@ class PreferenceLearner:
             return np.zeros((self.config.members, len(answers)))
         return self.model.reward(self.emb[answers])
 
+    def heldout(self, units: list[tuple[int, int, int]]):
+        """The adaptive strategy's held-out score over label `units` (comparisons): score(train, test) = mean
+        log-likelihood of the test units' non-tie judgements under one Bradley–Terry model fitted on the train
+        units' (`curation.ensemble.heldout_loglik`, as rounds measure it)."""
+
+        def pairs(rows) -> Pairs:
+            idx = np.array([(a, b) if o == 1 else (b, a) for a, b, o in (units[r] for r in rows) if o != 0],
+                           dtype=np.int64).reshape(-1, 2)
+            return Pairs(self.emb[idx[:, 0]], self.emb[idx[:, 1]])
+
+        return lambda train, test: heldout_loglik(pairs(train), pairs(test), self.config.c)
+
     def quality(self, test_comparisons: list[tuple[int, int, int]]) -> float:
         comps = [(a, b) if o == 1 else (b, a) for a, b, o in test_comparisons if o != 0]
         if self.model is None:
@@ -410,6 +422,29 @@ class HarmClassifier:
             lr = LogisticRegression(C=self.c, class_weight="balanced", max_iter=500).fit(x[rows], y[rows])
             coefs.append(np.r_[lr.coef_[0], lr.intercept_])
         self.coef = np.array(coefs)
+
+    def heldout(self, units: list[int]):
+        """The adaptive strategy's held-out score over labelled `units` (items): score(train, test) = the test
+        items' class-balanced mean log-likelihood (mean over classes present) under one class-balanced logistic
+        regression fitted on the train items (NaN when train lacks a class)."""
+        from sklearn.linear_model import LogisticRegression
+
+        items = np.asarray(units, dtype=np.int64)
+
+        def score(train, test) -> float:
+            tr, te = items[np.asarray(train, dtype=np.int64)], items[np.asarray(test, dtype=np.int64)]
+            y = self.task.labels[tr]
+            if len(te) == 0 or len(set(y.tolist())) < 2:
+                return float("nan")
+            lr = LogisticRegression(C=self.c, class_weight="balanced", max_iter=500)
+            lr.fit((self.emb[tr] - self.mean) / self.scale, y)
+            logp = lr.predict_log_proba((self.emb[te] - self.mean) / self.scale)
+            truth = self.task.labels[te]
+            col = {bool(c): j for j, c in enumerate(lr.classes_)}
+            own = logp[np.arange(len(te)), [col[bool(t)] for t in truth]]
+            return float(np.mean([own[truth == c].mean() for c in (False, True) if (truth == c).any()]))
+
+        return score
 
     def logits(self, items: np.ndarray) -> np.ndarray:
         if self.coef is None:

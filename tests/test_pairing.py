@@ -60,6 +60,23 @@ def test_thompson_diverse_and_cold_start():
     assert sorted(make_chooser("info_gain").choose(None, emb, 2, rng()).tolist()) in ([0, 2], [1, 2])
 
 
+def test_maxmin_and_delta_ucb():
+    # means 1.0, 0.0, 0.4, 0.45; completion 2's members disagree widely (σ 2)
+    rewards = np.array([[1.0, 0.0, -1.6, 0.45], [1.0, 0.0, 2.4, 0.45]])
+    assert sorted(make_chooser("maxmin").choose(rewards, None, 2, rng()).tolist()) == [0, 1]  # highest, lowest
+    # DeltaUCB: max UCB(a) − LCB(b) = (μ_a + σ_a) − (μ_b − σ_b) = 0.6 + 2 for the uncertain 2 against 0 (1 vs 2:
+    # 0.4 + 2; maxmin's 0 vs 1: 1.0)
+    assert sorted(make_chooser("delta_ucb").choose(rewards, None, 2, rng()).tolist()) == [0, 2]
+    # with one member (σ = 0) it is maxmin
+    single = rewards[1:]
+    assert sorted(make_chooser("delta_ucb").choose(single, None, 2, rng()).tolist()) == \
+        sorted(make_chooser("maxmin").choose(single, None, 2, rng()).tolist())
+    # a near-duplicate of the top answer is not shown beside it (three slots: the next-farthest instead)
+    emb = np.eye(4)
+    emb[3] = emb[0] + 0.01
+    assert 3 not in make_chooser("maxmin").choose(rewards, emb, 3, rng()).tolist()[:2]
+
+
 @pytest.mark.parametrize("name", list(CHOOSERS))
 def test_conformance(name):
     r = rng(3)
