@@ -166,12 +166,13 @@ def prepare_prompt(backend: Backend, prompt: Prompt, cfg: GenerationConfig) -> t
 
 
 def completion_row(prompt: Prompt, model: str, index: int, gen: Generation, params_key: str) -> dict:
-    entropy = gen.entropy if gen.entropy is not None else -gen.mean_logprob
-    return Completion(
-        id=Completion.make_id(prompt.id, model, index, params_key), prompt_id=prompt.id, model=model,
-        text=gen.text, sample_index=index, num_tokens=len(gen.token_ids), mean_logprob=gen.mean_logprob,
-        entropy=float(entropy), finish_reason=gen.finish_reason, seed=gen.seed,
-    ).to_row()
+    mean_logprob = gen.mean_logprob
+    entropy = gen.entropy if gen.entropy is not None else -mean_logprob
+    return {  # Completion(...).to_row(), without dataclasses.asdict's deep copy (a hot path at scale)
+        "id": Completion.make_id(prompt.id, model, index, params_key), "prompt_id": prompt.id, "model": model,
+        "text": gen.text, "sample_index": index, "num_tokens": len(gen.token_ids), "mean_logprob": mean_logprob,
+        "entropy": float(entropy), "finish_reason": gen.finish_reason, "seed": gen.seed,
+    }
 
 
 def _shard_path(parts: Path, kind: str, model: str, prompt_ids: list[str], params_key: str) -> Path:

@@ -605,9 +605,11 @@ def _nanmean(values) -> float:
 
 def compute_scores(
     prompts: dict[str, Prompt], completions: list[Completion], members: list[str],
-    lls: dict[str, dict[str, tuple[float, int]]], emb: dict[str, np.ndarray],
+    lls: dict[str, dict[str, tuple[float, int]]], emb: dict[str, np.ndarray], *, as_arrays: bool = False,
 ) -> tuple[list[dict], list[dict]]:
-    """Completion rows and prompt rows from per-member log-likelihoods and embeddings."""
+    """Completion rows and prompt rows from per-member log-likelihoods and embeddings (`embedding` as a list, or
+    with `as_arrays` the numpy vector, which `_table_with_embeddings` stores without a Python float per value)."""
+    vector = (lambda v: v) if as_arrays else (lambda v: v.tolist())
     def mean_lp(member: str, key: str) -> float:
         s, n = lls[member][key]
         return s / n if n else float("nan")
@@ -622,7 +624,7 @@ def compute_scores(
         for j, m in enumerate(members):
             row[f"ppl::{m}"] = float(math.exp(-lp_matrix[i, j]))
         row["committee_std"] = float(lp_matrix[i].std())
-        row["embedding"] = emb[f"c/{c.id}"].tolist()
+        row["embedding"] = vector(emb[f"c/{c.id}"])
         comp_rows.append(row)
         by_prompt[c.prompt_id].append(i)
     prompt_rows = []
@@ -640,13 +642,13 @@ def compute_scores(
             "committee_range": float((lp.max(axis=1) - lp.min(axis=1)).mean()),
             "vote_entropy": vote_entropy(lp.T),
             "semantic_spread": semantic_spread(np.stack([emb[f"c/{completions[i].id}"] for i in idx])),
-            "embedding": emb[f"p/{pid}"].tolist(),
+            "embedding": vector(emb[f"p/{pid}"]),
         })
     return comp_rows, prompt_rows
 
 
 # --------------------------------------------------------------------------------------------------- step
-CHUNK_PROMPTS = 4096  # prompts (with their completions) scored together: the unit a round streams through
+CHUNK_PROMPTS = 2048  # prompts (with their completions) scored together: the unit a round streams through
 
 
 def score_shard(work: list[tuple[dict, list[dict]]], *, config: dict, members: list[dict], parts: str,
@@ -721,11 +723,14 @@ def _in_memory_groups(prompts_file: Path, completions_file: Path, chunk: int = C
 
 
 def _table_with_embeddings(rows: list[dict]) -> pa.Table:
-    """Rows → an Arrow table with `embedding` stored as list<float32>."""
+    """Rows (`embedding`: numpy vectors) → an Arrow table with `embedding` stored as list<float32>."""
+    vectors = [row.pop("embedding") for row in rows]
     table = pa.Table.from_pylist(rows)
-    idx = table.schema.get_field_index("embedding")
-    return table.set_column(idx, pa.field("embedding", pa.list_(pa.float32())),
-                            table.column(idx).cast(pa.list_(pa.float32())))
+    flat = np.concatenate([np.asarray(v, dtype=np.float32).reshape(-1) for v in vectors]) if vectors else \
+        np.zeros(0, np.float32)
+    offsets = np.concatenate([[0], np.cumsum([np.size(v) for v in vectors])]).astype(np.int32)
+    return table.append_column(pa.field("embedding", pa.list_(pa.float32())),
+                               pa.ListArray.from_arrays(pa.array(offsets), pa.array(flat, type=pa.float32())))
 
 
 def score_range(ranges: list[dict], *, config: dict, members: list[dict], parts: str, generators: dict[str, dict],
@@ -775,7 +780,8 @@ def score_range(ranges: list[dict], *, config: dict, members: list[dict], parts:
             truncated += got["truncated"]
             for name, count in got["reused"].items():
                 reused[name] = reused.get(name, 0) + count
-            comp_rows, prompt_rows = compute_scores(prompts, comps, names, got["lls"], got["embeddings"])
+            comp_rows, prompt_rows = compute_scores(prompts, comps, names, got["lls"], got["embeddings"],
+                                                     as_arrays=True)
             if comp_rows:
                 comp_out.write_table(_table_with_embeddings(comp_rows))
                 prompt_out.write_table(_table_with_embeddings(prompt_rows))
