@@ -934,6 +934,7 @@ class DummyBackend(Backend):
         self.max_model_len = self.settings.max_model_len or 4096
         self.eos_token_id = 0
         self._vocab: dict[int, str] = {0: ""}
+        self._word_ids: dict[str, int] = {}  # word → token id (memoized crc32)
         found = re.search(r"-d(\d+)$", str(model))
         self.dims = int(found.group(1)) if found else 64
         self._buckets: dict[str, tuple[int, float]] = {}  # word → (embedding dimension, ±1) of the hashing trick
@@ -942,10 +943,13 @@ class DummyBackend(Backend):
         return prompt_text(messages) + "\n\nAssistant:"
 
     def encode(self, text):
+        known = self._word_ids
         ids = []
         for w in text.split():
-            i = 1 + zlib.crc32(w.encode()) % 1_000_003
-            self._vocab[i] = w
+            i = known.get(w)
+            if i is None:
+                i = known[w] = 1 + zlib.crc32(w.encode()) % 1_000_003
+                self._vocab[i] = w
             ids.append(i)
         return ids
 

@@ -488,20 +488,28 @@ class _Plan:
         return sum(len(v) for v in self.todo.values()) + len(self.texts)
 
 
+def plan_groups(sc: ScoringConfig, members: list[Member], registry_root: Path | None) -> list[tuple[str, list]]:
+    """(model, its members) per backend the scoring runs: the active members grouped by weights, then the embedding
+    model (with no members when it is not a committee member's weights)."""
+    groups: dict[str, list[Member]] = {}
+    for m in members:
+        if m.model is not None:
+            groups.setdefault(m.model, []).append(m)
+    groups.setdefault(embedding_weights(sc, members, registry_root), [])
+    return list(groups.items())
+
+
 def plan_scoring(sc: ScoringConfig, members: list[Member], prompts: dict[str, Prompt], completions: list[Completion],
                  generators: dict[str, dict], stack: contextlib.ExitStack, registry_root: Path | None,
-                 backends: dict[str, Backend] | None = None) -> list[_Plan]:
+                 backends: dict[str, Backend] | None = None, only: int | None = None) -> list[_Plan]:
     """Group the active members by weights (one backend each), and decide what each backend computes.
     `backends`: backends already opened by model (reused, and new ones added: one backend per model across the
-    chunks of a streamed round)."""
-    active = [m for m in members if m.model is not None]
+    chunks of a streamed round); `only=i`: the i-th backend's plan alone."""
     embed_model = embedding_weights(sc, members, registry_root)
-    groups: dict[str, list[Member]] = {}
-    for m in active:
-        groups.setdefault(m.model, []).append(m)
-    groups.setdefault(embed_model, [])
     plans = []
-    for model, group in groups.items():
+    for index, (model, group) in enumerate(plan_groups(sc, members, registry_root)):
+        if only is not None and index != only:
+            continue
         # a model only embedding may be a sentence embedder (its own backend); members run on the section's
         settings = sc.backend if group else embedding_settings(model, sc.backend)
         if backends is not None and model in backends:
@@ -550,9 +558,8 @@ def score_prompts(
     truncated = 0
     timings: dict[str, dict[str, float]] = {}
     with contextlib.ExitStack() as own:
-        plans = plan_scoring(sc, members, prompts, completions, generators, stack or own, registry_root, backends)
-        if only is not None:
-            plans = plans[only : only + 1]
+        plans = plan_scoring(sc, members, prompts, completions, generators, stack or own, registry_root, backends,
+                             only)
         if bar is not None and backends is None:
             bar.reset(total=sum(p.size for p in plans))
         for plan in plans:
@@ -762,8 +769,7 @@ def score_range(ranges: list[dict], *, config: dict, members: list[dict], parts:
     with contextlib.ExitStack() as stack:
         backends: dict[str, Backend] = {}
         first = next(iter(groups()), None)
-        plans = plan_scoring(sc, resolved, *first, generators, stack, registry, backends) if first else []
-        n_plans = len(plans)
+        n_plans = len(plan_groups(sc, resolved, registry)) if first else 0
         bar = stack.enter_context(tqdm(total=shard["n_prompts"] * max(1, n_plans), desc="score", unit="prompt",
                                        disable=not progress))
         for index in range(n_plans - 1):  # earlier backends: compute everything into parts/, then close
@@ -771,7 +777,7 @@ def score_range(ranges: list[dict], *, config: dict, members: list[dict], parts:
                 score_prompts(sc, resolved, prompts, comps, parts_dir, generators, registry, backends=backends,
                               stack=stack, only=index)
                 bar.update(len(prompts))
-            plans[index].backend.close()
+            backends[plan_groups(sc, resolved, registry)[index][0]].close()
         comp_out = stack.enter_context(RowWriter(files["completions"]))
         prompt_out = stack.enter_context(RowWriter(files["prompts"]))
         for prompts, comps in groups() if first else ():
@@ -789,10 +795,10 @@ def score_range(ranges: list[dict], *, config: dict, members: list[dict], parts:
             counts["prompts"] += len(prompt_rows)
             bar.update(len(prompts))
         timings = {}
-        for plan in plans:
-            label = ", ".join(m.name for m in plan.members) or "embeddings"
-            timings[f"{Path(plan.backend.model).name} ({label})"] = dict(plan.backend.timings)
-            plan.backend.close()
+        for model, group in plan_groups(sc, resolved, registry) if first else ():
+            label = ", ".join(m.name for m in group) or "embeddings"
+            timings[f"{Path(backends[model].model).name} ({label})"] = dict(backends[model].timings)
+            backends[model].close()
     return {"files": {k: str(v) for k, v in files.items()}, "counts": counts, "truncated": truncated,
             "reused": reused, "timings": timings}
 
