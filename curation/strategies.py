@@ -368,6 +368,7 @@ def min_sq_dist(x: np.ndarray, centers: np.ndarray, block: int = 1 << 22) -> np.
 EXACT_BUDGET = 4e10  # multiply-adds
 FIT_SAMPLE = 50_000  # k-means for partitions is fitted on at most this many items
 NPROBE = 3  # parts searched for an item's nearest labelled item (its own and the nearest others)
+SEQUENTIAL_PART = 4096  # k-means++ at scale: items per part (one pick = one pass over its part)
 UNION_FACTOR = 2.0  # k-center at scale: the parts pick UNION_FACTOR × k candidates, then k-center picks k of them
 
 
@@ -380,7 +381,7 @@ def coverage_sq_dist(items: Items) -> np.ndarray:
         labelled = x.mean(axis=0, keepdims=True)
     if labelled.shape[1] != x.shape[1]:
         raise CurateError(f"labelled embeddings have dim {labelled.shape[1]}, pool embeddings {x.shape[1]}")
-    if float(len(x)) * len(labelled) * x.shape[1] <= EXACT_BUDGET or len(x) < 2:
+    if float(len(x)) * len(labelled) * x.shape[1] <= EXACT_BUDGET or len(labelled) <= 64 or len(x) < 128:
         return min_sq_dist(x, labelled)
     labels, centers = items_partition(items, n_parts_for(len(x), len(labelled), x.shape[1]))
     return nearest_sq_dist_by_parts(x, labelled, labels, centers)
@@ -571,7 +572,9 @@ class KMeansPlusPlus(Strategy):
         min_d = coverage_sq_dist(items)
         if float(len(x)) * k * x.shape[1] <= EXACT_BUDGET or 2 * k >= len(x):
             return kmeanspp_sample(x, min_d, k, rng)
-        labels, _ = items_partition(items, n_parts_for(len(x), k, x.shape[1]))
+        # D² sampling is one matrix-vector product per pick: parts small enough to stay in the CPU's cache
+        parts = max(n_parts_for(len(x), k, x.shape[1]), math.ceil(len(x) / SEQUENTIAL_PART))
+        labels, _ = items_partition(items, min(parts, max(2, len(x) // 64)))
         sizes = np.bincount(labels, minlength=labels.max() + 1)
         picks = []
         for p, share in enumerate(_shares(sizes, k)):
@@ -590,7 +593,7 @@ def kmeans(x: np.ndarray, n_clusters: int, *, seed: int = 0, iterations: int = 1
     full = x
     if len(x) > FIT_SAMPLE:
         x = x[np.sort(rng.choice(len(x), FIT_SAMPLE, replace=False))]
-    init = KMeansPlusPlus().select(Items(ids=np.arange(len(x)), embeddings=x), n_clusters, rng)
+    init = kmeanspp_sample(x, min_sq_dist(x, x.mean(axis=0, keepdims=True)), n_clusters, rng)  # exact, always
     centers = x[init].copy()
     labels = np.zeros(len(x), dtype=np.int64)
     x_sq = _sq_norms(x)
