@@ -729,15 +729,44 @@ def _in_memory_groups(prompts_file: Path, completions_file: Path, chunk: int = C
         yield {pid: all_prompts[pid] for pid in ids}, [c for pid in ids for c in by_prompt[pid]]
 
 
-def _table_with_embeddings(rows: list[dict]) -> pa.Table:
-    """Rows (`embedding`: numpy vectors) → an Arrow table with `embedding` stored as list<float32>."""
+def _table_with_embeddings(rows: list[dict], raw=None) -> pa.Table:
+    """Rows (`embedding`: numpy vectors) → an Arrow table with `embedding` stored as list<float32>; the vectors are
+    also appended to the open binary file `raw` (float32, row-major: the `.f32` beside the parquet)."""
     vectors = [row.pop("embedding") for row in rows]
     table = pa.Table.from_pylist(rows)
     flat = np.concatenate([np.asarray(v, dtype=np.float32).reshape(-1) for v in vectors]) if vectors else \
         np.zeros(0, np.float32)
+    if raw is not None:
+        raw.write(flat.tobytes())
     offsets = np.concatenate([[0], np.cumsum([np.size(v) for v in vectors])]).astype(np.int32)
     return table.append_column(pa.field("embedding", pa.list_(pa.float32())),
                                pa.ListArray.from_arrays(pa.array(offsets), pa.array(flat, type=pa.float32())))
+
+
+EMBEDDING_FILES = {"completion_scores.parquet": "completion_embeddings.f32",
+                   "prompt_scores.parquet": "prompt_embeddings.f32"}
+
+
+def embedding_file(step, parquet_name: str) -> tuple[Path, int, int] | None:
+    """(path, rows, dims) of the raw float32 copy of a finished score step's `embedding` column (same rows, same
+    order; the manifest's `embedding_files`), for memory-mapped reads; None when the step has none (an earlier
+    version)."""
+    info = (step.manifest().get("embedding_files") or {}).get(parquet_name)
+    if not info:
+        return None
+    path = step.path / info["file"]
+    return (path, int(info["rows"]), int(info["dims"])) if path.is_file() else None
+
+
+def memmap_embeddings(step, parquet_name: str) -> np.ndarray | None:
+    """The score step's embeddings of `parquet_name` as a read-only memory map (no parse, pages read on use)."""
+    found = embedding_file(step, parquet_name)
+    if found is None:
+        return None
+    path, rows, dims = found
+    if rows == 0 or dims == 0:
+        return np.zeros((rows, dims), dtype=np.float32)
+    return np.memmap(path, dtype=np.float32, mode="r", shape=(rows, dims))
 
 
 def score_range(ranges: list[dict], *, config: dict, members: list[dict], parts: str, generators: dict[str, dict],
@@ -780,6 +809,8 @@ def score_range(ranges: list[dict], *, config: dict, members: list[dict], parts:
             backends[plan_groups(sc, resolved, registry)[index][0]].close()
         comp_out = stack.enter_context(RowWriter(files["completions"]))
         prompt_out = stack.enter_context(RowWriter(files["prompts"]))
+        comp_raw = stack.enter_context(open(files["completions"].with_suffix(".f32"), "wb"))
+        prompt_raw = stack.enter_context(open(files["prompts"].with_suffix(".f32"), "wb"))
         for prompts, comps in groups() if first else ():
             got = score_prompts(sc, resolved, prompts, comps, parts_dir, generators, registry, backends=backends,
                                 stack=stack)
@@ -789,8 +820,8 @@ def score_range(ranges: list[dict], *, config: dict, members: list[dict], parts:
             comp_rows, prompt_rows = compute_scores(prompts, comps, names, got["lls"], got["embeddings"],
                                                      as_arrays=True)
             if comp_rows:
-                comp_out.write_table(_table_with_embeddings(comp_rows))
-                prompt_out.write_table(_table_with_embeddings(prompt_rows))
+                comp_out.write_table(_table_with_embeddings(comp_rows, comp_raw))
+                prompt_out.write_table(_table_with_embeddings(prompt_rows, prompt_raw))
             counts["completions"] += len(comp_rows)
             counts["prompts"] += len(prompt_rows)
             bar.update(len(prompts))
@@ -891,12 +922,23 @@ def run_score(cfg, rnd, *, force: bool = False, progress: bool = True) -> dict:
         totals = {"completions": 0, "prompts": 0, "truncated": 0}
         reused: dict[str, int] = {}
         timings: dict[str, dict] = {}
+        embedding_files = {}
         for name, kind in (("completion_scores.parquet", "completions"), ("prompt_scores.parquet", "prompts")):
-            with RowWriter(run.path / name) as out:
+            dims = 0
+            with RowWriter(run.path / name) as out, atomic_path(run.path / EMBEDDING_FILES[name]) as tmp, \
+                    open(tmp, "wb") as raw:
                 for result in results:
                     for batch in iter_batches(result["files"][kind]):
                         out.write_table(pa.Table.from_batches([batch]))
+                        if not dims and batch.num_rows and "embedding" in batch.schema.names:
+                            dims = len(batch.column("embedding")[0])
                     Path(result["files"][kind]).unlink()
+                    shard_raw = Path(result["files"][kind]).with_suffix(".f32")
+                    with open(shard_raw, "rb") as fh:
+                        shutil.copyfileobj(fh, raw)
+                    shard_raw.unlink()
+            embedding_files[name] = {"file": EMBEDDING_FILES[name], "rows": out.rows, "dims": dims}
+        run.extra["embedding_files"] = embedding_files
         for shard, result in enumerate(results):
             totals["completions"] += result["counts"]["completions"]
             totals["prompts"] += result["counts"]["prompts"]

@@ -159,7 +159,7 @@ def read_scores(path: Path) -> tuple[pa.Table, np.ndarray | None]:
         if len(lengths) and (lengths != out.shape[1]).any():
             raise CurateError(f"{path}: embeddings have different lengths "
                               f"({sorted({out.shape[1], *lengths.tolist()})[:4]})")
-        out[row : row + len(col)] = np.asarray(col.flatten(), dtype=np.float32).reshape(len(col), out.shape[1])
+        out[row : row + len(col)] = col.flatten().to_numpy(zero_copy_only=False).reshape(len(col), out.shape[1])
         row += len(col)
     return table, out if out is not None else np.zeros((0, 0), dtype=np.float32)
 
@@ -172,9 +172,17 @@ def signal_columns(table: pa.Table) -> list[str]:
     ]
 
 
-def load_items(step_dir_file: Path) -> Items:
-    """`prompt_scores.parquet` → Items (ids, slices, every numeric column as a signal, embeddings)."""
-    table, embeddings = read_scores(step_dir_file)
+def load_items(step_dir_file: Path, embeddings: np.ndarray | None = None) -> Items:
+    """`prompt_scores.parquet` → Items (ids, slices, every numeric column as a signal, embeddings). `embeddings`:
+    the same rows' embeddings from elsewhere (the score step's memory-mapped copy): the column is not read."""
+    if embeddings is not None:
+        table = pq.read_table(step_dir_file, columns=[c for c in pq.ParquetFile(step_dir_file).schema_arrow.names
+                                                      if c != "embedding"])
+        if table.num_rows != len(embeddings):
+            raise CurateError(f"{step_dir_file}: {table.num_rows} rows but {len(embeddings)} embeddings in its "
+                              "memory-mapped copy; redo `curate score --force`")
+    else:
+        table, embeddings = read_scores(step_dir_file)
     if table.num_rows == 0:
         raise CurateError(
             f"{step_dir_file} holds no scored prompts; nothing to select — check that the pool and the generate "
@@ -342,10 +350,17 @@ class Completions:
 def load_completions(rnd, prompt_ids: set[str] | None = None) -> Completions:
     """`score/completion_scores.parquet` (+ texts from `generate/completions.parquet` when it finished); with
     `prompt_ids`, only those prompts' completions, streamed (a pool's completion embeddings can be gigabytes)."""
+    path = rnd.step("score").file("completion_scores.parquet")
     if prompt_ids is None:
-        table, emb = read_scores(rnd.step("score").file("completion_scores.parquet"))
+        table, emb = read_scores(path)
+    elif (mapped := _mapped(rnd.step("score"), "completion_scores.parquet")) is not None:
+        table = pq.read_table(path, columns=[c for c in pq.ParquetFile(path).schema_arrow.names if c != "embedding"])
+        rows = np.flatnonzero(np.asarray(pc.is_in(table.column("prompt_id"),
+                                                  value_set=pa.array(sorted(prompt_ids), pa.string()))
+                                         .to_numpy(zero_copy_only=False)))
+        table, emb = table.take(rows), np.asarray(mapped[rows])  # only the picked prompts' rows leave the disk
     else:
-        table, emb = _read_filtered(rnd.step("score").file("completion_scores.parquet"), prompt_ids)
+        table, emb = _read_filtered(path, prompt_ids)
     if table.num_rows == 0:
         return Completions([], [], [], None, None)
     ids = [str(x) for x in table.column("completion_id").to_pylist()]
@@ -363,6 +378,12 @@ def load_completions(rnd, prompt_ids: set[str] | None = None) -> Completions:
                        texts, emb)
 
 
+def _mapped(step, name: str) -> np.ndarray | None:
+    from curation.score import memmap_embeddings
+
+    return memmap_embeddings(step, name)
+
+
 def _read_filtered(path: Path, prompt_ids: set[str]) -> tuple[pa.Table, np.ndarray | None]:
     """`read_scores` of the rows whose prompt_id is in `prompt_ids`, streamed batch by batch."""
     handle = pq.ParquetFile(path)
@@ -377,7 +398,7 @@ def _read_filtered(path: Path, prompt_ids: set[str]) -> tuple[pa.Table, np.ndarr
         table = pa.Table.from_batches([batch])
         if "embedding" in table.column_names:
             col = table.column("embedding").combine_chunks()
-            vectors.append(np.asarray(col.flatten(), dtype=np.float32).reshape(len(col), -1))
+            vectors.append(col.flatten().to_numpy(zero_copy_only=False).reshape(len(col), -1))
             table = table.drop_columns(["embedding"])
         tables.append(table)
     if not tables:
@@ -562,7 +583,7 @@ def run_select(cfg, rnd, *, force: bool = False, progress: bool = True) -> dict:
         return rnd.step("select").manifest()
     with run:
         strategy = build_strategy(sel.strategy, weights=sel.weights, candidate_factor=sel.candidate_factor)
-        pool = load_items(score_step.file("prompt_scores.parquet"))
+        pool = load_items(score_step.file("prompt_scores.parquet"), _mapped(score_step, "prompt_scores.parquet"))
         labelled_ids, labelled_emb = previously_selected(rounds)
         if labelled_emb is not None and pool.embeddings is not None and labelled_emb.shape[1] != pool.embeddings.shape[1]:
             labelled_emb = None  # a different embedder than this round's: cannot compare distances
