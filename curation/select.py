@@ -237,14 +237,20 @@ def pool_signals(rnd, feedback_file: Path | None) -> tuple[dict[str, list[str]],
     known: set[str] = set()
     if rnd.step("pool").done:
         for batch in iter_batches(rnd.step("pool").file("prompts.parquet"), columns=["id", "source", "metadata"]):
+            if feedback_file is not None:
+                known.update(batch.column("id").to_pylist())
+            # only rows that can carry a signal become prompts (a pool of millions is mostly neither)
+            source, meta = batch.column("source"), batch.column("metadata")
+            maybe = pc.or_(pc.fill_null(pc.starts_with(source, "failure:"), False),
+                           pc.fill_null(pc.or_(pc.match_substring(meta, "failure"),
+                                               pc.match_substring(meta, "thumbs_down")), False))
+            rows = batch.filter(maybe).to_pylist()
             prompts = [Prompt(id=r["id"], messages=[], source=r["source"] or "",
-                              metadata=json.loads(r["metadata"]) if r["metadata"] else {}) for r in batch.to_pylist()]
+                              metadata=json.loads(r["metadata"]) if r["metadata"] else {}) for r in rows]
             found, _ = failure_reasons(prompts, None)
             for pid, why in found.items():
                 reasons.setdefault(pid, []).extend(why)
             thumbs.update(thumbs_down_counts(prompts))
-            if feedback_file is not None:
-                known.update(p.id for p in prompts)
     unmatched = 0
     if feedback_file is not None:
         found, unmatched = failure_reasons([], feedback_file, known=known)
@@ -367,11 +373,11 @@ def load_completions(rnd, prompt_ids: set[str] | None = None) -> Completions:
     models = table.column("model").to_pylist() if "model" in table.column_names else [""] * len(ids)
     texts = None
     if rnd.step("generate").done:
-        wanted = set(ids)
+        wanted = pa.array(sorted(set(ids)), pa.string())
         by_id = {}
         for batch in iter_batches(rnd.step("generate").file("completions.parquet"), columns=["id", "text"]):
             if prompt_ids is not None:
-                batch = batch.filter(pc.is_in(batch.column("id"), value_set=pa.array(sorted(wanted), pa.string())))
+                batch = batch.filter(pc.is_in(batch.column("id"), value_set=wanted))
             by_id.update(zip(batch.column("id").to_pylist(), batch.column("text").to_pylist(), strict=True))
         texts = [by_id.get(cid, "") for cid in ids]
     return Completions(ids, [str(x) for x in table.column("prompt_id").to_pylist()], [str(m) for m in models],
@@ -405,6 +411,18 @@ def _read_filtered(path: Path, prompt_ids: set[str]) -> tuple[pa.Table, np.ndarr
         schema = pa.schema([f for f in handle.schema_arrow if f.name != "embedding"])
         return pa.Table.from_pylist([], schema=schema), None
     return pa.concat_tables(tables), (np.concatenate(vectors) if vectors else None)
+
+
+def rewards_possible(sel: SelectionConfig, rnd, rounds: list) -> bool:
+    """Whether `attach_rewards` can find rewards (a champion's in the rewards step, or earlier rounds' pairs),
+    looked up without reading any completion: the first round of a large pool never loads them all."""
+    if sel.reward_source != "ensemble" and rnd.step("rewards").done and rnd.step("rewards").manifest().get(
+            "reward_model"):
+        return True
+    if sel.reward_source == "champion":
+        return True  # attach_rewards explains why there is none
+    return any((d / "manifest.json").is_file() and (d / "pairs.parquet").is_file()
+               for r in rounds if r.path.is_dir() for d in r.path.iterdir() if d.is_dir())
 
 
 def attach_rewards(comps: Completions, sel: SelectionConfig, rnd, rounds: list, seed: int) -> bool:
@@ -594,8 +612,8 @@ def run_select(cfg, rnd, *, force: bool = False, progress: bool = True) -> dict:
         pool.signals["thumbs_down"] = np.array([thumbs.get(pid, 0.0) for pid in pool.ids])
         needs_rewards = bool(REWARD_SIGNALS & set(strategy.inputs))
         have_rewards = False
-        comps = None  # every completion only when rewards are needed; else the picked prompts', after the picks
-        if needs_rewards or make_chooser(sel.completion_choice).needs_rewards:
+        comps = None  # every completion only when rewards can be had; else the picked prompts', after the picks
+        if (needs_rewards or make_chooser(sel.completion_choice).needs_rewards) and rewards_possible(sel, rnd, rounds):
             comps = load_completions(rnd)
             have_rewards = attach_rewards(comps, sel, rnd, rounds, seed)
         if have_rewards:

@@ -102,7 +102,10 @@ class Items:
                 "this strategy needs item embeddings, but the pool has none; rerun `curate score` (it writes an "
                 "`embedding` column) or choose a signal-based strategy"
             )
-        return check_finite(self.embeddings, "embeddings", self.ids)
+        if self.cache.get("finite") is not self.embeddings:  # checked once per array (a pass over gigabytes)
+            check_finite(self.embeddings, "embeddings", self.ids)
+            self.cache["finite"] = self.embeddings
+        return self.embeddings
 
     def labelled_matrix(self) -> np.ndarray | None:
         if self.labelled is None or len(self.labelled) == 0:
@@ -408,7 +411,8 @@ def items_partition(items: Items, parts: int) -> tuple[np.ndarray, np.ndarray]:
     if key not in items.cache:
         x = items.embedding_matrix()
         rng = np.random.default_rng(0)
-        sample = x if len(x) <= FIT_SAMPLE else x[np.sort(rng.choice(len(x), FIT_SAMPLE, replace=False))]
+        size = min(FIT_SAMPLE, max(64 * parts, 2000))  # enough items per part to place its center
+        sample = x if len(x) <= size else x[np.sort(rng.choice(len(x), size, replace=False))]
         fit = kmeans(sample, parts, seed=0)
         centers = np.stack([sample[fit == c].mean(axis=0) if (fit == c).any() else sample[0]
                             for c in range(parts)]).astype(np.float32)
@@ -459,7 +463,7 @@ def kcenter_greedy(x: np.ndarray, min_d: np.ndarray, k: int, candidates: int = 5
     min_d = min_d.astype(np.float32, copy=False)
     picks: list[int] = []
     while len(picks) < k:
-        t = min(n, candidates)
+        t = min(n, candidates, max(32, 2 * (k - len(picks))))
         if t < n:
             cand = np.argpartition(-min_d, t)[: t + 1]
             order = np.lexsort((cand, -min_d[cand]))
@@ -508,10 +512,10 @@ class KCenterGreedy(Strategy):
     embedding space) from everything labelled or picked so far. Score = distance to the nearest labelled item
     (or the pool centroid when nothing is labelled): higher = less covered = more informative.
 
-    Exact (batched, `kcenter_greedy`) while items × k × dims ≤ EXACT_BUDGET; above, a composable core-set: the
-    pool's k-means parts each pick their share of UNION_FACTOR × k by k-center, then k-center picks k from that
-    union (Mirrokni & Zadimoghaddam 2015: k-center over the union of the parts' k-center picks keeps a constant
-    approximation factor)."""
+    Exact (batched, `kcenter_greedy`) while items × k × dims ≤ EXACT_BUDGET; above, a composable core-set: random
+    parts of the pool each pick their share of UNION_FACTOR × k by k-center, then k-center picks k from that union
+    (Mirrokni & Zadimoghaddam 2015, randomized composable core-sets: k-center over the union of the parts'
+    k-center picks keeps a constant approximation factor)."""
 
     name, family, inputs = "kcenter", "diversity", (EMBEDDING,)
 
@@ -525,8 +529,11 @@ class KCenterGreedy(Strategy):
         min_d = coverage_sq_dist(items).astype(np.float32)
         if float(len(x)) * k * x.shape[1] <= EXACT_BUDGET or k * UNION_FACTOR >= len(x):
             return kcenter_greedy(x, min_d, k)
-        labels, _ = items_partition(items, n_parts_for(len(x), int(UNION_FACTOR * k), x.shape[1]))
-        sizes = np.bincount(labels, minlength=labels.max() + 1)
+        # random parts (no clustering pass over the pool): k-center over the union of the parts' k-center picks
+        # keeps its approximation guarantee for a random partition (randomized composable core-sets)
+        parts = n_parts_for(len(x), int(UNION_FACTOR * k), x.shape[1])
+        labels = np.random.default_rng(0).permutation(len(x)) % parts
+        sizes = np.bincount(labels, minlength=parts)
         union = []
         for p, share in enumerate(_shares(sizes, int(UNION_FACTOR * k))):
             rows = np.flatnonzero(labels == p)

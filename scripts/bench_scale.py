@@ -10,7 +10,8 @@ Protocol (fixed before the runs):
   seeded random positions after their originals, written as one jsonl file.
 - Round config: the `dummy` backend (no model: what is measured is the product's own cost), `generation.n: 3`,
   `max_tokens: 32`, generation cache off (it is one JSON file per prompt by design); a 2-member committee
-  (`dummy-a`, `dummy-b`), embeddings from `dummy-d384` (hashing-trick bag of words, 384-d like all-MiniLM-L6-v2);
+  (`dummy-a-d384`, `dummy-b`) whose first member embeds (`embedding_model: null`; the dummy's `-d384`: a
+  hashing-trick bag of words in 384 dimensions, all-MiniLM-L6-v2's width);
   `selection.k` = 2 % of N with the default strategy (`reward_disagreement|kcenter`: round 1 has no reward model,
   so k-center over the whole pool picks the strategy arm) and a 25 % random arm.
 - Steps pool, generate, score, rewards, select, each as `curate <step> -c <config> -q` in a process of its own
@@ -112,13 +113,75 @@ generation:
   cache: false
 scoring:
   backend: {{name: dummy}}
-  committee: [dummy-a, dummy-b]
-  embedding_model: {embedding_model}
+  committee: [{embedding_model}, dummy-b]
+  embedding_model: null
 selection:
   k: {k}
   random_share: 0.25
 """)
     return k
+
+
+def synthetic_scored_round(project: Path, pool: Path, n: int, dims: int = 384, seed: int = 0) -> None:
+    """A round whose pool, generate and score steps are synthetic (random signals; embeddings: 64 Gaussian
+    clusters in `dims` dimensions, float32), written through the round store like the real steps' outputs, so
+    that `curate select` can be timed over N × dims without running generate and score at N."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from preference.plumbing.io import RowWriter
+    from preference.plumbing.store import Project
+
+    rng = np.random.default_rng(seed)
+    rnd = Project(project).round(1, create=True)
+    centers = rng.normal(size=(64, dims)).astype(np.float32)
+    ids = [f"p{i:09d}" for i in range(n)]
+    chunk = 65_536
+
+    def embeddings(m: int) -> np.ndarray:
+        x = centers[rng.integers(0, 64, m)] + 0.5 * rng.normal(size=(m, dims)).astype(np.float32)
+        return x / np.linalg.norm(x, axis=1, keepdims=True)
+
+    def as_list(x: np.ndarray) -> pa.Array:
+        return pa.ListArray.from_arrays(pa.array(np.arange(len(x) + 1, dtype=np.int32) * dims),
+                                        pa.array(x.reshape(-1), type=pa.float32()))
+
+    with rnd.start_step("pool", {"synthetic": n}) as run, RowWriter(run.path / "prompts.parquet") as out:
+        for a in range(0, n, chunk):
+            out.write_table(pa.table({"id": ids[a : a + chunk], "messages": [[{"role": "user", "content": f"prompt {i}"}]
+                                                                            for i in range(a, min(n, a + chunk))],
+                                      "slice": ["default"] * len(ids[a : a + chunk]),
+                                      "source": [str(pool)] * len(ids[a : a + chunk]),
+                                      "metadata": ["{}"] * len(ids[a : a + chunk])}))
+    with rnd.start_step("generate", {"synthetic": n}) as run, RowWriter(run.path / "completions.parquet") as out:
+        for a in range(0, n, chunk):
+            rows = range(a, min(n, a + chunk))
+            out.write_table(pa.table({"id": [f"c{i}-{j}" for i in rows for j in range(3)],
+                                      "prompt_id": [ids[i] for i in rows for _ in range(3)],
+                                      "model": ["dummy"] * (3 * len(rows)),
+                                      "text": [f"answer {j} to {i}" for i in rows for j in range(3)]}))
+    with rnd.start_step("score", {"synthetic": n}) as run:
+        signals = ("prompt_perplexity", "mean_completion_perplexity", "mean_logprob", "mean_entropy",
+                   "committee_disagreement", "committee_range", "vote_entropy", "semantic_spread")
+        files = {}
+        for name, raw_name, per in (("prompt_scores.parquet", "prompt_embeddings.f32", 1),
+                                    ("completion_scores.parquet", "completion_embeddings.f32", 3)):
+            with RowWriter(run.path / name) as out, open(run.path / raw_name, "wb") as raw:
+                for a in range(0, n, chunk):
+                    rows = range(a, min(n, a + chunk))
+                    x = embeddings(len(rows) * per)
+                    raw.write(x.tobytes())
+                    if per == 1:
+                        cols = {"prompt_id": [ids[i] for i in rows], "slice": ["default"] * len(rows)}
+                        cols.update({s: rng.random(len(rows)) for s in signals})
+                    else:
+                        cols = {"completion_id": [f"c{i}-{j}" for i in rows for j in range(3)],
+                                "prompt_id": [ids[i] for i in rows for _ in range(3)],
+                                "model": ["dummy"] * (3 * len(rows)), "committee_std": rng.random(3 * len(rows))}
+                    out.write_table(pa.table(cols).append_column("embedding", as_list(x)))
+            files[name] = {"file": raw_name, "rows": n * per, "dims": dims}
+        run.extra["embedding_files"] = files
+    del pq
 
 
 def loadavg() -> str:
@@ -149,9 +212,15 @@ def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--sizes", default="10000,100000,1000000", help="comma-separated pool sizes")
     ap.add_argument("--work", type=Path, default=None, help="folder for pools and projects (default: a temp dir)")
-    ap.add_argument("--embedding-model", default="dummy-d384", help="scoring.embedding_model (dummy-d<dims>)")
+    ap.add_argument("--embedding-model", default="dummy-a-d384",
+                    help="the first committee member, which embeds (dummy-<name>-d<dims>)")
     ap.add_argument("--keep", action="store_true", help="keep the projects (default: each is removed after its size)")
+    ap.add_argument("--select-only", type=int, default=None, metavar="N",
+                    help="time `curate select` alone over a synthetic scored round of N prompts × 384 (see "
+                         "synthetic_scored_round) and exit")
     args = ap.parse_args(argv)
+    if args.select_only:
+        return select_only(args)
     sizes = [int(s) for s in args.sizes.split(",")]
     work = args.work or Path(tempfile.mkdtemp(prefix="curate-scale-"))
     work.mkdir(parents=True, exist_ok=True)
@@ -211,6 +280,36 @@ def main(argv: list[str] | None = None) -> int:
             ", ".join(f"{s} {r:.2f}×" for s, r in ratios.items())))
         sel = results[n]["select"]["seconds"]
         print(f"target select over {n:,} × 384 ≤ 60 s: {'PASS' if sel <= 60 else 'FAIL'} ({sel:.1f} s)")
+    return 0 if ok else 1
+
+
+def select_only(args) -> int:
+    """`curate select` in its own process over a synthetic scored round of N × 384 (the select target)."""
+    n = args.select_only
+    work = args.work or Path(tempfile.mkdtemp(prefix="curate-scale-"))
+    base = work / f"select-n{n}"
+    shutil.rmtree(base, ignore_errors=True)
+    base.mkdir(parents=True)
+    env = {**os.environ, "CURATE_CACHE": str(work / "cache")}
+    print(cpu_line())
+    t0 = time.monotonic()
+    synthetic_scored_round(base / "project", base / "none.jsonl", n)
+    print(f"synthetic scored round of {n:,} prompts × 384 (3 completions each) built in {time.monotonic() - t0:.0f} s; "
+          f"load average {loadavg()}")
+    config = base / "round.yaml"
+    k = write_config(config, base / "project", base / "none.jsonl", n, "dummy-a-d384")
+    got = run_step("select", config, env, base / "select.log")
+    manifest = json.loads((base / "project" / "round-0001" / "select" / "manifest.json").read_text())
+    print("| N | step | wall s (process) | step s | µs/prompt | peak RSS GB | load avg | counts |")
+    print("|---|---|---|---|---|---|---|---|")
+    print(f"| {n:,} | select (synthetic scores) | {got['wall']:.1f} | {manifest['seconds']:.1f} | "
+          f"{1e6 * manifest['seconds'] / n:.0f} | {got['rss'] / GB:.2f} | {loadavg()} | "
+          f"selected={manifest['counts']['selected']}, scored={manifest['counts']['scored']} |")
+    ok = manifest["counts"]["selected"] == k and manifest["counts"]["scored"] == n
+    print(f"target select over {n:,} × 384 ≤ 60 s: {'PASS' if manifest['seconds'] <= 60 else 'FAIL'} "
+          f"({manifest['seconds']:.1f} s); peak RSS ≤ 4 GB: {'PASS' if got['rss'] <= 4 * GB else 'FAIL'}")
+    if not args.keep:
+        shutil.rmtree(base, ignore_errors=True)
     return 0 if ok else 1
 
 
