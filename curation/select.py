@@ -357,9 +357,13 @@ def load_completions(rnd, prompt_ids: set[str] | None = None) -> Completions:
     """`score/completion_scores.parquet` (+ texts from `generate/completions.parquet` when it finished); with
     `prompt_ids`, only those prompts' completions, streamed (a pool's completion embeddings can be gigabytes)."""
     path = rnd.step("score").file("completion_scores.parquet")
-    if prompt_ids is None:
+    mapped = _mapped(rnd.step("score"), "completion_scores.parquet")
+    if prompt_ids is None and mapped is not None:  # every completion: the memory map itself (paged in on use)
+        table = pq.read_table(path, columns=[c for c in pq.ParquetFile(path).schema_arrow.names if c != "embedding"])
+        emb = mapped
+    elif prompt_ids is None:
         table, emb = read_scores(path)
-    elif (mapped := _mapped(rnd.step("score"), "completion_scores.parquet")) is not None:
+    elif mapped is not None:
         table = pq.read_table(path, columns=[c for c in pq.ParquetFile(path).schema_arrow.names if c != "embedding"])
         rows = np.flatnonzero(np.asarray(pc.is_in(table.column("prompt_id"),
                                                   value_set=pa.array(sorted(prompt_ids), pa.string()))
@@ -466,7 +470,10 @@ def attach_rewards(comps: Completions, sel: SelectionConfig, rnd, rounds: list, 
     if comps.embeddings is None:
         raise CurateError("score/completion_scores.parquet has no embedding column; rerun `curate score`")
     model = BTEnsemble(EnsembleConfig(members=sel.ensemble_members, c=sel.ensemble_c, seed=seed)).fit(pairs)
-    comps.rewards = model.reward(comps.embeddings)
+    step = 65_536  # in chunks: the ensemble works in float64 (a copy of the pool's completion embeddings otherwise)
+    comps.rewards = np.concatenate([model.reward(comps.embeddings[a : a + step])
+                                    for a in range(0, len(comps.embeddings), step)], axis=1) \
+        if len(comps.embeddings) else model.reward(comps.embeddings)
     comps.reward_info = {"source": "ensemble", "pairs": len(pairs), "pairs_without_embeddings": missing,
                          "members": sel.ensemble_members}
     if single is not None:
