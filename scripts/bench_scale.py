@@ -22,6 +22,10 @@ Protocol (fixed before the runs):
 - Checks that the figures come from this run: the pool step's manifest counts equal the planted pool (N prompts
   kept, the planted exact and near duplicates removed), generate wrote 3·N completions, score N prompt rows, and
   select k rows; the script fails (exit 1) otherwise.
+- `--select-only N`: `curate select` alone (its own process, the same selection config) over a synthetic scored
+  round of N prompts (random signals; embeddings from 64 Gaussian clusters in 384 dimensions, L2-normalized;
+  3 completions per prompt), written through the round store like the real steps' outputs: the select target
+  at 1M without running generate and score at 1M.
 - Targets (2 cores, 24 GB), printed as PASS/FAIL at the largest size ≥ 1M that ran: peak RSS ≤ 4 GB in every
   step; per step, time per prompt at 1M ≤ 1.3 × that at 10k (the step's own time; the process start is a constant,
   not a per-prompt cost); select over 1M × 384 ≤ 60 s (its own time).
