@@ -184,9 +184,12 @@ def _iter_rows(path: Path, fmt: str):
                     yield f"{path}:{lineno}", json.loads(line)
                 except json.JSONDecodeError as exc:
                     yield f"{path}:{lineno}", ValueError(f"not valid JSON ({exc.msg} at column {exc.colno})")
-    elif fmt == "parquet":
-        for i, row in enumerate(read_rows(path)):
-            yield f"{path}#{i}", row
+    elif fmt == "parquet":  # streamed a batch at a time
+        i = 0
+        for rows in iter_rows(path, CHUNK):
+            for row in rows:
+                yield f"{path}#{i}", row
+                i += 1
     elif fmt == "hf":
         from datasets import DatasetDict, load_from_disk
 
