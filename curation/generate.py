@@ -381,7 +381,7 @@ def generate_shard(ranges: list[tuple[int, int]], *, config: dict, model: str, m
     stream = parts_dir / f"stream-m{model_index}-{start}-{stop}.parquet"
     rejected_file = parts_dir / f"rejected-m{model_index}-{start}-{stop}.jsonl"
     chunk_rows: list[int] = []
-    with (tqdm(total=stop - start, desc=f"generate {model}", unit="prompt", disable=not progress) as bar,
+    with (tqdm(total=stop - start, desc="generate", unit="prompt", disable=not progress) as bar,
           load_backend(model, gen.backend) as backend, RowWriter(stream, completion_schema()) as out,
           open(rejected_file, "w") as rejected_out):
         for table in iter_row_range(prompts_file, start, stop, gen.batch_size):

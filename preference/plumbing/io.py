@@ -147,6 +147,8 @@ class RowWriter:
         self.row_group = row_group
         self.rows = 0
         self._buffer: list[dict] = []
+        self._tables: list[pa.Table] = []
+        self._table_rows = 0
         self._writer: pq.ParquetWriter | None = None
         self._atomic = atomic_path(self.path)
         self._tmp: Path | None = None
@@ -156,24 +158,36 @@ class RowWriter:
         return self
 
     def write(self, rows: Iterable[dict]) -> None:
+        self._flush_tables()  # tables given before these rows go first
         self._buffer.extend(rows)
         if len(self._buffer) >= self.row_group:
             self._flush()
 
     def write_table(self, table: pa.Table) -> None:
-        """Append an Arrow table (or record batch) as it is (cast to the file's schema)."""
-        self._flush()
+        """Append an Arrow table (cast to the file's schema); small tables are gathered into full row groups
+        (a file of thousands of tiny row groups has a footer that every reader parses)."""
+        self._flush()  # rows given as dicts before this table go first
         if table.num_rows:
             self._open(table.schema)
-            self._writer.write_table(table.cast(self.schema) if table.schema != self.schema else table)
-            self.rows += table.num_rows
+            self._tables.append(table.cast(self.schema) if table.schema != self.schema else table)
+            self._table_rows += table.num_rows
+            if self._table_rows >= self.row_group:
+                self._flush_tables()
 
     def _open(self, schema: pa.Schema) -> None:
         if self._writer is None:
             self.schema = self.schema or schema
             self._writer = pq.ParquetWriter(self._tmp, self.schema)
 
+    def _flush_tables(self) -> None:
+        if self._tables:
+            table = pa.concat_tables(self._tables)
+            self._tables, self._table_rows = [], 0
+            self._writer.write_table(table, row_group_size=self.row_group)
+            self.rows += table.num_rows
+
     def _flush(self) -> None:
+        self._flush_tables()
         if not self._buffer:
             return
         table = pa.Table.from_pylist(self._buffer, schema=self.schema)
