@@ -685,7 +685,7 @@ def run_select(cfg, rnd, *, force: bool = False, progress: bool = True) -> dict:
             }
             row.update({col: float(v[r]) for col, v in items.signals.items()})
             if items.embeddings is not None:
-                row["embedding"] = items.embeddings[r].tolist()
+                row["embedding"] = items.embeddings[r]  # a vector: `write_selected` stores it without Python floats
             rows.append(row)
         write_selected(run.path / "selected.parquet", rows, list(items.signals), items.embeddings is not None)
         run.counts.update(
@@ -725,8 +725,14 @@ def write_selected(path: Path, rows: list[dict], signals: list[str], with_embedd
     ]
     fields += [pa.field("completion_ids", pa.list_(pa.string())), pa.field("completion_choice", pa.string())]
     fields += [pa.field(name, pa.float64()) for name in signals]
+    vectors = None
     if with_embedding:
         fields.append(pa.field("embedding", pa.list_(pa.float32())))
-    table = pa.Table.from_pylist(rows, schema=pa.schema(fields))
+        if rows and isinstance(rows[0].get("embedding"), np.ndarray):
+            vectors = np.stack([row.pop("embedding") for row in rows]).astype(np.float32)
+    table = pa.Table.from_pylist(rows, schema=pa.schema(fields[:-1] if vectors is not None else fields))
+    if vectors is not None:
+        offsets = pa.array(np.arange(len(vectors) + 1, dtype=np.int32) * vectors.shape[1])
+        table = table.append_column(fields[-1], pa.ListArray.from_arrays(offsets, pa.array(vectors.reshape(-1))))
     with atomic_path(path) as tmp:
         pq.write_table(table, tmp)

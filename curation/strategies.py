@@ -136,10 +136,15 @@ class Items:
 
 
 def check_finite(values: np.ndarray, what: str, ids: np.ndarray | None) -> np.ndarray:
-    """Return `values`, or raise CurateError naming the first items whose values are NaN/inf."""
-    bad = ~np.isfinite(values)
-    if bad.ndim > 1:
-        bad = bad.any(axis=tuple(range(1, bad.ndim)))
+    """Return `values`, or raise CurateError naming the first items whose values are NaN/inf. (Checked in
+    blocks of rows: no boolean copy of a pool's whole embedding matrix.)"""
+    if values.ndim > 1:
+        bad = np.zeros(len(values), dtype=bool)
+        for r0 in range(0, len(values), 1 << 16):
+            block = values[r0 : r0 + (1 << 16)]
+            bad[r0 : r0 + len(block)] = ~np.isfinite(block).all(axis=tuple(range(1, values.ndim)))
+    else:
+        bad = ~np.isfinite(values)
     if bad.any():
         where = ""
         if ids is not None:

@@ -17,7 +17,7 @@ Protocol (fixed before the runs):
 - Steps pool, generate, score, rewards, select, each as `curate <step> -c <config> -q` in a process of its own
   (niced when this script is), one after the other. Measured per step: wall time of the process (interpreter
   start and imports included), the step's own time (its manifest's `seconds`), time per prompt (the step's own
-  time / N), and the process's peak RSS (`wait4` rusage: ru_maxrss). The load average is printed beside each row
+  time / N), and the process's peak RSS (its VmHWM, written at exit). The load average is printed beside each row
   (the machine is shared), and the CPU's features once.
 - Checks that the figures come from this run: the pool step's manifest counts equal the planted pool (N prompts
   kept, the planted exact and near duplicates removed), generate wrote 3·N completions, score N prompt rows, and
@@ -192,18 +192,32 @@ def loadavg() -> str:
     return " ".join(f"{x:.1f}" for x in os.getloadavg())
 
 
+# `curate <step>` with its own peak RSS written at exit: VmHWM of the process's own address space. (The wait4
+# rusage's ru_maxrss is not used: on Linux a child inherits the forking parent's high-water mark, so every step
+# would report at least this script's own memory, which holds the synthetic pool while it writes it.)
+LAUNCHER = """import atexit, os, runpy, sys
+def hwm():
+    with open('/proc/self/status') as fh:
+        kb = next(int(line.split()[1]) for line in fh if line.startswith('VmHWM'))
+    with open(os.environ['CURATE_BENCH_HWM'], 'w') as out:
+        out.write(str(kb))
+atexit.register(hwm)
+sys.argv = ['curate'] + sys.argv[1:]
+runpy.run_module('curation.cli', run_name='__main__')
+"""
+
+
 def run_step(step: str, config: Path, env: dict, log: Path) -> dict:
-    """One step in its own process: wall seconds and peak RSS (bytes) of that process (its `wait4` rusage)."""
+    """One step in its own process: wall seconds and peak RSS (bytes) of that process (its VmHWM)."""
+    hwm = log.with_suffix(".hwm")
     t0 = time.monotonic()
     with open(log, "w") as out:
-        proc = subprocess.Popen([sys.executable, "-m", "curation.cli", step, "-c", str(config), "-q"], cwd=ROOT,
-                                env=env, stdout=out, stderr=subprocess.STDOUT)
-        _, status, usage = os.wait4(proc.pid, 0)
-        proc.returncode = os.waitstatus_to_exitcode(status)
+        proc = subprocess.run([sys.executable, "-c", LAUNCHER, step, "-c", str(config), "-q"], cwd=ROOT,
+                              env={**env, "CURATE_BENCH_HWM": str(hwm)}, stdout=out, stderr=subprocess.STDOUT)
     wall = time.monotonic() - t0
     if proc.returncode != 0:
         raise SystemExit(f"curate {step} failed (exit {proc.returncode}):\n{log.read_text()[-3000:]}")
-    return {"wall": wall, "rss": usage.ru_maxrss * 1024}
+    return {"wall": wall, "rss": int(hwm.read_text()) * 1024}
 
 
 def cpu_line() -> str:
