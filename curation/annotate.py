@@ -84,7 +84,7 @@ from preference.argilla import (
     versioned,
 )
 from preference.plumbing.errors import CurateError, WaitingForReviewers
-from preference.plumbing.io import read_json, read_jsonl, read_rows, write_json, write_jsonl, write_rows
+from preference.plumbing.io import atomic_path, read_json, read_jsonl, read_rows, write_json, write_jsonl, write_rows
 from preference.questions import review_questions
 from preference.reliability import annotator_quality
 from preference.schema import AnnotationRecord, Completion, Prompt, Response, stable_id
@@ -443,13 +443,23 @@ def _fetch_dataset(client: ArgillaClient, name: str, workspace: str, ids: dict[s
     if ds is None:
         raise CurateError(f"Argilla dataset {name!r} (workspace {workspace!r}) is not on {client.url}; the push "
                           "went elsewhere or the dataset was deleted: rerun `curate push --force`")
-    raw = client.list_records(str(ds.id))
     users = client.users()
-    write_json(out / "raw" / f"argilla-{name}.json",  # the latest fetch (polls overwrite it; the server keeps all)
-               {"url": client.url, "dataset": name, "dataset_id": str(ds.id), "stage": stage,
-                "fetched_at": _stamp(), "users": users, "records": raw})
-    responses = responses_from_raw(raw, ids, users, f"argilla:{name}", questions=questions, stage=stage)
-    return [r for r in responses if r.record_id in ids]
+    responses: list[Response] = []
+    header = {"url": client.url, "dataset": name, "dataset_id": str(ds.id), "stage": stage, "fetched_at": _stamp(),
+              "users": users}
+    # the latest fetch (polls overwrite it; the server keeps all), one JSON document written page by page:
+    # memory holds one page of raw records, whatever the dataset's size
+    with atomic_path(out / "raw" / f"argilla-{name}.json") as tmp, open(tmp, "w") as fh:
+        fh.write(json.dumps(header, ensure_ascii=False)[:-1] + ', "records": [')
+        first = True
+        for page in client.iter_records(str(ds.id)):
+            for rec in page:
+                fh.write(("" if first else ",\n") + json.dumps(rec, ensure_ascii=False, default=str))
+                first = False
+            responses += [r for r in responses_from_raw(page, ids, users, f"argilla:{name}", questions=questions,
+                                                        stage=stage) if r.record_id in ids]
+        fh.write("]}\n")
+    return responses
 
 
 def _fetch_argilla(ann: AnnotationConfig, push_manifest: dict, records: list[AnnotationRecord], out: Path,

@@ -55,6 +55,7 @@ import json
 import logging
 import math
 import os
+import re
 import time
 import zlib
 from collections.abc import Callable, Iterator, Sequence
@@ -919,7 +920,9 @@ def _u(*parts) -> float:
 
 class DummyBackend(Backend):
     """No model: words are tokens, numbers come from hashes of (model name, position, token). Deterministic,
-    instantaneous, and different for different model names (so a dummy committee disagrees)."""
+    instantaneous, and different for different model names (so a dummy committee disagrees). Embeddings have 64
+    dimensions, or N for a model name ending in `-d<N>` (e.g. `dummy-d384`, all-MiniLM-L6-v2's width, for scale
+    benchmarks)."""
 
     kind = "dummy"
     loads_weights = False
@@ -931,15 +934,22 @@ class DummyBackend(Backend):
         self.max_model_len = self.settings.max_model_len or 4096
         self.eos_token_id = 0
         self._vocab: dict[int, str] = {0: ""}
+        self._word_ids: dict[str, int] = {}  # word → token id (memoized crc32)
+        found = re.search(r"-d(\d+)$", str(model))
+        self.dims = int(found.group(1)) if found else 64
+        self._buckets: dict[str, tuple[int, float]] = {}  # word → (embedding dimension, ±1) of the hashing trick
 
     def render_chat(self, messages):
         return prompt_text(messages) + "\n\nAssistant:"
 
     def encode(self, text):
+        known = self._word_ids
         ids = []
         for w in text.split():
-            i = 1 + zlib.crc32(w.encode()) % 1_000_003
-            self._vocab[i] = w
+            i = known.get(w)
+            if i is None:
+                i = known[w] = 1 + zlib.crc32(w.encode()) % 1_000_003
+                self._vocab[i] = w
             ids.append(i)
         return ids
 
@@ -968,20 +978,36 @@ class DummyBackend(Backend):
         return result
 
     def _loglikelihood(self, requests):
+        # _u(model, position, token), with the JSON text built directly (the same bytes as json.dumps: ints)
+        prefix = json.dumps([self.model])[:-1] + ", "
+        crc = zlib.crc32
         return [
-            [-0.1 - 5.0 * _u(self.model, len(ctx) + k, tok) for k, tok in enumerate(cont)] for ctx, cont in requests
+            [-0.1 - 5.0 * (crc(f"{prefix}{len(ctx) + k}, {tok}]".encode()) / 2**32) for k, tok in enumerate(cont)]
+            for ctx, cont in requests
         ]
 
+    def _bucket(self, word: str) -> tuple[int, float]:
+        found = self._buckets.get(word)
+        if found is None:
+            h = zlib.crc32(word.encode())
+            found = self._buckets[word] = (h % self.dims, 1.0 if (h >> 8) % 2 else -1.0)
+        return found
+
     def _embed(self, texts, max_tokens):
-        """Hashing-trick bag of words (64 dims), L2-normalized: texts sharing words get similar vectors."""
-        out = np.zeros((len(texts), 64), dtype=np.float32)
+        """Hashing-trick bag of words (`dims` dimensions), L2-normalized: texts sharing words get similar
+        vectors. One scatter-add for the whole batch."""
+        out = np.zeros((len(texts), self.dims), dtype=np.float32)
+        rows, cols, signs = [], [], []
         for i, t in enumerate(texts):
             for w in t.lower().split()[:max_tokens]:
-                h = zlib.crc32(w.encode())
-                out[i, h % 64] += 1.0 if (h >> 8) % 2 else -1.0
-            norm = np.linalg.norm(out[i])
-            if norm > 0:
-                out[i] /= norm
+                col, sign = self._bucket(w)
+                rows.append(i)
+                cols.append(col)
+                signs.append(sign)
+        np.add.at(out, (np.asarray(rows, dtype=np.int64), np.asarray(cols, dtype=np.int64)),
+                  np.asarray(signs, dtype=np.float32))
+        norms = np.linalg.norm(out, axis=1, keepdims=True)
+        np.divide(out, norms, out=out, where=norms > 0)
         return out
 
 

@@ -40,6 +40,8 @@ must then be on a filesystem every node sees). The output is identical to an uns
 
 from __future__ import annotations
 
+import json
+import shutil
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal
@@ -61,7 +63,7 @@ from curation.backends import (
 from curation.sharded import ShardingConfig, map_shards
 from preference.plumbing.config import config_hash, from_dict, to_dict
 from preference.plumbing.errors import CurateError
-from preference.plumbing.io import read_json, read_rows, write_json, write_jsonl, write_rows
+from preference.plumbing.io import read_json, read_rows, write_json, write_rows
 from preference.schema import Completion, Prompt, stable_id
 
 # model name → prompt metadata key of a known answer that joins the candidates (`include_references: true`):
@@ -164,69 +166,99 @@ def prepare_prompt(backend: Backend, prompt: Prompt, cfg: GenerationConfig) -> t
 
 
 def completion_row(prompt: Prompt, model: str, index: int, gen: Generation, params_key: str) -> dict:
-    entropy = gen.entropy if gen.entropy is not None else -gen.mean_logprob
-    return Completion(
-        id=Completion.make_id(prompt.id, model, index, params_key), prompt_id=prompt.id, model=model,
-        text=gen.text, sample_index=index, num_tokens=len(gen.token_ids), mean_logprob=gen.mean_logprob,
-        entropy=float(entropy), finish_reason=gen.finish_reason, seed=gen.seed,
-    ).to_row()
+    mean_logprob = gen.mean_logprob
+    entropy = gen.entropy if gen.entropy is not None else -mean_logprob
+    return {  # Completion(...).to_row(), without dataclasses.asdict's deep copy (a hot path at scale)
+        "id": Completion.make_id(prompt.id, model, index, params_key), "prompt_id": prompt.id, "model": model,
+        "text": gen.text, "sample_index": index, "num_tokens": len(gen.token_ids), "mean_logprob": mean_logprob,
+        "entropy": float(entropy), "finish_reason": gen.finish_reason, "seed": gen.seed,
+    }
 
 
 def _shard_path(parts: Path, kind: str, model: str, prompt_ids: list[str], params_key: str) -> Path:
     return parts / f"{kind}-{stable_id(model, prompt_ids, params_key, length=20)}.parquet"
 
 
+def generate_chunk(
+    backend: Backend, model: str, chunk: list[Prompt], cfg: GenerationConfig, parts: Path, cache: GenerationCache,
+    stats: dict, rejected: list[dict], references: bool = False,
+) -> tuple[list[dict], list[dict]]:
+    """(completion rows, reference rows) of one model for one shard of prompts. The shard's results are written
+    to `parts/` first, and a finished shard is read back instead of recomputed (resumable); with `references`,
+    the reference answers are scored by this model in the same backend call as the shard's generation
+    (`Backend.generate_and_score`: one context pass for both)."""
+    sampling = cfg.sampling
+    params_key = config_hash(sampling.key())
+    refs = reference_requests(backend, chunk) if references else []
+    ref_rows: list[dict] = []
+    ref_shard = _shard_path(parts, "ref", backend.fingerprint(), [f"{p.id}/{m}" for p, m, *_ in refs], params_key)
+    if refs and ref_shard.is_file():
+        ref_rows = read_rows(ref_shard)
+        refs = []
+    prepared = []
+    for p in chunk:
+        ids, reason = prepare_prompt(backend, p, cfg)
+        if ids is None:
+            rejected.append({"prompt_id": p.id, "model": model, "reason": reason})
+            stats[f"rejected_{reason}"] = stats.get(f"rejected_{reason}", 0) + 1
+            continue
+        if reason == "truncated":
+            stats["truncated"] = stats.get("truncated", 0) + 1
+        prepared.append((p, ids))
+    shard = _shard_path(parts, "gen", f"{backend.kind}:{backend.fingerprint()}", [p.id for p, _ in prepared],
+                        params_key)
+    done = shard.is_file()
+    keys = [] if done else [cache.key(backend, ids, sampling) for _, ids in prepared]
+    found = {k: g for k in keys if (g := cache.get(k)) is not None}
+    todo = [(k, ids) for k, (_, ids) in zip(keys, [] if done else prepared, strict=True) if k not in found]
+    generated, lls = backend.generate_and_score([ids for _, ids in todo], sampling, [r[3] for r in refs])
+    if refs:
+        write_rows(ref_shard, ref_rows := _reference_rows(refs, lls), schema=completion_schema())
+    if done:
+        stats["shards_reused"] = stats.get("shards_reused", 0) + 1
+        return read_rows(shard), ref_rows
+    for (k, _), gens in zip(todo, generated, strict=True):
+        cache.put(k, gens)
+        found[k] = gens
+    rows = [completion_row(p, model, i, g, params_key)
+            for (p, _), k in zip(prepared, keys, strict=True) for i, g in enumerate(found[k])]
+    write_rows(shard, rows, schema=completion_schema())
+    return rows, ref_rows
+
+
 def generate_for_model(
     backend: Backend, model: str, prompts: list[Prompt], cfg: GenerationConfig, parts: Path,
     cache: GenerationCache, bar, stats: dict, rejected: list[dict], references: bool = False,
 ) -> list[dict]:
-    """Completion rows of one model for all prompts, shard by shard (finished shards are reused); with
-    `references`, then the reference answers' rows scored by this model (`reference_requests`), computed in the
-    same backend call as each shard's generation (`Backend.generate_and_score`: one context pass for both)."""
-    sampling = cfg.sampling
-    params_key = config_hash(sampling.key())
+    """Completion rows of one model for all `prompts` (in memory), shard by shard (`generate_chunk`), then the
+    reference answers' rows."""
     rows: list[dict] = []
     ref_rows: list[dict] = []
     for start in range(0, len(prompts), cfg.batch_size):
         chunk = prompts[start : start + cfg.batch_size]
-        refs = reference_requests(backend, chunk) if references else []
-        ref_shard = _shard_path(parts, "ref", backend.fingerprint(), [f"{p.id}/{m}" for p, m, *_ in refs], params_key)
-        if refs and ref_shard.is_file():
-            ref_rows += read_rows(ref_shard)
-            refs = []
-        prepared = []
-        for p in chunk:
-            ids, reason = prepare_prompt(backend, p, cfg)
-            if ids is None:
-                rejected.append({"prompt_id": p.id, "model": model, "reason": reason})
-                stats[f"rejected_{reason}"] = stats.get(f"rejected_{reason}", 0) + 1
-                continue
-            if reason == "truncated":
-                stats["truncated"] = stats.get("truncated", 0) + 1
-            prepared.append((p, ids))
-        shard = _shard_path(parts, "gen", f"{backend.kind}:{backend.fingerprint()}", [p.id for p, _ in prepared],
-                            params_key)
-        done = shard.is_file()
-        keys = [] if done else [cache.key(backend, ids, sampling) for _, ids in prepared]
-        found = {k: g for k in keys if (g := cache.get(k)) is not None}
-        todo = [(k, ids) for k, (_, ids) in zip(keys, [] if done else prepared, strict=True) if k not in found]
-        generated, lls = backend.generate_and_score([ids for _, ids in todo], sampling, [r[3] for r in refs])
-        if refs:
-            write_rows(ref_shard, new_refs := _reference_rows(refs, lls))
-            ref_rows += new_refs
-        if done:
-            stats["shards_reused"] = stats.get("shards_reused", 0) + 1
-            rows += read_rows(shard)
-        else:
-            for (k, _), gens in zip(todo, generated, strict=True):
-                cache.put(k, gens)
-                found[k] = gens
-            shard_rows = [completion_row(p, model, i, g, params_key)
-                          for (p, _), k in zip(prepared, keys, strict=True) for i, g in enumerate(found[k])]
-            write_rows(shard, shard_rows)
-            rows += shard_rows
+        got, refs = generate_chunk(backend, model, chunk, cfg, parts, cache, stats, rejected, references)
+        rows += got
+        ref_rows += refs
         bar.update(len(chunk))
     return rows + ref_rows
+
+
+def completion_schema():
+    """Arrow schema of `generate/completions.parquet` (`Completion.to_row()`)."""
+    import pyarrow as pa
+
+    return pa.schema([("id", pa.string()), ("prompt_id", pa.string()), ("model", pa.string()), ("text", pa.string()),
+                      ("sample_index", pa.int64()), ("num_tokens", pa.int64()), ("mean_logprob", pa.float64()),
+                      ("entropy", pa.float64()), ("finish_reason", pa.string()), ("seed", pa.int64())])
+
+
+def by_prompt_order(chunk: list[Prompt], rows: list[dict]) -> list[dict]:
+    """`rows` of a shard grouped by prompt, in the shard's prompt order (a stable sort: per prompt, the models in
+    their order, each model's samples, then its references): every reader can stream completions by prompt."""
+    position = {p.id: i for i, p in enumerate(chunk)}
+    seen: set[str] = set()
+    unique = [row for row in rows if not (row["id"] in seen or seen.add(row["id"]))]  # an id's first row wins
+    return sorted(unique, key=lambda row: position[row["prompt_id"]])
 
 
 def reference_requests(backend: Backend, prompts: list[Prompt]) -> list[tuple[Prompt, str, str, tuple[list[int], list[int]]]]:
@@ -264,8 +296,9 @@ def generator_info(backend: Backend) -> dict:
 
 
 def run_generate(cfg, rnd, *, force: bool = False, progress: bool = True) -> dict:
-    """Round step `generate` (see the module docstring)."""
-    from curation.pool import load_prompts
+    """Round step `generate` (see the module docstring). Streams the pool in shards of `batch_size` prompts;
+    `completions.parquet` is written as it goes, grouped by prompt in pool order (bounded memory)."""
+    from curation.pool import count_prompts
 
     gen: GenerationConfig = cfg.generation
     pool = rnd.step("pool")
@@ -274,59 +307,49 @@ def run_generate(cfg, rnd, *, force: bool = False, progress: bool = True) -> dic
     if run is None:
         return rnd.step("generate").manifest()
     with run:
-        prompts = load_prompts(rnd)
+        n_prompts = count_prompts(rnd)
         run.extra["hardware"] = announce_hardware("generate", gen.backend)
         cache_root = (gen.cache_dir or default_cache_dir()) if gen.cache else None
-        cache = GenerationCache(Path(cache_root) if cache_root else None)
-        stats: dict[str, int] = {}
-        rejected: list[dict] = []
-        rows: list[dict] = []
+        stats: dict[str, int] = {"cache_hits": 0, "cache_misses": 0}
         generators: dict[str, dict] = {}
         timings: dict[str, dict[str, float]] = {}
-        if gen.sharding.backend == "none":
-            with tqdm(total=len(prompts) * len(gen.models), desc="generate", unit="prompt",
-                      disable=not progress) as bar:
-                for index, model in enumerate(gen.models):
-                    with load_backend(model, gen.backend) as backend:
-                        rows += generate_for_model(backend, model, prompts, gen, run.parts_dir, cache, bar, stats,
-                                                   rejected, references=gen.include_references and index == 0)
-                        generators[model] = generator_info(backend)
-                    timings[model] = backend.timings
-        else:
+        prompts_file = pool.file("prompts.parquet")
+        shards = shard_ranges(n_prompts, gen.sharding.num_shards if gen.sharding.backend != "none" else 1)
+        streams: list[list[dict]] = []  # per model: per shard, its stream file and its rows per chunk
+        with open(run.path / "rejected.jsonl", "w") as rejected_out:
             for index, model in enumerate(gen.models):
                 results = map_shards(
-                    generate_shard, [p.to_row() for p in prompts], gen.sharding, config=to_dict(gen), model=model,
-                    parts=str(run.parts_dir), cache_root=str(cache_root) if cache_root else None,
+                    generate_shard, shards, gen.sharding, config=to_dict(gen), model=model, model_index=index,
+                    prompts_file=str(prompts_file), parts=str(run.parts_dir),
+                    cache_root=str(cache_root) if cache_root else None,
                     references=gen.include_references and index == 0,
+                    progress=progress and gen.sharding.backend == "none",
                 )
+                streams.append(results)
                 for shard, result in enumerate(results):
-                    cache.hits += result["stats"].pop("cache_hits")
-                    cache.misses += result["stats"].pop("cache_misses")
-                    rows += result["rows"]
-                    rejected += result["rejected"]
                     generators[model] = result["generator"]
-                    timings[f"{model} (shard {shard})"] = result["timings"]
+                    label = model if len(results) == 1 else f"{model} (shard {shard})"
+                    timings[label] = result["timings"]
                     for key, value in result["stats"].items():
                         stats[key] = stats.get(key, 0) + value
+                    with open(result["rejected"]) as fh:
+                        shutil.copyfileobj(fh, rejected_out)
+        if gen.sharding.backend != "none":
             run.counts["shards"] = gen.sharding.num_shards
+        totals = merge_streams(streams, prompts_file, run.path / "completions.parquet", gen.batch_size)
         if gen.include_references:
-            for name in sorted({row["model"] for row in rows} & REFERENCE_KEYS.keys()):  # scored by the 1st generator
+            for name in sorted(set(totals["models"]) & REFERENCE_KEYS.keys()):  # scored by the 1st generator
                 generators[name] = generators[gen.models[0]]
-        unique: dict[str, dict] = {}
-        for row in rows:
-            unique.setdefault(row["id"], row)
-        rows = list(unique.values())
-        write_rows(run.path / "completions.parquet", rows)
-        write_jsonl(run.path / "rejected.jsonl", rejected)
+        cache_hits, cache_misses = stats.pop("cache_hits"), stats.pop("cache_misses")
         run.counts.update({
-            "prompts": len(prompts), "completions": len(rows), "models": len(gen.models),
-            "prompts_with_completions": len({r["prompt_id"] for r in rows}),
-            "references": sum(r["model"] in REFERENCE_KEYS for r in rows),
+            "prompts": n_prompts, "completions": totals["completions"], "models": len(gen.models),
+            "prompts_with_completions": totals["prompts"],
+            "references": sum(v for m, v in totals["models"].items() if m in REFERENCE_KEYS),
             "rejected_empty": 0, "rejected_too_long": 0, "truncated": 0, "shards_reused": 0,
-            **stats, "cache_hits": cache.hits, "cache_misses": cache.misses,
+            **stats, "cache_hits": cache_hits, "cache_misses": cache_misses,
         })
         for model in gen.models:
-            run.counts[f"completions::{model}"] = sum(r["model"] == model for r in rows)
+            run.counts[f"completions::{model}"] = totals["models"].get(model, 0)
         run.extra["generators"] = generators
         run.extra["timings"] = timings
         for name, spent in timings.items():
@@ -334,20 +357,118 @@ def run_generate(cfg, rnd, *, force: bool = False, progress: bool = True) -> dic
     return rnd.step("generate").manifest()
 
 
-def generate_shard(prompt_rows: list[dict], *, config: dict, model: str, parts: str, cache_root: str | None,
-                   references: bool) -> dict:
-    """One shard of `run_generate` (a Ray task): its own backend, the same resumable parts and cache."""
+def shard_ranges(n: int, num_shards: int) -> list[tuple[int, int]]:
+    """Contiguous, balanced [start, stop) row ranges of a pool of n prompts (`curation.sharded.split`'s bounds)."""
+    from curation.sharded import split
+
+    return [(s[0], s[-1] + 1) for s in split(range(n), num_shards)] if n else []
+
+
+def generate_shard(ranges: list[tuple[int, int]], *, config: dict, model: str, model_index: int, prompts_file: str,
+                   parts: str, cache_root: str | None, references: bool, progress: bool = False) -> dict:
+    """One model over rows [start, stop) of the pool (one shard; locally the whole pool, or a Ray task reading its
+    rows from shared storage): its own backend, the resumable parts and the cache. The rows go to a stream file
+    in `parts` (per shard of `batch_size` prompts: the model's samples, then its references), the rejected prompts
+    to a jsonl beside it; what comes back is small (paths, rows per chunk, counts)."""
+    from preference.plumbing.io import RowWriter, iter_row_range
+
     gen = from_dict(GenerationConfig, config)
-    prompts = [Prompt.from_row(r) for r in prompt_rows]
+    ((start, stop),) = ranges
     cache = GenerationCache(Path(cache_root) if cache_root else None)
     stats: dict[str, int] = {}
     rejected: list[dict] = []
-    with tqdm(total=len(prompts), disable=True) as bar, load_backend(model, gen.backend) as backend:
-        rows = generate_for_model(backend, model, prompts, gen, Path(parts), cache, bar, stats, rejected,
-                                  references=references)
+    parts_dir = Path(parts)
+    stream = parts_dir / f"stream-m{model_index}-{start}-{stop}.parquet"
+    rejected_file = parts_dir / f"rejected-m{model_index}-{start}-{stop}.jsonl"
+    chunk_rows: list[int] = []
+    with (tqdm(total=stop - start, desc="generate", unit="prompt", disable=not progress) as bar,
+          load_backend(model, gen.backend) as backend, RowWriter(stream, completion_schema()) as out,
+          open(rejected_file, "w") as rejected_out):
+        for table in iter_row_range(prompts_file, start, stop, gen.batch_size):
+            chunk = [Prompt.from_row(r) for r in table.to_pylist()]
+            rows, refs = generate_chunk(backend, model, chunk, gen, parts_dir, cache, stats, rejected,
+                                        references=references)
+            out.write(by_prompt_order(chunk, rows + refs))
+            chunk_rows.append(len(rows) + len(refs))
+            for r in rejected:
+                rejected_out.write(json.dumps(r) + "\n")
+            rejected.clear()
+            bar.update(len(chunk))
         generator = generator_info(backend)
     stats["cache_hits"], stats["cache_misses"] = cache.hits, cache.misses
-    return {"rows": rows, "stats": stats, "rejected": rejected, "generator": generator, "timings": backend.timings}
+    return {"range": [start, stop], "stream": str(stream), "chunk_rows": chunk_rows, "stats": stats, "rejected": str(rejected_file),
+            "generator": generator, "timings": backend.timings}
+
+
+def merge_streams(streams: list[list[dict]], prompts_file: Path, out_path: Path, batch_size: int) -> dict:
+    """The models' stream files → `completions.parquet`, grouped by prompt in pool order (per prompt: the models
+    in config order, each with its samples then its references), one shard of prompts at a time (Arrow, bounded
+    memory). Returns {"completions", "prompts" (with at least one completion), "models": {model: rows}}."""
+    import pyarrow as pa
+    import pyarrow.compute as pc
+
+    from preference.plumbing.io import RowWriter, iter_row_range
+
+    totals: dict = {"completions": 0, "prompts": 0, "models": {}}
+    readers = [_ChunkReader(results) for results in streams]
+    ranges = [tuple(r["range"]) for r in streams[0]] if streams else []
+    with RowWriter(out_path, completion_schema()) as out:
+        for batch in (b for start, stop in ranges for b in iter_row_range(prompts_file, start, stop, batch_size)):
+            # the same chunks as the generation shards: `batch_size` prompts from each shard's start
+            pieces = [r.next_chunk() for r in readers]
+            table = pa.concat_tables(pieces) if pieces else None
+            if table is None or not table.num_rows:
+                continue
+            position = pc.index_in(table.column("prompt_id"), value_set=batch.column("id"))
+            table = table.take(pc.sort_indices(pa.table({"p": position, "i": pa.array(range(table.num_rows))}),
+                                               sort_keys=[("p", "ascending"), ("i", "ascending")]))
+            out.write_table(table)
+            totals["completions"] += table.num_rows
+            totals["prompts"] += len(pc.unique(table.column("prompt_id")))
+            for model, count in zip(*[c.to_pylist() for c in
+                                      pc.value_counts(table.column("model")).flatten()], strict=True):
+                totals["models"][model] = totals["models"].get(model, 0) + count
+    for results in streams:
+        for result in results:
+            Path(result["stream"]).unlink(missing_ok=True)
+            Path(result["rejected"]).unlink(missing_ok=True)
+    return totals
+
+
+class _ChunkReader:
+    """Reads a model's shard stream files chunk by chunk (the rows each generation shard wrote)."""
+
+    def __init__(self, results: list[dict]):
+        self.results = results
+        self.shard = -1
+        self.chunk = 0
+        self.batches = iter(())
+        self.buffer = None
+
+    def _advance(self):
+        from preference.plumbing.io import iter_batches
+
+        while self.shard < 0 or self.chunk >= len(self.results[self.shard]["chunk_rows"]):
+            self.shard += 1
+            self.chunk = 0
+            self.batches = iter(iter_batches(self.results[self.shard]["stream"]))
+            self.buffer = None
+
+    def next_chunk(self):
+        import pyarrow as pa
+
+        self._advance()
+        want = self.results[self.shard]["chunk_rows"][self.chunk]
+        self.chunk += 1
+        pieces, have = [], 0
+        while have < want:
+            if self.buffer is None or not self.buffer.num_rows:
+                self.buffer = pa.Table.from_batches([next(self.batches)])
+            take = min(want - have, self.buffer.num_rows)
+            pieces.append(self.buffer.slice(0, take))
+            self.buffer = self.buffer.slice(take)
+            have += take
+        return pa.concat_tables(pieces) if pieces else pa.Table.from_pylist([], schema=completion_schema())
 
 
 def load_completions(rnd) -> list[Completion]:

@@ -206,30 +206,44 @@ def version_rewards(cfg, version: str, conversations: list[list[dict]]) -> list[
 
 
 def _score_round(cfg, rnd, run, champion: tuple[str, Path, Path], *, progress: bool) -> None:
-    from curation.pool import load_prompts
-    from preference.schema import Completion
+    """The champion's rewards of every completion, streamed by chunks of prompts (`score.prompt_groups`: bounded
+    memory) into the output file."""
+    from curation.score import prompt_groups
+    from preference.plumbing.io import RowWriter, count_rows
 
     version, root, folder = champion
-    prompts = {p.id: p for p in load_prompts(rnd)}
-    completions = [Completion.from_row(r) for r in read_rows(rnd.step("generate").file("completions.parquet"))]
-    missing = [c.prompt_id for c in completions if c.prompt_id not in prompts]
-    if missing:
-        raise CurateError(f"round {rnd.number}: completions of prompt {missing[0]!r}, which is not in the pool; the "
-                          "generate step is stale: rerun `curate generate --force`")
-    conversations = [[*prompts[c.prompt_id].messages, {"role": "assistant", "content": c.text}] for c in completions]
+    prompts_file = rnd.step("pool").file("prompts.parquet")
+    completions_file = rnd.step("generate").file("completions.parquet")
     model, cache, hardware = _champion_scorer(cfg, folder)
-    rewards, computed = score_completions(model, conversations, cache, progress=progress)
-    rows = []
-    for j, c in enumerate(completions):
-        row = {"completion_id": c.id, "prompt_id": c.prompt_id, "reward_mean": float(rewards[:, j].mean()),
-               "reward_std": float(rewards[:, j].std())}
-        row.update({f"reward::{k}": float(rewards[k, j]) for k in range(len(rewards))})
-        rows.append(row)
-    write_rows(run.path / OUTPUT, rows, schema=schema(len(rewards)))
-    run.extra["reward_model"] = {"version": version, "registry": str(root), "members": len(rewards)}
+    members = len(model.members)
+    written = computed = 0
+    bar = tqdm(total=count_rows(completions_file), disable=not progress, desc="rewards (champion)", unit="answer")
+    try:
+        with RowWriter(run.path / OUTPUT, schema(members)) as out:
+            for prompts, completions in prompt_groups(prompts_file, completions_file):
+                conversations = [[*prompts[c.prompt_id].messages, {"role": "assistant", "content": c.text}]
+                                 for c in completions]
+                rewards, fresh = score_completions(model, conversations, cache, progress=False)
+                computed += fresh
+                rows = []
+                for j, c in enumerate(completions):
+                    row = {"completion_id": c.id, "prompt_id": c.prompt_id, "reward_mean": float(rewards[:, j].mean()),
+                           "reward_std": float(rewards[:, j].std())}
+                    row.update({f"reward::{k}": float(rewards[k, j]) for k in range(len(rewards))})
+                    rows.append(row)
+                out.write(rows)
+                written += len(rows)
+                bar.update(len(rows))
+    except CurateError as exc:
+        if "not in the pool" in str(exc):
+            raise CurateError(f"round {rnd.number}: {exc}; the generate step is stale") from exc
+        raise
+    finally:
+        bar.close()
+    run.extra["reward_model"] = {"version": version, "registry": str(root), "members": members}
     run.extra["reward_cache"] = {"model_sha256": cache.identity, "path": str(cache.path)}
     run.extra["hardware"] = hardware
-    run.counts.update(completions=len(rows), computed=computed, cached=len(rows) - computed)
+    run.counts.update(completions=written, computed=computed, cached=written - computed)
 
 
 class _LazyModel:

@@ -80,7 +80,6 @@ from pathlib import Path
 
 import numpy as np
 import pyarrow as pa
-import pyarrow.parquet as pq
 from tqdm.auto import tqdm
 
 from curation.backends import (
@@ -96,7 +95,16 @@ from curation.backends import (
 from curation.sharded import ShardingConfig, map_shards
 from preference.plumbing.config import from_dict, to_dict
 from preference.plumbing.errors import CurateError
-from preference.plumbing.io import atomic_path, build_once, read_rows, write_json, write_rows
+from preference.plumbing.io import (
+    RowWriter,
+    atomic_path,
+    build_once,
+    count_rows,
+    iter_batches,
+    read_rows,
+    write_json,
+    write_rows,
+)
 from preference.schema import Completion, Prompt, stable_id
 
 DEFAULT_COMMITTEE = ["smollm2-135m-instruct", "smollm2-135m-instruct:system=cautious"]
@@ -480,20 +488,36 @@ class _Plan:
         return sum(len(v) for v in self.todo.values()) + len(self.texts)
 
 
-def plan_scoring(sc: ScoringConfig, members: list[Member], prompts: dict[str, Prompt], completions: list[Completion],
-                 generators: dict[str, dict], stack: contextlib.ExitStack, registry_root: Path | None) -> list[_Plan]:
-    """Group the active members by weights (one backend each), and decide what each backend computes."""
-    active = [m for m in members if m.model is not None]
-    embed_model = embedding_weights(sc, members, registry_root)
+def plan_groups(sc: ScoringConfig, members: list[Member], registry_root: Path | None) -> list[tuple[str, list]]:
+    """(model, its members) per backend the scoring runs: the active members grouped by weights, then the embedding
+    model (with no members when it is not a committee member's weights)."""
     groups: dict[str, list[Member]] = {}
-    for m in active:
-        groups.setdefault(m.model, []).append(m)
-    groups.setdefault(embed_model, [])
+    for m in members:
+        if m.model is not None:
+            groups.setdefault(m.model, []).append(m)
+    groups.setdefault(embedding_weights(sc, members, registry_root), [])
+    return list(groups.items())
+
+
+def plan_scoring(sc: ScoringConfig, members: list[Member], prompts: dict[str, Prompt], completions: list[Completion],
+                 generators: dict[str, dict], stack: contextlib.ExitStack, registry_root: Path | None,
+                 backends: dict[str, Backend] | None = None, only: int | None = None) -> list[_Plan]:
+    """Group the active members by weights (one backend each), and decide what each backend computes.
+    `backends`: backends already opened by model (reused, and new ones added: one backend per model across the
+    chunks of a streamed round); `only=i`: the i-th backend's plan alone."""
+    embed_model = embedding_weights(sc, members, registry_root)
     plans = []
-    for model, group in groups.items():
+    for index, (model, group) in enumerate(plan_groups(sc, members, registry_root)):
+        if only is not None and index != only:
+            continue
         # a model only embedding may be a sentence embedder (its own backend); members run on the section's
         settings = sc.backend if group else embedding_settings(model, sc.backend)
-        backend = stack.enter_context(load_backend(model, settings))
+        if backends is not None and model in backends:
+            backend = backends[model]
+        else:
+            backend = stack.enter_context(load_backend(model, settings))
+            if backends is not None:
+                backends[model] = backend
         embeds = model == embed_model
         todo: dict[str, list[Item]] = {}
         same_as: dict[str, dict[str, tuple]] = {}
@@ -519,19 +543,24 @@ def plan_scoring(sc: ScoringConfig, members: list[Member], prompts: dict[str, Pr
 
 def score_prompts(
     sc: ScoringConfig, members: list[Member], prompts: dict[str, Prompt], completions: list[Completion], parts: Path,
-    generators: dict[str, dict], registry_root: Path | None = None, bar=None,
+    generators: dict[str, dict], registry_root: Path | None = None, bar=None, *,
+    backends: dict[str, Backend] | None = None, stack: contextlib.ExitStack | None = None,
+    only: int | None = None,
 ) -> dict:
     """Log-likelihoods under every active member, and embeddings, for these prompts and completions.
 
     Returns {"lls": {member: {item: (sum, n)}}, "embeddings": {item: vector}, "truncated": int,
-    "reused": {member: count}, "timings": {model: {phase: seconds}}}."""
+    "reused": {member: count}, "timings": {model: {phase: seconds}}}. With `backends` (and the `stack` that closes
+    them) the backends stay open for the next chunk of a streamed round, and `only=i` computes the i-th backend's
+    work alone (the round streams model by model, so one engine runs at a time)."""
     lls: dict[str, dict[str, tuple[float, int]]] = {}
     emb: dict[str, np.ndarray] = {}
     truncated = 0
     timings: dict[str, dict[str, float]] = {}
-    with contextlib.ExitStack() as stack:
-        plans = plan_scoring(sc, members, prompts, completions, generators, stack, registry_root)
-        if bar is not None:
+    with contextlib.ExitStack() as own:
+        plans = plan_scoring(sc, members, prompts, completions, generators, stack or own, registry_root, backends,
+                             only)
+        if bar is not None and backends is None:
             bar.reset(total=sum(p.size for p in plans))
         for plan in plans:
             computed: dict[tuple, tuple[float, int]] = {}  # (ctx, cont) → result, shared by the plan's members
@@ -547,7 +576,8 @@ def score_prompts(
                 emb.update({i: computed_emb[k] for i, k in keys.items() if k in computed_emb})
             if plan.texts:
                 emb.update(embed_texts(plan.backend, plan.texts, parts, sc.batch_size, bar, sc.embed_max_tokens))
-            plan.backend.close()
+            if backends is None:
+                plan.backend.close()
             label = ", ".join(m.name for m in plan.members) or "embeddings"
             timings[f"{Path(plan.backend.model).name} ({label})"] = plan.backend.timings
     reused = {m: len(r) for plan in plans for m, r in plan.reused.items()}
@@ -580,21 +610,13 @@ def _nanmean(values) -> float:
     return float(arr.mean()) if arr.size else float("nan")
 
 
-def _write_with_embeddings(path: Path, rows: list[dict]) -> None:
-    """Parquet with `embedding` stored as list<float32>."""
-    table = pa.Table.from_pylist(rows)
-    idx = table.schema.get_field_index("embedding")
-    table = table.set_column(idx, pa.field("embedding", pa.list_(pa.float32())),
-                             table.column(idx).cast(pa.list_(pa.float32())))
-    with atomic_path(path) as tmp:
-        pq.write_table(table, tmp)
-
-
 def compute_scores(
     prompts: dict[str, Prompt], completions: list[Completion], members: list[str],
-    lls: dict[str, dict[str, tuple[float, int]]], emb: dict[str, np.ndarray],
+    lls: dict[str, dict[str, tuple[float, int]]], emb: dict[str, np.ndarray], *, as_arrays: bool = False,
 ) -> tuple[list[dict], list[dict]]:
-    """Completion rows and prompt rows from per-member log-likelihoods and embeddings."""
+    """Completion rows and prompt rows from per-member log-likelihoods and embeddings (`embedding` as a list, or
+    with `as_arrays` the numpy vector, which `_table_with_embeddings` stores without a Python float per value)."""
+    vector = (lambda v: v) if as_arrays else (lambda v: v.tolist())
     def mean_lp(member: str, key: str) -> float:
         s, n = lls[member][key]
         return s / n if n else float("nan")
@@ -609,7 +631,7 @@ def compute_scores(
         for j, m in enumerate(members):
             row[f"ppl::{m}"] = float(math.exp(-lp_matrix[i, j]))
         row["committee_std"] = float(lp_matrix[i].std())
-        row["embedding"] = emb[f"c/{c.id}"].tolist()
+        row["embedding"] = vector(emb[f"c/{c.id}"])
         comp_rows.append(row)
         by_prompt[c.prompt_id].append(i)
     prompt_rows = []
@@ -627,15 +649,18 @@ def compute_scores(
             "committee_range": float((lp.max(axis=1) - lp.min(axis=1)).mean()),
             "vote_entropy": vote_entropy(lp.T),
             "semantic_spread": semantic_spread(np.stack([emb[f"c/{completions[i].id}"] for i in idx])),
-            "embedding": emb[f"p/{pid}"].tolist(),
+            "embedding": vector(emb[f"p/{pid}"]),
         })
     return comp_rows, prompt_rows
 
 
 # --------------------------------------------------------------------------------------------------- step
+CHUNK_PROMPTS = 2048  # prompts (with their completions) scored together: the unit a round streams through
+
+
 def score_shard(work: list[tuple[dict, list[dict]]], *, config: dict, members: list[dict], parts: str,
                 generators: dict[str, dict]) -> dict:
-    """One shard of `run_score` (a Ray task): (prompt row, its completion rows) items, plain values back."""
+    """(prompt row, its completion rows) items → plain values (the in-memory form of one shard's scores)."""
     sc = from_dict(ScoringConfig, config)
     prompts = {row["id"]: Prompt.from_row(row) for row, _ in work}
     completions = [Completion.from_row(c) for _, rows in work for c in rows]
@@ -644,10 +669,229 @@ def score_shard(work: list[tuple[dict, list[dict]]], *, config: dict, members: l
             "embeddings": {k: v.tolist() for k, v in out["embeddings"].items()}}
 
 
+def prompt_groups(prompts_file: Path, completions_file: Path, *, comp_range: tuple[int, int] | None = None,
+                  pool_range: tuple[int, int] | None = None, chunk: int = CHUNK_PROMPTS):
+    """Chunks of about `chunk` prompts with their completions, streamed: ({prompt id: Prompt}, [Completion]) in
+    pool order. `completions.parquet` is grouped by prompt in pool order (the generate step writes it so); the
+    pool is merge-joined along it. Raises CurateError for a completion whose prompt is not in the pool."""
+    from preference.plumbing.io import iter_row_range
+
+    def pool_rows():
+        lo, hi = pool_range or (0, count_rows(prompts_file))
+        for table in iter_row_range(prompts_file, lo, hi):
+            yield from table.to_pylist()
+
+    def comp_rows():
+        lo, hi = comp_range or (0, count_rows(completions_file))
+        for table in iter_row_range(completions_file, lo, hi):
+            yield from table.to_pylist()
+
+    pool = pool_rows()
+    prompts: dict[str, Prompt] = {}
+    comps: list[Completion] = []
+    current = None
+    for row in comp_rows():
+        pid = row["prompt_id"]
+        if pid != current:
+            if pid in prompts:
+                raise CurateError(f"generate/completions.parquet is not grouped by prompt (prompt {pid} comes back "
+                                  "after another prompt's completions); redo `curate generate --force`")
+            if len(prompts) >= chunk:
+                yield prompts, comps
+                prompts, comps = {}, []
+            for prow in pool:
+                if prow["id"] == pid:
+                    prompts[pid] = Prompt.from_row(prow)
+                    break
+            else:
+                raise CurateError(f"completions point at prompts not in the pool (e.g. {pid}); redo "
+                                  "`curate generate --force`")
+            current = pid
+        comps.append(Completion.from_row(row))
+    if prompts:
+        yield prompts, comps
+
+
+def _in_memory_groups(prompts_file: Path, completions_file: Path, chunk: int = CHUNK_PROMPTS):
+    """`prompt_groups` for a completions file of an earlier version (not grouped by prompt): read whole."""
+    completions = [Completion.from_row(r) for r in read_rows(completions_file)]
+    all_prompts = {row["id"]: Prompt.from_row(row) for row in read_rows(prompts_file)}
+    missing = sorted({c.prompt_id for c in completions} - set(all_prompts))
+    if missing:
+        raise CurateError(f"{len(missing)} completions point at prompts not in the pool (e.g. {missing[0]}); "
+                          "redo `curate generate --force`")
+    by_prompt: dict[str, list[Completion]] = defaultdict(list)
+    for c in completions:
+        by_prompt[c.prompt_id].append(c)
+    order = list(by_prompt)
+    for start in range(0, len(order), chunk):
+        ids = order[start : start + chunk]
+        yield {pid: all_prompts[pid] for pid in ids}, [c for pid in ids for c in by_prompt[pid]]
+
+
+def _table_with_embeddings(rows: list[dict], raw=None) -> pa.Table:
+    """Rows (`embedding`: numpy vectors) → an Arrow table with `embedding` stored as list<float32>; the vectors are
+    also appended to the open binary file `raw` (float32, row-major: the `.f32` beside the parquet)."""
+    vectors = [row.pop("embedding") for row in rows]
+    table = pa.Table.from_pylist(rows)
+    flat = np.concatenate([np.asarray(v, dtype=np.float32).reshape(-1) for v in vectors]) if vectors else \
+        np.zeros(0, np.float32)
+    if raw is not None:
+        raw.write(flat.tobytes())
+    offsets = np.concatenate([[0], np.cumsum([np.size(v) for v in vectors])]).astype(np.int32)
+    return table.append_column(pa.field("embedding", pa.list_(pa.float32())),
+                               pa.ListArray.from_arrays(pa.array(offsets), pa.array(flat, type=pa.float32())))
+
+
+EMBEDDING_FILES = {"completion_scores.parquet": "completion_embeddings.f32",
+                   "prompt_scores.parquet": "prompt_embeddings.f32"}
+
+
+def embedding_file(step, parquet_name: str) -> tuple[Path, int, int] | None:
+    """(path, rows, dims) of the raw float32 copy of a finished score step's `embedding` column (same rows, same
+    order; the manifest's `embedding_files`), for memory-mapped reads; None when the step has none (an earlier
+    version)."""
+    info = (step.manifest().get("embedding_files") or {}).get(parquet_name)
+    if not info:
+        return None
+    path = step.path / info["file"]
+    return (path, int(info["rows"]), int(info["dims"])) if path.is_file() else None
+
+
+def memmap_embeddings(step, parquet_name: str) -> np.ndarray | None:
+    """The score step's embeddings of `parquet_name` as a read-only memory map (no parse, pages read on use)."""
+    found = embedding_file(step, parquet_name)
+    if found is None:
+        return None
+    path, rows, dims = found
+    if rows == 0 or dims == 0:
+        return np.zeros((rows, dims), dtype=np.float32)
+    return np.memmap(path, dtype=np.float32, mode="r", shape=(rows, dims))
+
+
+def score_range(ranges: list[dict], *, config: dict, members: list[dict], parts: str, generators: dict[str, dict],
+                registry_root: str | None, prompts_file: str, completions_file: str, out_dir: str,
+                progress: bool = False) -> dict:
+    """Score one shard of the round (locally: the whole round; on Ray: a task reading its rows from shared
+    storage) chunk by chunk, model by model: every backend but the last computes its requests for all chunks
+    first (its results go to `parts/`, and one engine runs at a time), then one pass computes the last backend's
+    and reads the others' from `parts/`, chunk by chunk, into this shard's two output files. What comes back is
+    small (file paths and counts)."""
+    sc = from_dict(ScoringConfig, config)
+    ((shard,),) = (ranges,)
+    resolved = [Member(**m) for m in members]
+    names = [m.name for m in resolved if m.model is not None]
+    parts_dir, out = Path(parts), Path(out_dir)
+    registry = Path(registry_root) if registry_root else None
+
+    def groups():
+        if shard.get("in_memory"):
+            return _in_memory_groups(Path(prompts_file), Path(completions_file))
+        return prompt_groups(Path(prompts_file), Path(completions_file), comp_range=tuple(shard["completions"]),
+                             pool_range=tuple(shard["prompts"]))
+
+    reused: dict[str, int] = {}
+    truncated = 0
+    files = {"completions": out / f"completion_scores-{shard['index']}.parquet",
+             "prompts": out / f"prompt_scores-{shard['index']}.parquet"}
+    counts = {"completions": 0, "prompts": 0}
+    with contextlib.ExitStack() as stack:
+        backends: dict[str, Backend] = {}
+        first = next(iter(groups()), None)
+        n_plans = len(plan_groups(sc, resolved, registry)) if first else 0
+        bar = stack.enter_context(tqdm(total=shard["n_prompts"] * max(1, n_plans), desc="score", unit="prompt",
+                                       disable=not progress))
+        for index in range(n_plans - 1):  # earlier backends: compute everything into parts/, then close
+            for prompts, comps in groups():
+                score_prompts(sc, resolved, prompts, comps, parts_dir, generators, registry, backends=backends,
+                              stack=stack, only=index)
+                bar.update(len(prompts))
+            backends[plan_groups(sc, resolved, registry)[index][0]].close()
+        comp_out = stack.enter_context(RowWriter(files["completions"]))
+        prompt_out = stack.enter_context(RowWriter(files["prompts"]))
+        comp_raw = stack.enter_context(open(files["completions"].with_suffix(".f32"), "wb"))
+        prompt_raw = stack.enter_context(open(files["prompts"].with_suffix(".f32"), "wb"))
+        for prompts, comps in groups() if first else ():
+            got = score_prompts(sc, resolved, prompts, comps, parts_dir, generators, registry, backends=backends,
+                                stack=stack)
+            truncated += got["truncated"]
+            for name, count in got["reused"].items():
+                reused[name] = reused.get(name, 0) + count
+            comp_rows, prompt_rows = compute_scores(prompts, comps, names, got["lls"], got["embeddings"],
+                                                     as_arrays=True)
+            if comp_rows:
+                comp_out.write_table(_table_with_embeddings(comp_rows, comp_raw))
+                prompt_out.write_table(_table_with_embeddings(prompt_rows, prompt_raw))
+            counts["completions"] += len(comp_rows)
+            counts["prompts"] += len(prompt_rows)
+            bar.update(len(prompts))
+        timings = {}
+        for model, group in plan_groups(sc, resolved, registry) if first else ():
+            label = ", ".join(m.name for m in group) or "embeddings"
+            timings[f"{Path(backends[model].model).name} ({label})"] = dict(backends[model].timings)
+            backends[model].close()
+    return {"files": {k: str(v) for k, v in files.items()}, "counts": counts, "truncated": truncated,
+            "reused": reused, "timings": timings}
+
+
+def score_shards(completions_file: Path, prompts_file: Path, num_shards: int) -> list[dict]:
+    """Split the round into `num_shards` ranges of whole prompt groups: each range's completion rows and pool rows
+    (one pass over the two files' id columns). A completions file that is not grouped by prompt (written by an
+    earlier version) is one in-memory shard."""
+    import pyarrow.compute as pc
+
+    from preference.plumbing.io import iter_batches
+
+    n_comp = count_rows(completions_file)
+    if not n_comp:
+        return []
+    starts, pids = [], []  # first completion row of each prompt group, and its prompt id
+    seen: set[str] = set()
+    offset, last = 0, None
+    for batch in iter_batches(completions_file, columns=["prompt_id"]):
+        col = batch.column(0)
+        values = col.to_pylist()
+        change = np.flatnonzero(np.asarray(pc.not_equal(col.slice(1), col.slice(0, len(col) - 1))
+                                           .to_numpy(zero_copy_only=False))) + 1 if len(col) > 1 else np.zeros(0, int)
+        firsts = ([0] if values[0] != last else []) + change.tolist()
+        for i in firsts:
+            if values[i] in seen:
+                return [{"index": 0, "in_memory": True, "n_prompts": len(seen)}]
+            seen.add(values[i])
+            starts.append(offset + i)
+            pids.append(values[i])
+        last = values[-1]
+        offset += len(values)
+    del seen
+    # pool row of each group's prompt (the pool is in the same order)
+    pool_rows = []
+    want = iter(pids)
+    target = next(want, None)
+    offset = 0
+    for batch in iter_batches(prompts_file, columns=["id"]):
+        for i, pid in enumerate(batch.column(0).to_pylist(), offset):
+            if pid == target:
+                pool_rows.append(i)
+                target = next(want, None)
+        offset += batch.num_rows
+    if len(pool_rows) != len(pids):
+        raise CurateError(f"completions point at prompts not in the pool (e.g. {pids[len(pool_rows)]}); redo "
+                          "`curate generate --force`")
+    n = len(pids)
+    bounds = [round(i * n / num_shards) for i in range(num_shards + 1)]
+    shards = []
+    for index, (a, b) in enumerate(zip(bounds, bounds[1:], strict=False)):
+        if b > a:
+            shards.append({"index": index, "n_prompts": b - a,
+                           "completions": [starts[a], starts[b] if b < n else n_comp],
+                           "prompts": [pool_rows[a], pool_rows[b - 1] + 1]})
+    return shards
+
+
 def run_score(cfg, rnd, *, force: bool = False, progress: bool = True) -> dict:
-    """Round step `score` (see the module docstring)."""
-    from curation.generate import load_completions
-    from curation.pool import load_prompts
+    """Round step `score` (see the module docstring). Streams the round in chunks of prompts with their
+    completions (bounded memory); with `sharding: {backend: ray}` each shard is scored on a worker, which writes
+    its output files to the step's folder (shared storage), and the step concatenates them."""
     from training.registry import registry_root
 
     sc: ScoringConfig = cfg.scoring
@@ -657,57 +901,64 @@ def run_score(cfg, rnd, *, force: bool = False, progress: bool = True) -> dict:
         return rnd.step("score").manifest()
     with run:
         run.extra["hardware"] = announce_hardware("score", sc.backend)
-        completions = load_completions(rnd)
         generators = rnd.step("generate").manifest().get("generators") or {}
-        all_prompts = {p.id: p for p in load_prompts(rnd)}
-        missing = sorted({c.prompt_id for c in completions} - set(all_prompts))
-        if missing:
-            raise CurateError(f"{len(missing)} completions point at prompts not in the pool (e.g. {missing[0]}); "
-                              "redo `curate generate --force`")
-        prompts = {pid: all_prompts[pid] for pid in dict.fromkeys(c.prompt_id for c in completions)}
+        prompts_file = rnd.step("pool").file("prompts.parquet")
+        completions_file = rnd.step("generate").file("completions.parquet")
         registry = registry_root(cfg)
         members = resolve_committee(sc, registry)
         for m in members:
             if m.note:
                 print(f"score: {m.note}", flush=True)
         names = [m.name for m in members if m.model is not None]
-        if sc.sharding.backend == "none":
-            with tqdm(total=0, desc="score", unit="item", disable=not progress) as bar:
-                out = score_prompts(sc, members, prompts, completions, run.parts_dir, generators, registry, bar)
-        else:
-            by_prompt: dict[str, list[dict]] = defaultdict(list)
-            for c in completions:
-                by_prompt[c.prompt_id].append(c.to_row())
-            work = [(p.to_row(), by_prompt[pid]) for pid, p in prompts.items()]
-            out = {"lls": {name: {} for name in names}, "embeddings": {}, "truncated": 0, "reused": {}, "timings": {}}
-            results = map_shards(score_shard, work, sc.sharding, config=to_dict(sc), parts=str(run.parts_dir),
-                                 members=[asdict(m) for m in members], generators=generators)
-            for shard, result in enumerate(results):
-                for name, part in result["lls"].items():
-                    out["lls"][name].update({k: (v[0], int(v[1])) for k, v in part.items()})
-                out["embeddings"].update({k: np.asarray(v, dtype=np.float32) for k, v in result["embeddings"].items()})
-                out["truncated"] += result["truncated"]
-                for name, count in result["reused"].items():
-                    out["reused"][name] = out["reused"].get(name, 0) + count
-                out["timings"].update({f"{k} (shard {shard})": v for k, v in result["timings"].items()})
+        sharded = sc.sharding.backend != "none"
+        shards = score_shards(completions_file, prompts_file, sc.sharding.num_shards if sharded else 1)
+        out_dir = run.parts_dir / "out"
+        out_dir.mkdir(parents=True, exist_ok=True)
+        results = map_shards(score_range, shards, sc.sharding, config=to_dict(sc), parts=str(run.parts_dir),
+                             members=[asdict(m) for m in members], generators=generators,
+                             registry_root=str(registry) if registry else None, prompts_file=str(prompts_file),
+                             completions_file=str(completions_file), out_dir=str(out_dir),
+                             progress=progress and not sharded)
+        totals = {"completions": 0, "prompts": 0, "truncated": 0}
+        reused: dict[str, int] = {}
+        timings: dict[str, dict] = {}
+        embedding_files = {}
+        for name, kind in (("completion_scores.parquet", "completions"), ("prompt_scores.parquet", "prompts")):
+            dims = 0
+            with RowWriter(run.path / name) as out, atomic_path(run.path / EMBEDDING_FILES[name]) as tmp, \
+                    open(tmp, "wb") as raw:
+                for result in results:
+                    for batch in iter_batches(result["files"][kind]):
+                        out.write_table(pa.Table.from_batches([batch]))
+                        if not dims and batch.num_rows and "embedding" in batch.schema.names:
+                            dims = len(batch.column("embedding")[0])
+                    Path(result["files"][kind]).unlink()
+                    shard_raw = Path(result["files"][kind]).with_suffix(".f32")
+                    with open(shard_raw, "rb") as fh:
+                        shutil.copyfileobj(fh, raw)
+                    shard_raw.unlink()
+            embedding_files[name] = {"file": EMBEDDING_FILES[name], "rows": out.rows, "dims": dims}
+        run.extra["embedding_files"] = embedding_files
+        for shard, result in enumerate(results):
+            totals["completions"] += result["counts"]["completions"]
+            totals["prompts"] += result["counts"]["prompts"]
+            totals["truncated"] += result["truncated"]
+            for name, count in result["reused"].items():
+                reused[name] = reused.get(name, 0) + count
+            timings.update({(f"{k} (shard {shard})" if sharded else k): v for k, v in result["timings"].items()})
+        if sharded:
             run.counts["shards"] = sc.sharding.num_shards
-        comp_rows, prompt_rows = compute_scores(prompts, completions, names, out["lls"], out["embeddings"])
-        if comp_rows:
-            _write_with_embeddings(run.path / "completion_scores.parquet", comp_rows)
-            _write_with_embeddings(run.path / "prompt_scores.parquet", prompt_rows)
-        else:
-            write_rows(run.path / "completion_scores.parquet", [])
-            write_rows(run.path / "prompt_scores.parquet", [])
         run.counts.update({
-            "completions": len(comp_rows), "prompts": len(prompt_rows), "members": len(names),
-            "prompts_without_completions": len(all_prompts) - len(prompts), "truncated_requests": out["truncated"],
+            "completions": totals["completions"], "prompts": totals["prompts"], "members": len(names),
+            "prompts_without_completions": count_rows(prompts_file) - totals["prompts"],
+            "truncated_requests": totals["truncated"],
         })
         run.extra["committee"] = names
         run.extra["committee_notes"] = [m.note for m in members if m.note]
         run.extra["embedding_model"] = member_name(embedding_spec(sc, members))
-        run.extra["reused"] = out["reused"]
-        run.extra["timings"] = out["timings"]
-        for name, spent in out["timings"].items():
+        run.extra["reused"] = reused
+        run.extra["timings"] = timings
+        for name, spent in timings.items():
             print(f"score: {name}: {format_timings(spent)}", flush=True)
     return rnd.step("score").manifest()
 

@@ -37,6 +37,7 @@ rewards when it has any, and `generate/completions.parquet` (texts, for exact du
 from __future__ import annotations
 
 import hashlib
+import json
 import math
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -62,7 +63,7 @@ from curation.strategies import (
     find_adaptive,
 )
 from preference.plumbing.errors import CurateError
-from preference.plumbing.io import atomic_path, read_json, read_jsonl, read_rows, write_json
+from preference.plumbing.io import ROW_GROUP, atomic_path, iter_batches, read_json, read_jsonl, read_rows, write_json
 from preference.schema import stable_id
 
 REWARD_SIGNALS = frozenset({"reward_margin", "reward_disagreement"})
@@ -136,23 +137,33 @@ class SelectionConfig:
 
 # ------------------------------------------------------------------------------------------------ reading
 def read_scores(path: Path) -> tuple[pa.Table, np.ndarray | None]:
-    """A scores parquet → (table without the embedding column, (N, D) float32 embeddings or None)."""
-    table = pq.read_table(path)
-    if table.num_rows == 0 and not table.column_names:  # an empty step output written without a schema
+    """A scores parquet → (table without the embedding column, (N, D) float32 embeddings or None). The
+    embeddings are read batch by batch into one preallocated array (no Arrow or Python copy of them)."""
+    handle = pq.ParquetFile(path)
+    names = handle.schema_arrow.names
+    if handle.metadata.num_rows == 0 and not names:  # an empty step output written without a schema
+        return pq.read_table(path), None
+    if "prompt_id" not in names and "completion_id" not in names:
+        raise CurateError(f"{path}: no prompt_id/completion_id column (columns: {', '.join(names)})")
+    table = pq.read_table(path, columns=[c for c in names if c != "embedding"])
+    if "embedding" not in names:
         return table, None
-    if "prompt_id" not in table.column_names and "completion_id" not in table.column_names:
-        raise CurateError(f"{path}: no prompt_id/completion_id column (columns: {', '.join(table.column_names)})")
-    if "embedding" not in table.column_names:
-        return table, None
-    col = table.column("embedding").combine_chunks()
-    if col.null_count:
-        raise CurateError(f"{path}: {col.null_count} rows have no embedding; rerun `curate score`")
-    lengths = np.asarray(pc.list_value_length(col))
-    if len(lengths) and (lengths != lengths[0]).any():
-        raise CurateError(f"{path}: embeddings have different lengths ({sorted(set(lengths.tolist()))[:4]})")
-    dim = int(lengths[0]) if len(lengths) else 0
-    values = np.asarray(col.flatten(), dtype=np.float32)
-    return table.drop_columns(["embedding"]), values.reshape(len(lengths), dim)
+    out: np.ndarray | None = None
+    row = 0
+    for batch in handle.iter_batches(batch_size=ROW_GROUP, columns=["embedding"]):
+        col = batch.column(0)
+        if col.null_count:
+            raise CurateError(f"{path}: {col.null_count} rows have no embedding; rerun `curate score`")
+        lengths = np.asarray(pc.list_value_length(col))
+        if out is None:
+            dim = int(lengths[0]) if len(lengths) else 0
+            out = np.empty((table.num_rows, dim), dtype=np.float32)
+        if len(lengths) and (lengths != out.shape[1]).any():
+            raise CurateError(f"{path}: embeddings have different lengths "
+                              f"({sorted({out.shape[1], *lengths.tolist()})[:4]})")
+        out[row : row + len(col)] = col.flatten().to_numpy(zero_copy_only=False).reshape(len(col), out.shape[1])
+        row += len(col)
+    return table, out if out is not None else np.zeros((0, 0), dtype=np.float32)
 
 
 def signal_columns(table: pa.Table) -> list[str]:
@@ -163,9 +174,17 @@ def signal_columns(table: pa.Table) -> list[str]:
     ]
 
 
-def load_items(step_dir_file: Path) -> Items:
-    """`prompt_scores.parquet` → Items (ids, slices, every numeric column as a signal, embeddings)."""
-    table, embeddings = read_scores(step_dir_file)
+def load_items(step_dir_file: Path, embeddings: np.ndarray | None = None) -> Items:
+    """`prompt_scores.parquet` → Items (ids, slices, every numeric column as a signal, embeddings). `embeddings`:
+    the same rows' embeddings from elsewhere (the score step's memory-mapped copy): the column is not read."""
+    if embeddings is not None:
+        table = pq.read_table(step_dir_file, columns=[c for c in pq.ParquetFile(step_dir_file).schema_arrow.names
+                                                      if c != "embedding"])
+        if table.num_rows != len(embeddings):
+            raise CurateError(f"{step_dir_file}: {table.num_rows} rows but {len(embeddings)} embeddings in its "
+                              "memory-mapped copy; redo `curate score --force`")
+    else:
+        table, embeddings = read_scores(step_dir_file)
     if table.num_rows == 0:
         raise CurateError(
             f"{step_dir_file} holds no scored prompts; nothing to select — check that the pool and the generate "
@@ -210,6 +229,38 @@ def pool_prompts(rnd) -> list:
     return load_prompts(rnd)
 
 
+def pool_signals(rnd, feedback_file: Path | None) -> tuple[dict[str, list[str]], int, dict[str, float]]:
+    """(failure reasons, unmatched feedback lines, thumbs-down counts) of the round's pool, streamed: only the
+    pool's id, source and metadata columns are read, a batch at a time (`failure_reasons`, `thumbs_down_counts`)."""
+    from preference.schema import Prompt
+
+    reasons: dict[str, list[str]] = {}
+    thumbs: dict[str, float] = {}
+    known: set[str] = set()
+    if rnd.step("pool").done:
+        for batch in iter_batches(rnd.step("pool").file("prompts.parquet"), columns=["id", "source", "metadata"]):
+            if feedback_file is not None:
+                known.update(batch.column("id").to_pylist())
+            # only rows that can carry a signal become prompts (a pool of millions is mostly neither)
+            source, meta = batch.column("source"), batch.column("metadata")
+            maybe = pc.or_(pc.fill_null(pc.starts_with(source, "failure:"), False),
+                           pc.fill_null(pc.or_(pc.match_substring(meta, "failure"),
+                                               pc.match_substring(meta, "thumbs_down")), False))
+            rows = batch.filter(maybe).to_pylist()
+            prompts = [Prompt(id=r["id"], messages=[], source=r["source"] or "",
+                              metadata=json.loads(r["metadata"]) if r["metadata"] else {}) for r in rows]
+            found, _ = failure_reasons(prompts, None)
+            for pid, why in found.items():
+                reasons.setdefault(pid, []).extend(why)
+            thumbs.update(thumbs_down_counts(prompts))
+    unmatched = 0
+    if feedback_file is not None:
+        found, unmatched = failure_reasons([], feedback_file, known=known)
+        for pid, why in found.items():
+            reasons.setdefault(pid, []).extend(why)
+    return reasons, unmatched, thumbs
+
+
 def thumbs_down_counts(prompts: list) -> dict[str, float]:
     """prompt id → how many of its served answers users rated down (traffic metadata `thumbs_down`; pool items
     without traffic feedback are absent): the `thumbs_down` signal, higher = more informative."""
@@ -224,11 +275,13 @@ def thumbs_down_counts(prompts: list) -> dict[str, float]:
     return out
 
 
-def failure_reasons(prompts: list, feedback_file: Path | None) -> tuple[dict[str, list[str]], int]:
+def failure_reasons(prompts: list, feedback_file: Path | None, known: set[str] | None = None
+                    ) -> tuple[dict[str, list[str]], int]:
     """prompt id → failure reasons, from the pool's `prompts` (source "failure:..." / metadata) and the feedback
-    file. Returns (reasons, number of feedback lines whose prompt id is unknown to the pool)."""
+    file. Returns (reasons, number of feedback lines whose prompt id is unknown to the pool: the ids of `prompts`,
+    or `known`)."""
     reasons: dict[str, list[str]] = {}
-    known: set[str] | None = {p.id for p in prompts} if prompts else None
+    known = known if known else ({p.id for p in prompts} if prompts else None)
     for p in prompts:
         meta = p.metadata or {}
         tags = [str(meta[key]) for key in ("failure", "failure_reason") if meta.get(key)]
@@ -302,19 +355,80 @@ class Completions:
     reward_info: dict = field(default_factory=dict)
 
 
-def load_completions(rnd) -> Completions:
-    """`score/completion_scores.parquet` (+ texts from `generate/completions.parquet` when it finished)."""
-    table, emb = read_scores(rnd.step("score").file("completion_scores.parquet"))
+def load_completions(rnd, prompt_ids: set[str] | None = None) -> Completions:
+    """`score/completion_scores.parquet` (+ texts from `generate/completions.parquet` when it finished); with
+    `prompt_ids`, only those prompts' completions, streamed (a pool's completion embeddings can be gigabytes)."""
+    path = rnd.step("score").file("completion_scores.parquet")
+    mapped = _mapped(rnd.step("score"), "completion_scores.parquet")
+    if prompt_ids is None and mapped is not None:  # every completion: the memory map itself (paged in on use)
+        table = pq.read_table(path, columns=[c for c in pq.ParquetFile(path).schema_arrow.names if c != "embedding"])
+        emb = mapped
+    elif prompt_ids is None:
+        table, emb = read_scores(path)
+    elif mapped is not None:
+        table = pq.read_table(path, columns=[c for c in pq.ParquetFile(path).schema_arrow.names if c != "embedding"])
+        rows = np.flatnonzero(np.asarray(pc.is_in(table.column("prompt_id"),
+                                                  value_set=pa.array(sorted(prompt_ids), pa.string()))
+                                         .to_numpy(zero_copy_only=False)))
+        table, emb = table.take(rows), np.asarray(mapped[rows])  # only the picked prompts' rows leave the disk
+    else:
+        table, emb = _read_filtered(path, prompt_ids)
     if table.num_rows == 0:
         return Completions([], [], [], None, None)
     ids = [str(x) for x in table.column("completion_id").to_pylist()]
     models = table.column("model").to_pylist() if "model" in table.column_names else [""] * len(ids)
     texts = None
     if rnd.step("generate").done:
-        by_id = {r["id"]: r["text"] for r in read_rows(rnd.step("generate").file("completions.parquet"))}
+        wanted = pa.array(sorted(set(ids)), pa.string())
+        by_id = {}
+        for batch in iter_batches(rnd.step("generate").file("completions.parquet"), columns=["id", "text"]):
+            if prompt_ids is not None:
+                batch = batch.filter(pc.is_in(batch.column("id"), value_set=wanted))
+            by_id.update(zip(batch.column("id").to_pylist(), batch.column("text").to_pylist(), strict=True))
         texts = [by_id.get(cid, "") for cid in ids]
     return Completions(ids, [str(x) for x in table.column("prompt_id").to_pylist()], [str(m) for m in models],
                        texts, emb)
+
+
+def _mapped(step, name: str) -> np.ndarray | None:
+    from curation.score import memmap_embeddings
+
+    return memmap_embeddings(step, name)
+
+
+def _read_filtered(path: Path, prompt_ids: set[str]) -> tuple[pa.Table, np.ndarray | None]:
+    """`read_scores` of the rows whose prompt_id is in `prompt_ids`, streamed batch by batch."""
+    handle = pq.ParquetFile(path)
+    if handle.metadata.num_rows == 0 or "prompt_id" not in handle.schema_arrow.names:
+        return read_scores(path)
+    wanted = pa.array(sorted(prompt_ids), pa.string())
+    tables, vectors = [], []
+    for batch in handle.iter_batches(batch_size=ROW_GROUP):
+        batch = batch.filter(pc.is_in(batch.column("prompt_id"), value_set=wanted))
+        if not batch.num_rows:
+            continue
+        table = pa.Table.from_batches([batch])
+        if "embedding" in table.column_names:
+            col = table.column("embedding").combine_chunks()
+            vectors.append(col.flatten().to_numpy(zero_copy_only=False).reshape(len(col), -1))
+            table = table.drop_columns(["embedding"])
+        tables.append(table)
+    if not tables:
+        schema = pa.schema([f for f in handle.schema_arrow if f.name != "embedding"])
+        return pa.Table.from_pylist([], schema=schema), None
+    return pa.concat_tables(tables), (np.concatenate(vectors) if vectors else None)
+
+
+def rewards_possible(sel: SelectionConfig, rnd, rounds: list) -> bool:
+    """Whether `attach_rewards` can find rewards (a champion's in the rewards step, or earlier rounds' pairs),
+    looked up without reading any completion: the first round of a large pool never loads them all."""
+    if sel.reward_source != "ensemble" and rnd.step("rewards").done and rnd.step("rewards").manifest().get(
+            "reward_model"):
+        return True
+    if sel.reward_source == "champion":
+        return True  # attach_rewards explains why there is none
+    return any((d / "manifest.json").is_file() and (d / "pairs.parquet").is_file()
+               for r in rounds if r.path.is_dir() for d in r.path.iterdir() if d.is_dir())
 
 
 def attach_rewards(comps: Completions, sel: SelectionConfig, rnd, rounds: list, seed: int) -> bool:
@@ -358,7 +472,10 @@ def attach_rewards(comps: Completions, sel: SelectionConfig, rnd, rounds: list, 
     if comps.embeddings is None:
         raise CurateError("score/completion_scores.parquet has no embedding column; rerun `curate score`")
     model = BTEnsemble(EnsembleConfig(members=sel.ensemble_members, c=sel.ensemble_c, seed=seed)).fit(pairs)
-    comps.rewards = model.reward(comps.embeddings)
+    step = 65_536  # in chunks: the ensemble works in float64 (a copy of the pool's completion embeddings otherwise)
+    comps.rewards = np.concatenate([model.reward(comps.embeddings[a : a + step])
+                                    for a in range(0, len(comps.embeddings), step)], axis=1) \
+        if len(comps.embeddings) else model.reward(comps.embeddings)
     comps.reward_info = {"source": "ensemble", "pairs": len(pairs), "pairs_without_embeddings": missing,
                          "members": sel.ensemble_members}
     if single is not None:
@@ -415,25 +532,56 @@ def percentile(values: np.ndarray, value: float) -> float:
     return 100.0 * float(np.mean(values <= value)) if len(values) else float("nan")
 
 
-def explain(strategy: Strategy, items: Items, scores: np.ndarray, i: int, arm: str, errors: dict) -> str:
+class Percentiles:
+    """`percentile` (and its mirror, the share of values ≥ a value) by binary search in sorted copies, for
+    explaining thousands of picks in a pool of millions (the same numbers as `np.mean(values <= value)`)."""
+
+    def __init__(self):
+        self._sorted: dict[int, tuple[np.ndarray, int]] = {}
+
+    def _of(self, values: np.ndarray) -> tuple[np.ndarray, int]:
+        key = id(values)
+        if key not in self._sorted:
+            finite = np.sort(values[~np.isnan(values)])
+            self._sorted[key] = (finite, len(values))
+        return self._sorted[key]
+
+    def at_most(self, values: np.ndarray, value: float) -> float:
+        """100 × share of values ≤ value."""
+        ordered, n = self._of(values)
+        if not n:
+            return float("nan")
+        return 0.0 if np.isnan(value) else 100.0 * np.searchsorted(ordered, value, side="right") / n
+
+    def at_least(self, values: np.ndarray, value: float) -> float:
+        """100 × share of values ≥ value."""
+        ordered, n = self._of(values)
+        if not n:
+            return float("nan")
+        return 0.0 if np.isnan(value) else 100.0 * (len(ordered) - np.searchsorted(ordered, value, side="left")) / n
+
+
+def explain(strategy: Strategy, items: Items, scores: np.ndarray, i: int, arm: str, errors: dict,
+            pct: Percentiles | None = None) -> str:
     """Human-readable reason for item i: the arm, its score percentile and its most extreme input signal (in
-    the direction the strategy states: `Strategy.directions`)."""
+    the direction the strategy states: `Strategy.directions`). `pct`: share one across the calls of a step."""
+    pct = pct or Percentiles()
     parts = []
     if arm == "random":
         parts.append("random arm: uniform draw from the pool left after the strategy's picks")
     value = scores[i] + 0.0  # no "-0"
-    parts.append(f"{strategy.name} score {value:.4g} (p{percentile(scores, scores[i]):.0f} of pool)")
+    parts.append(f"{strategy.name} score {value:.4g} (p{pct.at_most(scores, scores[i]):.0f} of pool)")
     best = None
     for col, higher in strategy.directions().items():
         if col not in items.signals:
             continue
         values = items.signals[col]
-        pct = percentile(values, values[i]) if higher else 100.0 * float(np.mean(values >= values[i]))
-        if best is None or pct > best[2]:
-            best = (col, values[i], pct, higher)
+        share = pct.at_most(values, values[i]) if higher else pct.at_least(values, values[i])
+        if best is None or share > best[2]:
+            best = (col, values[i], share, higher)
     if best is not None:
-        col, value, pct, higher = best
-        parts.append(f"{col}={value:.4g} ({'high' if higher else 'low'}: p{pct:.0f} in the informative direction)")
+        col, value, share, higher = best
+        parts.append(f"{col}={value:.4g} ({'high' if higher else 'low'}: p{share:.0f} in the informative direction)")
     if errors.get(items.ids[i]):
         parts.append("error-based: " + "; ".join(errors[items.ids[i]])[:200])
     return "; ".join(parts)
@@ -468,20 +616,20 @@ def run_select(cfg, rnd, *, force: bool = False, progress: bool = True) -> dict:
         return rnd.step("select").manifest()
     with run:
         labels_so_far = adaptive_update(adaptive, rounds, sel, seed) if adaptive is not None else {}
-        pool = load_items(score_step.file("prompt_scores.parquet"))
+        pool = load_items(score_step.file("prompt_scores.parquet"), _mapped(score_step, "prompt_scores.parquet"))
         labelled_ids, labelled_emb = previously_selected(rounds)
         if labelled_emb is not None and pool.embeddings is not None and labelled_emb.shape[1] != pool.embeddings.shape[1]:
             labelled_emb = None  # a different embedder than this round's: cannot compare distances
         pool.labelled = labelled_emb
-        prompts = pool_prompts(rnd)
-        reasons, unmatched = failure_reasons(prompts, sel.feedback_file)
-        pool.signals["error_score"] = np.array([error_score(reasons.get(pid, [])) for pid in pool.ids])
-        thumbs = thumbs_down_counts(prompts)
+        reasons, unmatched, thumbs = pool_signals(rnd, sel.feedback_file)
+        pool.signals["error_score"] = np.array([error_score(reasons[pid]) if pid in reasons else 0.0
+                                                for pid in pool.ids])
         pool.signals["thumbs_down"] = np.array([thumbs.get(pid, 0.0) for pid in pool.ids])
-        comps = load_completions(rnd)
         needs_rewards = bool(REWARD_SIGNALS & set(strategy.inputs))
         have_rewards = False
-        if needs_rewards or make_chooser(sel.completion_choice).needs_rewards:
+        comps = None  # every completion only when rewards can be had; else the picked prompts', after the picks
+        if (needs_rewards or make_chooser(sel.completion_choice).needs_rewards) and rewards_possible(sel, rnd, rounds):
+            comps = load_completions(rnd)
             have_rewards = attach_rewards(comps, sel, rnd, rounds, seed)
         if have_rewards:
             add_reward_signals(pool, comps)
@@ -525,8 +673,11 @@ def run_select(cfg, rnd, *, force: bool = False, progress: bool = True) -> dict:
         arm_name = (lambda i: adaptive.attribution.get(str(pool.ids[i]), strategy.name)) if adaptive is not None \
             else (lambda i: strategy.name)
         chosen = [("strategy", arm_name(i), i) for i in picks] + [("random", "random", i) for i in random_picks]
+        if comps is None:
+            comps = load_completions(rnd, {str(pool.ids[i]) for _, _, i in chosen})
         shown, choosers = choose_completions(comps, [str(pool.ids[i]) for _, _, i in chosen], sel, m,
                                              list(cfg.annotation.models), seed)
+        pct = Percentiles()
         rows, rank = [], {"strategy": 0, "random": 0}
         for (arm, name, i), completion_ids, chooser in zip(chosen, shown, choosers, strict=True):
             rank[arm] += 1
@@ -539,13 +690,13 @@ def run_select(cfg, rnd, *, force: bool = False, progress: bool = True) -> dict:
                 "score": float(scores[r]),
                 "rank": rank[arm],
                 "reason": (f"adaptive's {name} arm; " if adaptive is not None and arm == "strategy" else "")
-                          + explain(strategy, items, scores, r, arm, reasons),
+                          + explain(strategy, items, scores, r, arm, reasons, pct),
                 "completion_ids": completion_ids,
                 "completion_choice": chooser,
             }
             row.update({col: float(v[r]) for col, v in items.signals.items()})
             if items.embeddings is not None:
-                row["embedding"] = items.embeddings[r].tolist()
+                row["embedding"] = items.embeddings[r]  # a vector: `write_selected` stores it without Python floats
             rows.append(row)
         write_selected(run.path / "selected.parquet", rows, list(items.signals), items.embeddings is not None)
         run.counts.update(
@@ -626,8 +777,14 @@ def write_selected(path: Path, rows: list[dict], signals: list[str], with_embedd
     ]
     fields += [pa.field("completion_ids", pa.list_(pa.string())), pa.field("completion_choice", pa.string())]
     fields += [pa.field(name, pa.float64()) for name in signals]
+    vectors = None
     if with_embedding:
         fields.append(pa.field("embedding", pa.list_(pa.float32())))
-    table = pa.Table.from_pylist(rows, schema=pa.schema(fields))
+        if rows and isinstance(rows[0].get("embedding"), np.ndarray):
+            vectors = np.stack([row.pop("embedding") for row in rows]).astype(np.float32)
+    table = pa.Table.from_pylist(rows, schema=pa.schema(fields[:-1] if vectors is not None else fields))
+    if vectors is not None:
+        offsets = pa.array(np.arange(len(vectors) + 1, dtype=np.int32) * vectors.shape[1])
+        table = table.append_column(fields[-1], pa.ListArray.from_arrays(offsets, pa.array(vectors.reshape(-1))))
     with atomic_path(path) as tmp:
         pq.write_table(table, tmp)

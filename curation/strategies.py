@@ -60,6 +60,7 @@ class Items:
     embeddings: np.ndarray | None = None
     slices: np.ndarray | None = None
     labelled: np.ndarray | None = None
+    cache: dict = field(default_factory=dict, init=False, repr=False, compare=False)  # derived data (partitions)
 
     def __post_init__(self):
         self.ids = np.asarray(self.ids, dtype=object).reshape(-1)
@@ -103,7 +104,10 @@ class Items:
                 "this strategy needs item embeddings, but the pool has none; rerun `curate score` (it writes an "
                 "`embedding` column) or choose a signal-based strategy"
             )
-        return check_finite(self.embeddings, "embeddings", self.ids)
+        if self.cache.get("finite") is not self.embeddings:  # checked once per array (a pass over gigabytes)
+            check_finite(self.embeddings, "embeddings", self.ids)
+            self.cache["finite"] = self.embeddings
+        return self.embeddings
 
     def labelled_matrix(self) -> np.ndarray | None:
         if self.labelled is None or len(self.labelled) == 0:
@@ -111,12 +115,19 @@ class Items:
         return check_finite(self.labelled, "labelled embeddings", None)
 
     def subset(self, idx: np.ndarray, covered: np.ndarray | None = None) -> Items:
-        """Rows `idx`; the embeddings of rows `covered` (if any) are added to the labelled context."""
+        """Rows `idx`; the embeddings of rows `covered` (if any) are added to the labelled context. All rows in
+        order share this table's arrays (no copy: a pool's embeddings can be gigabytes)."""
         idx = np.asarray(idx, dtype=np.int64)
         labelled = self.labelled
         if covered is not None and len(covered) and self.embeddings is not None:
             extra = self.embeddings[np.asarray(covered, dtype=np.int64)]
             labelled = extra if labelled is None else np.concatenate([labelled, extra])
+        if len(idx) == len(self) and (len(idx) == 0 or (idx[0] == 0 and (np.diff(idx) == 1).all())):
+            same = Items(ids=self.ids, signals=self.signals, embeddings=self.embeddings, slices=self.slices,
+                         labelled=labelled)
+            if labelled is self.labelled:
+                same.cache = self.cache  # same rows, same context: derived data (partitions) carries over
+            return same
         return Items(
             ids=self.ids[idx],
             signals={k: v[idx] for k, v in self.signals.items()},
@@ -127,10 +138,15 @@ class Items:
 
 
 def check_finite(values: np.ndarray, what: str, ids: np.ndarray | None) -> np.ndarray:
-    """Return `values`, or raise CurateError naming the first items whose values are NaN/inf."""
-    bad = ~np.isfinite(values)
-    if bad.ndim > 1:
-        bad = bad.any(axis=tuple(range(1, bad.ndim)))
+    """Return `values`, or raise CurateError naming the first items whose values are NaN/inf. (Checked in
+    blocks of rows: no boolean copy of a pool's whole embedding matrix.)"""
+    if values.ndim > 1:
+        bad = np.zeros(len(values), dtype=bool)
+        for r0 in range(0, len(values), 1 << 16):
+            block = values[r0 : r0 + (1 << 16)]
+            bad[r0 : r0 + len(block)] = ~np.isfinite(block).all(axis=tuple(range(1, values.ndim)))
+    else:
+        bad = ~np.isfinite(values)
     if bad.any():
         where = ""
         if ids is not None:
@@ -354,6 +370,18 @@ def min_sq_dist(x: np.ndarray, centers: np.ndarray, block: int = 1 << 22) -> np.
     return np.maximum(out + x_sq, 0.0)
 
 
+# Diversity at scale. Exact k-center / k-means++ cost items × picks × dims multiply-adds (1M × 15k × 384 = 6e12:
+# minutes on 2 cores), and distances to a large labelled set items × labelled × dims. Above EXACT_BUDGET the pool
+# is partitioned by k-means (fitted on a sample) into spatially coherent parts, each part picks its share, and
+# distances to the labelled set are taken within an item's part and its nearest parts (an inverted-file search
+# done with BLAS blocks). Below it everything is exact, as the conformance tests check.
+EXACT_BUDGET = 4e10  # multiply-adds
+FIT_SAMPLE = 50_000  # k-means for partitions is fitted on at most this many items
+NPROBE = 3  # parts searched for an item's nearest labelled item (its own and the nearest others)
+SEQUENTIAL_PART = 4096  # k-means++ at scale: items per part (one pick = one pass over its part)
+UNION_FACTOR = 2.0  # k-center at scale: the parts pick UNION_FACTOR × k candidates, then k-center picks k of them
+
+
 def coverage_sq_dist(items: Items) -> np.ndarray:
     """Squared distance of each item to what is already covered: the nearest labelled item, or, when nothing
     is labelled yet, the pool centroid (so the first pick is the most atypical item)."""
@@ -363,13 +391,138 @@ def coverage_sq_dist(items: Items) -> np.ndarray:
         labelled = x.mean(axis=0, keepdims=True)
     if labelled.shape[1] != x.shape[1]:
         raise CurateError(f"labelled embeddings have dim {labelled.shape[1]}, pool embeddings {x.shape[1]}")
-    return min_sq_dist(x, labelled)
+    if float(len(x)) * len(labelled) * x.shape[1] <= EXACT_BUDGET or len(labelled) <= 64 or len(x) < 128:
+        return min_sq_dist(x, labelled)
+    labels, centers = items_partition(items, n_parts_for(len(x), len(labelled), x.shape[1]))
+    return nearest_sq_dist_by_parts(x, labelled, labels, centers)
+
+
+def n_parts_for(n: int, m: int, dims: int, budget: float = EXACT_BUDGET) -> int:
+    """Parts that bring n items × m comparisons each × dims within `budget` (at least 2, at most n / 64)."""
+    return int(min(max(2, math.ceil(float(n) * m * dims / budget)), max(2, n // 64)))
+
+
+def assign(x: np.ndarray, centers: np.ndarray, block: int = 1 << 16) -> np.ndarray:
+    """(N,) index of each row's nearest center (BLAS blocks)."""
+    c_sq = _sq_norms(centers)
+    out = np.empty(len(x), dtype=np.int64)
+    for r0 in range(0, len(x), block):
+        out[r0 : r0 + block] = (c_sq[None, :] - 2.0 * (x[r0 : r0 + block] @ centers.T)).argmin(axis=1)
+    return out
+
+
+def items_partition(items: Items, parts: int) -> tuple[np.ndarray, np.ndarray]:
+    """(labels, centers) of a k-means partition of the items' embeddings (fitted on a sample, seed 0), computed
+    once per Items and number of parts."""
+    key = ("partition", parts)
+    if key not in items.cache:
+        x = items.embedding_matrix()
+        rng = np.random.default_rng(0)
+        size = min(FIT_SAMPLE, max(64 * parts, 2000))  # enough items per part to place its center
+        sample = x if len(x) <= size else x[np.sort(rng.choice(len(x), size, replace=False))]
+        fit = kmeans(sample, parts, seed=0)
+        centers = np.stack([sample[fit == c].mean(axis=0) if (fit == c).any() else sample[0]
+                            for c in range(parts)]).astype(np.float32)
+        items.cache[key] = (assign(x, centers), centers)
+    return items.cache[key]
+
+
+def nearest_sq_dist_by_parts(x: np.ndarray, refs: np.ndarray, labels: np.ndarray, centers: np.ndarray,
+                             nprobe: int = NPROBE) -> np.ndarray:
+    """Approximate (N,) squared distance of each row of `x` to its nearest row of `refs`: each reference is
+    filed under its nearest center, each item searches the references filed under its own part's `nprobe`
+    nearest centers (an inverted-file search; exact within those parts, an overestimate when the true nearest
+    reference lies in a part not searched)."""
+    ref_part = assign(refs, centers)
+    near = np.argsort(_sq_norms(centers)[None, :] - 2.0 * (centers @ centers.T), axis=1)[:, :nprobe]
+    out = np.full(len(x), np.inf, dtype=np.float32)
+    for p in range(len(centers)):
+        rows = np.flatnonzero(labels == p)
+        mine = np.flatnonzero(np.isin(ref_part, near[p]))
+        if len(rows) and len(mine):
+            out[rows] = min_sq_dist(x[rows], refs[mine])
+    missing = ~np.isfinite(out)
+    if missing.any():  # no reference in the searched parts: fall back to every reference (exact)
+        out[missing] = min_sq_dist(x[missing], refs)
+    return out
+
+
+def _update_min_sq(min_d: np.ndarray, x: np.ndarray, x_sq: np.ndarray, centers: np.ndarray,
+                   block: int = 1 << 15) -> None:
+    """min_d ← min(min_d, squared distance to the nearest of `centers` (row indices)), in BLAS blocks."""
+    c = x[centers]
+    c_sq = x_sq[centers]
+    for r0 in range(0, len(x), block):
+        d = x[r0 : r0 + block] @ c.T
+        d *= -2.0
+        d += c_sq[None, :]
+        np.minimum(min_d[r0 : r0 + block], d.min(axis=1) + x_sq[r0 : r0 + block], out=min_d[r0 : r0 + block])
+
+
+def kcenter_greedy(x: np.ndarray, min_d: np.ndarray, k: int, candidates: int = 512) -> np.ndarray:
+    """Exact k-center greedy (farthest first; exact ties to the lowest index), in batches: the `candidates`
+    farthest items are picked among themselves for as long as the next pick is provably the global farthest (its
+    distance exceeds every item outside the batch), then every item is updated against the batch's picks with
+    one matrix multiply. Same picks as one pick at a time, a fraction of the memory traffic. `min_d` (squared
+    distances to what is covered) is updated in place."""
+    n = len(x)
+    x_sq = _sq_norms(x)
+    min_d = min_d.astype(np.float32, copy=False)
+    picks: list[int] = []
+    while len(picks) < k:
+        t = min(n, candidates, max(32, 2 * (k - len(picks))))
+        if t < n:
+            cand = np.argpartition(-min_d, t)[: t + 1]
+            order = np.lexsort((cand, -min_d[cand]))
+            cand, outside = cand[order[:t]], min_d[cand[order[t]]]
+        else:
+            cand, outside = np.lexsort((np.arange(n), -min_d)), -np.inf
+        local = min_d[cand].copy()
+        cx = x[cand]
+        gram = cx @ cx.T
+        new: list[int] = []
+        while len(picks) + len(new) < k:
+            best = local.max()
+            if not best > outside or best == -np.inf:
+                break
+            ties = np.flatnonzero(local == best)
+            j = int(ties[np.argmin(cand[ties])])
+            new.append(int(cand[j]))
+            np.minimum(local, x_sq[cand] - 2.0 * gram[:, j] + x_sq[cand[j]], out=local)
+            local[j] = -np.inf
+        if not new:  # the batch cannot prove its farthest item: one plain step (global argmax)
+            new = [int(np.argmax(min_d))]
+            if min_d[new[0]] == -np.inf:
+                break
+        _update_min_sq(min_d, x, x_sq, np.asarray(new))
+        min_d[new] = -np.inf
+        picks += new
+    return np.asarray(picks, dtype=np.int64)
+
+
+def _shares(sizes: np.ndarray, total: int) -> np.ndarray:
+    """Integer shares of `total` proportional to `sizes` (largest remainders), each ≤ its size."""
+    quota = total * sizes / max(1, sizes.sum())
+    out = np.minimum(np.floor(quota).astype(np.int64), sizes)
+    rest = total - out.sum()
+    for p in np.argsort(-(quota - np.floor(quota)), kind="stable"):
+        if rest <= 0:
+            break
+        if out[p] < sizes[p]:
+            out[p] += 1
+            rest -= 1
+    return out
 
 
 class KCenterGreedy(Strategy):
     """Core-set by k-center greedy (Sener & Savarese 2018): repeatedly pick the item farthest (Euclidean, in
     embedding space) from everything labelled or picked so far. Score = distance to the nearest labelled item
-    (or the pool centroid when nothing is labelled): higher = less covered = more informative."""
+    (or the pool centroid when nothing is labelled): higher = less covered = more informative.
+
+    Exact (batched, `kcenter_greedy`) while items × k × dims ≤ EXACT_BUDGET; above, a composable core-set: random
+    parts of the pool each pick their share of UNION_FACTOR × k by k-center, then k-center picks k from that union
+    (Mirrokni & Zadimoghaddam 2015, randomized composable core-sets: k-center over the union of the parts'
+    k-center picks keeps a constant approximation factor)."""
 
     name, family, inputs = "kcenter", "diversity", (EMBEDDING,)
 
@@ -380,26 +533,46 @@ class KCenterGreedy(Strategy):
 
     def pick(self, items: Items, k: int, rng: np.random.Generator) -> np.ndarray:
         x = items.embedding_matrix()
-        x_sq = _sq_norms(x)
-        min_d = coverage_sq_dist(items)
-        buf = np.empty_like(min_d)
-        picks = np.empty(k, dtype=np.int64)
-        for t in range(k):
-            i = int(np.argmax(min_d))  # deterministic: exact ties go to the lowest index
-            picks[t] = i
-            np.dot(x, x[i], out=buf)  # in-place |x|² − 2·x·c + |c|²: one pass of BLAS per pick
-            buf *= -2.0
-            buf += x_sq
-            buf += x_sq[i]
-            np.minimum(min_d, buf, out=min_d)
-            min_d[i] = -np.inf  # picked: never again (min() keeps it at −inf)
-        return picks
+        min_d = coverage_sq_dist(items).astype(np.float32)
+        if float(len(x)) * k * x.shape[1] <= EXACT_BUDGET or k * UNION_FACTOR >= len(x):
+            return kcenter_greedy(x, min_d, k)
+        # random parts (no clustering pass over the pool): k-center over the union of the parts' k-center picks
+        # keeps its approximation guarantee for a random partition (randomized composable core-sets)
+        parts = n_parts_for(len(x), int(UNION_FACTOR * k), x.shape[1])
+        labels = np.random.default_rng(0).permutation(len(x)) % parts
+        sizes = np.bincount(labels, minlength=parts)
+        union = []
+        for p, share in enumerate(_shares(sizes, int(UNION_FACTOR * k))):
+            rows = np.flatnonzero(labels == p)
+            if share > 0:
+                union.append(rows[kcenter_greedy(x[rows], min_d[rows].copy(), int(share))])
+        union = np.sort(np.concatenate(union))
+        return union[kcenter_greedy(x[union], min_d[union].copy(), k)]
+
+
+def kmeanspp_sample(x: np.ndarray, min_d: np.ndarray, k: int, rng: np.random.Generator) -> np.ndarray:
+    """k-means++ seeding (D² sampling) from `min_d` (squared distances to what is covered), exact."""
+    x_sq = _sq_norms(x)
+    min_d = min_d.astype(np.float64)
+    taken = np.zeros(len(x), dtype=bool)
+    picks = np.empty(k, dtype=np.int64)
+    for t in range(k):
+        w = np.where(taken, 0.0, np.maximum(min_d, 0.0))
+        total = w.sum()
+        p = w / total if total > 0 else (~taken) / (~taken).sum()
+        i = int(rng.choice(len(x), p=p))
+        picks[t], taken[i] = i, True
+        np.minimum(min_d, x_sq - 2.0 * (x @ x[i]) + x_sq[i], out=min_d)
+    return picks
 
 
 class KMeansPlusPlus(Strategy):
     """k-means++ seeding as a sampler: each pick is drawn with probability ∝ squared distance to the nearest
     labelled-or-picked item (diverse, but drawn in proportion to coverage gaps rather than outliers first).
-    Score = distance to the nearest labelled item (or the centroid): higher = less covered."""
+    Score = distance to the nearest labelled item (or the centroid): higher = less covered.
+
+    Exact while items × k × dims ≤ EXACT_BUDGET; above, stratified: each of the pool's k-means parts draws its
+    share of k (proportional to its size) by D² sampling within the part."""
 
     name, family, inputs = "kmeans++", "diversity", (EMBEDDING,)
 
@@ -410,36 +583,43 @@ class KMeansPlusPlus(Strategy):
 
     def pick(self, items: Items, k: int, rng: np.random.Generator) -> np.ndarray:
         x = items.embedding_matrix()
-        x_sq = _sq_norms(x)
-        min_d = coverage_sq_dist(items).astype(np.float64)
-        taken = np.zeros(len(items), dtype=bool)
-        picks = np.empty(k, dtype=np.int64)
-        for t in range(k):
-            w = np.where(taken, 0.0, np.maximum(min_d, 0.0))
-            total = w.sum()
-            p = w / total if total > 0 else (~taken) / (~taken).sum()
-            i = int(rng.choice(len(items), p=p))
-            picks[t], taken[i] = i, True
-            np.minimum(min_d, x_sq - 2.0 * (x @ x[i]) + x_sq[i], out=min_d)
-        return picks
+        min_d = coverage_sq_dist(items)
+        if float(len(x)) * k * x.shape[1] <= EXACT_BUDGET or 2 * k >= len(x):
+            return kmeanspp_sample(x, min_d, k, rng)
+        # D² sampling is one matrix-vector product per pick: parts small enough to stay in the CPU's cache
+        parts = max(n_parts_for(len(x), k, x.shape[1]), math.ceil(len(x) / SEQUENTIAL_PART))
+        labels, _ = items_partition(items, min(parts, max(2, len(x) // 64)))
+        sizes = np.bincount(labels, minlength=labels.max() + 1)
+        picks = []
+        for p, share in enumerate(_shares(sizes, k)):
+            rows = np.flatnonzero(labels == p)
+            if share > 0:
+                picks.append(rows[kmeanspp_sample(x[rows], min_d[rows], int(share), rng)])
+        picks = np.concatenate(picks)
+        return picks[rng.permutation(len(picks))]
 
 
 def kmeans(x: np.ndarray, n_clusters: int, *, seed: int = 0, iterations: int = 10) -> np.ndarray:
-    """Plain Lloyd k-means (k-means++ init, fixed seed) → (N,) cluster labels. Vectorized; for grouping only."""
+    """Plain Lloyd k-means (k-means++ init, fixed seed) → (N,) cluster labels. Vectorized; for grouping only.
+    Pools larger than FIT_SAMPLE are fitted on a seeded sample, then every item goes to its nearest center."""
     n_clusters = max(1, min(n_clusters, len(x)))
     rng = np.random.default_rng(seed)
-    init = KMeansPlusPlus().select(Items(ids=np.arange(len(x)), embeddings=x), n_clusters, rng)
+    full = x
+    if len(x) > FIT_SAMPLE:
+        x = x[np.sort(rng.choice(len(x), FIT_SAMPLE, replace=False))]
+    init = kmeanspp_sample(x, min_sq_dist(x, x.mean(axis=0, keepdims=True)), n_clusters, rng)  # exact, always
     centers = x[init].copy()
     labels = np.zeros(len(x), dtype=np.int64)
+    x_sq = _sq_norms(x)
     for _ in range(iterations):
-        d = _sq_norms(x)[:, None] - 2.0 * (x @ centers.T) + _sq_norms(centers)[None, :]
-        labels = d.argmin(axis=1)
+        labels = (x_sq[:, None] - 2.0 * (x @ centers.T) + _sq_norms(centers)[None, :]).argmin(axis=1)
         counts = np.bincount(labels, minlength=n_clusters)
-        sums = np.zeros_like(centers)
-        np.add.at(sums, labels, x)
+        onehot = np.zeros((n_clusters, len(x)), dtype=x.dtype)
+        onehot[labels, np.arange(len(x))] = 1.0
+        sums = onehot @ x  # per-cluster sums as one matrix multiply
         nonempty = counts > 0
         centers[nonempty] = sums[nonempty] / counts[nonempty, None]
-    return labels
+    return labels if full is x else assign(full, centers)
 
 
 class UnderDenseClusters(Strategy):
@@ -668,6 +848,8 @@ class DropNearDuplicates(Wrapper):
     """Skip items whose embedding has cosine similarity ≥ `threshold` with a labelled item or with an item
     already picked in this batch; the base strategy is asked again until k items are found or none are left."""
 
+    BLOCK = 2048  # proposals checked together
+
     def __init__(self, base: Strategy, threshold: float = 0.98):
         super().__init__(base)
         if not 0.0 < threshold <= 1.0:
@@ -683,7 +865,7 @@ class DropNearDuplicates(Wrapper):
         labelled = items.labelled_matrix()
         reference = self._unit(labelled) if labelled is not None else np.zeros((0, x.shape[1]), np.float32)
         # Lazy: only the items the base strategy proposes are checked (against labelled + accepted), so the
-        # cost is O(proposals × (M + k)), not O(N × M).
+        # cost is O(proposals × (M + k)), not O(N × M); proposals are checked in blocks with matrix multiplies.
         checked = np.zeros(len(items), dtype=bool)
         chosen: list[int] = []
         while len(chosen) < k:
@@ -691,13 +873,20 @@ class DropNearDuplicates(Wrapper):
             batch = self._select_within(items, allowed, k - len(chosen), rng, np.asarray(chosen, dtype=np.int64))
             if len(batch) == 0:
                 break
-            for i in batch:
-                checked[i] = True
-                unit = self._unit(x[i : i + 1])[0]
-                if len(reference) and float((reference @ unit).max()) >= self.threshold:
-                    continue  # a near-duplicate of a labelled item or of an item accepted in this batch
-                chosen.append(int(i))
-                reference = np.concatenate([reference, unit[None]])
+            checked[batch] = True
+            for start in range(0, len(batch), self.BLOCK):
+                block = np.asarray(batch[start : start + self.BLOCK], dtype=np.int64)
+                units = self._unit(x[block])
+                near_ref = (units @ reference.T).max(axis=1) >= self.threshold if len(reference) else \
+                    np.zeros(len(block), dtype=bool)
+                within = units @ units.T
+                accepted: list[int] = []
+                for j in range(len(block)):
+                    if near_ref[j] or (accepted and float(within[j, accepted].max()) >= self.threshold):
+                        continue  # a near-duplicate of a labelled item or of an item accepted in this batch
+                    accepted.append(j)
+                chosen += block[accepted].tolist()
+                reference = np.concatenate([reference, units[accepted]])
         return np.asarray(chosen, dtype=np.int64)
 
 
@@ -744,7 +933,9 @@ class RandomArm(Wrapper):
         strategy_rng, random_rng = rng.spawn(2)
         picks = self.base.select(items, n_strategy, strategy_rng)
         rest = np.setdiff1d(np.arange(len(items)), picks)
-        control = rest[Random().select(items.subset(rest), n_random, random_rng)] if len(rest) else rest
+        # `Random().select` over the rest needs only its size (no subset: no copy of the embeddings)
+        control = rest[random_rng.choice(len(rest), size=min(n_random, len(rest)), replace=False)] \
+            if len(rest) and n_random > 0 else rest[:0]
         return picks, control.astype(np.int64)
 
 

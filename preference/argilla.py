@@ -341,13 +341,19 @@ class ArgillaClient:
 
         Raw REST: the SDK's records drop a ranking answer's ranks (ties are lost) and the responses' timestamps.
         """
-        out: list[dict] = []
+        return [r for batch in self.iter_records(dataset_id, page) for r in batch]
+
+    def iter_records(self, dataset_id: str, page: int = 1000):
+        """`list_records` a page at a time (bounded memory for large datasets): lists of raw records."""
+        seen = 0
         while True:
-            params = [("include", "responses"), ("offset", len(out)), ("limit", page)]
+            params = [("include", "responses"), ("offset", seen), ("limit", page)]
             batch = self.rest("GET", f"/api/v1/datasets/{dataset_id}/records", params=params)
-            out += batch["items"]
-            if not batch["items"] or len(out) >= batch.get("total", 0):
-                return out
+            if batch["items"]:
+                yield batch["items"]
+            seen += len(batch["items"])
+            if not batch["items"] or seen >= batch.get("total", 0):
+                return
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -653,19 +659,20 @@ def upsert_records(client: ArgillaClient, dataset, spec: dict, records: Sequence
 
     existing = _answered(client, dataset)
     todo = [r for r in records if not existing.get(r.record_id)]
-    items = [record_item(r, spec, questions=questions, rewards=rewards, agent=agent,
-                         extra_fields=(extra_fields or {}).get(r.record_id)) for r in todo]
 
-    def as_record(item: dict):
+    def as_record(r: AnnotationRecord):
+        item = record_item(r, spec, questions=questions, rewards=rewards, agent=agent,
+                           extra_fields=(extra_fields or {}).get(r.record_id))
         suggestions = [rg.Suggestion(name, s["value"], score=s["score"], agent=s["agent"], type="model")
                        for name, s in item["suggestions"].items()]
         return rg.Record(id=item["id"], fields=item["fields"], metadata=item["metadata"],
                          vectors=item.get("vectors"), suggestions=suggestions)
 
-    bar = tqdm(total=len(items), desc=f"push {dataset.name}", unit="record", disable=not progress)
-    for start in range(0, len(items), batch_size):
-        batch = items[start : start + batch_size]
-        log_batch(client, dataset, [as_record(i) for i in batch], first=start + 1, total=len(items))
+    # a batch's SDK records are built just before it is sent: memory holds one batch, whatever the queue's size
+    bar = tqdm(total=len(todo), desc=f"push {dataset.name}", unit="record", disable=not progress)
+    for start in range(0, len(todo), batch_size):
+        batch = todo[start : start + batch_size]
+        log_batch(client, dataset, [as_record(r) for r in batch], first=start + 1, total=len(todo))
         bar.update(len(batch))
     bar.close()
     return {

@@ -2,6 +2,7 @@
 answer concurrently while the server is restarted once, pull, and check that nothing was lost or duplicated.
 
     python scripts/load_argilla.py [--records 3000] [--reviewers 3] [--restart-after 15]
+    python scripts/load_argilla.py --records 20000 --reviewers 0     # push and pull at scale, no reviewing
 
 What it does (its own server on a free port with a temporary data folder, stopped by PID at the end):
 1. builds `--records` records from data/hh-harmless-dev.jsonl.gz (the human-chosen and rejected answers of each
@@ -14,7 +15,9 @@ What it does (its own server on a free port with a temporary data folder, stoppe
    unchanged; every submitted answer appears exactly once in the pairs' provenance (per record, the annotators
    behind its pairs are exactly its submitters, none twice);
 4. prints records/s for push and pull, answers/s for the reviewers (outage included), the outage, the checks,
-   and a hardware line. Exit code 1 if a check fails.
+   the process's peak RSS after building the records, after the push and after the pull (push and pull work in
+   batches: memory holds one batch of SDK records, one page of raw records), and a hardware line. Exit code 1 if
+   a check fails. `--reviewers 0`: push and pull only (no reviewing, no restart).
 """
 
 from __future__ import annotations
@@ -70,6 +73,29 @@ def build_records(source: Path, n: int) -> list[AnnotationRecord]:
     return out
 
 
+def peak_rss_gb() -> float:
+    import resource
+
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024**2
+
+
+def push_pull_only(client, sync, records, questions) -> int:
+    """Pull every record back page by page (what `curate pull` does) and check each is on the server once."""
+    t0 = time.monotonic()
+    seen: Counter = Counter()
+    pages = 0
+    for page in client.iter_records(sync.id):
+        pages += 1
+        seen.update(r["external_id"] for r in page)
+        responses_from_raw(page, {}, {}, "argilla:load-test", questions=questions)
+    pull_s = time.monotonic() - t0
+    print(f"pull: {sum(seen.values())} records in {pages} pages in {pull_s:.1f} s = "
+          f"{sum(seen.values()) / pull_s:.0f} records/s; peak RSS {peak_rss_gb():.2f} GB", flush=True)
+    ok = set(seen) == {r.record_id for r in records} and set(seen.values()) == {1}
+    print(f"check: every record on the server exactly once: {'ok' if ok else 'FAILED'}")
+    return 0 if ok else 1
+
+
 def main(argv: list[str] | None = None) -> int:
     apply_env_defaults()
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
@@ -93,6 +119,7 @@ def main(argv: list[str] | None = None) -> int:
 def run(args, srv, server_cfg) -> int:
     argilla = ArgillaConfig(url=server_cfg.url, retries=9, backoff_s=1.0, batch_size=250, timeout_s=120.0)
     records = build_records(args.source, args.records)
+    print(f"built {len(records)} records; peak RSS {peak_rss_gb():.2f} GB", flush=True)
     spec = annotation_spec(argilla, 2)
     questions = argilla.questions()
     with ArgillaClient(server_cfg.url, server_cfg.api_key, timeout_s=argilla.timeout_s, retries=argilla.retries,
@@ -102,7 +129,10 @@ def run(args, srv, server_cfg) -> int:
         counts = upsert_records(client, sync.dataset, spec, records, questions=questions,
                                 batch_size=argilla.batch_size, progress=True)
         push_s = time.monotonic() - t0
-        print(f"push: {counts} in {push_s:.1f} s = {len(records) / push_s:.0f} records/s", flush=True)
+        print(f"push: {counts} in {push_s:.1f} s = {len(records) / push_s:.0f} records/s; peak RSS "
+              f"{peak_rss_gb():.2f} GB", flush=True)
+        if args.reviewers == 0:
+            return push_pull_only(client, sync, records, questions)
 
         profiles = ["careful", "noisy", "adversarial"]
         sim = SimulatedAnnotator(SimulatedConfig(source=args.source, annotators=args.reviewers,

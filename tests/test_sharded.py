@@ -38,18 +38,32 @@ def test_single_node_ray_gives_identical_results():
 
 
 @pytest.mark.slow
-def test_generate_sharded_on_ray_matches_local(tmp_path, hh_sample):
-    """`generation.sharding.backend: ray` on a single-node Ray gives the same completions as a local run."""
+def test_generate_sharded_on_ray_matches_local(tmp_path, hh_sample, monkeypatch):
+    """`generation.sharding.backend: ray` on a single-node Ray (2 worker processes) gives the same completions as
+    a local run; each worker reads its row range of the pool from the shared files and writes its rows there, so
+    what travels back to the driver is file names and counts, whatever the shard's size."""
     pytest.importorskip("ray", reason="Ray is an optional extra: pip install -e '.[ray]'")
+    import json
+
+    import curation.generate as G
     from curation.config import RoundConfig
     from curation.generate import GenerationConfig, run_generate
     from curation.pool import PoolConfig, PoolSource, run_pool
     from preference.plumbing.io import read_rows
     from preference.plumbing.store import Project
 
+    returned = []
+
+    def recording(*args, **kwargs):
+        results = map_shards(*args, **kwargs)
+        returned.extend(results)
+        return results
+
+    monkeypatch.setattr(G, "map_shards", recording)
     out = {}
     for name, sharding in (("local", ShardingConfig()),
                            ("ray", ShardingConfig(backend="ray", address="local", num_shards=2))):
+        returned.clear()
         cfg = RoundConfig(
             project=tmp_path / name,
             pool=PoolConfig(sources=[PoolSource(path=hh_sample, limit=10)]),
@@ -61,6 +75,8 @@ def test_generate_sharded_on_ray_matches_local(tmp_path, hh_sample):
         manifest = run_generate(cfg, rnd, progress=False)
         out[name] = (sorted(read_rows(rnd.step("generate").file("completions.parquet")), key=lambda r: r["id"]),
                      manifest["counts"])
+    assert [r["range"] for r in returned] == [[0, 5], [5, 10]]
+    assert all(len(json.dumps(r)) < 1500 and "rows" not in r for r in returned)  # names and counts, no rows
     assert out["ray"][0] == out["local"][0] and len(out["ray"][0]) == 10 * 2 + 20
     assert out["ray"][1]["shards"] == 2 and out["ray"][1]["completions"] == out["local"][1]["completions"]
 
@@ -94,3 +110,4 @@ def test_score_sharded_on_ray_matches_local(tmp_path, hh_sample):
                      for f in ("completion_scores.parquet", "prompt_scores.parquet")}
         assert manifest["counts"]["prompts"] == 9
     assert out["ray"] == out["local"]
+

@@ -125,3 +125,135 @@ def write_rows(path: str | Path, rows: list[dict], schema: pa.Schema | None = No
 def read_rows(path: str | Path) -> list[dict]:
     """Read a parquet file written by `write_rows` back into a list of dicts."""
     return pq.read_table(path).to_pylist()
+
+
+# ------------------------------------------------------------------------------------------- streaming tables
+ROW_GROUP = 16_384  # rows per parquet row group written by `RowWriter` (the unit readers stream)
+
+
+class RowWriter:
+    """Write a parquet file in row groups, atomically (temporary file renamed on success), with bounded memory:
+    `write(rows)` buffers dicts and flushes a row group every `row_group` rows. The schema is `schema`, else the
+    first batch's (later batches are cast to it). A file with no rows gets `schema`'s columns (or none).
+
+        with RowWriter(path, schema) as out:
+            for chunk in chunks:
+                out.write(rows_of(chunk))
+    """
+
+    def __init__(self, path: str | Path, schema: pa.Schema | None = None, row_group: int = ROW_GROUP):
+        self.path = Path(path)
+        self.schema = schema
+        self.row_group = row_group
+        self.rows = 0
+        self._buffer: list[dict] = []
+        self._tables: list[pa.Table] = []
+        self._table_rows = 0
+        self._writer: pq.ParquetWriter | None = None
+        self._atomic = atomic_path(self.path)
+        self._tmp: Path | None = None
+
+    def __enter__(self) -> RowWriter:
+        self._tmp = self._atomic.__enter__()
+        return self
+
+    def write(self, rows: Iterable[dict]) -> None:
+        self._flush_tables()  # tables given before these rows go first
+        self._buffer.extend(rows)
+        if len(self._buffer) >= self.row_group:
+            self._flush()
+
+    def write_table(self, table: pa.Table) -> None:
+        """Append an Arrow table (cast to the file's schema); small tables are gathered into full row groups
+        (a file of thousands of tiny row groups has a footer that every reader parses)."""
+        self._flush()  # rows given as dicts before this table go first
+        if table.num_rows:
+            self._open(table.schema)
+            self._tables.append(table.cast(self.schema) if table.schema != self.schema else table)
+            self._table_rows += table.num_rows
+            if self._table_rows >= self.row_group:
+                self._flush_tables()
+
+    def _open(self, schema: pa.Schema) -> None:
+        if self._writer is None:
+            self.schema = self.schema or schema
+            self._writer = pq.ParquetWriter(self._tmp, self.schema)
+
+    def _flush_tables(self) -> None:
+        if self._tables:
+            table = pa.concat_tables(self._tables)
+            self._tables, self._table_rows = [], 0
+            self._writer.write_table(table, row_group_size=self.row_group)
+            self.rows += table.num_rows
+
+    def _flush(self) -> None:
+        self._flush_tables()
+        if not self._buffer:
+            return
+        table = pa.Table.from_pylist(self._buffer, schema=self.schema)
+        self._buffer = []
+        self._open(table.schema)
+        self._writer.write_table(table, row_group_size=self.row_group)
+        self.rows += table.num_rows
+
+    def __exit__(self, exc_type, exc, tb) -> bool:
+        try:
+            if exc is None:
+                self._flush()
+                if self._writer is None:  # no rows at all: an empty file with the schema's columns (or none)
+                    pq.write_table(pa.Table.from_pylist([], schema=self.schema) if self.schema else pa.table({}),
+                                   self._tmp)
+                else:
+                    self._writer.close()
+            elif self._writer is not None:
+                self._writer.close()
+        finally:
+            self._atomic.__exit__(exc_type, exc, tb)
+        return False
+
+
+def iter_batches(path: str | Path, batch_size: int = ROW_GROUP, columns: list[str] | None = None
+                 ) -> Iterator[pa.RecordBatch]:
+    """The parquet file's rows as Arrow record batches of at most `batch_size` rows (bounded memory)."""
+    handle = pq.ParquetFile(path)
+    if handle.metadata.num_columns == 0 or handle.metadata.num_rows == 0:
+        return
+    yield from handle.iter_batches(batch_size=batch_size, columns=columns)
+
+
+def iter_rows(path: str | Path, batch_size: int = ROW_GROUP, columns: list[str] | None = None
+              ) -> Iterator[list[dict]]:
+    """The parquet file's rows as lists of dicts, `batch_size` at a time (`read_rows` in bounded memory)."""
+    for batch in iter_batches(path, batch_size, columns):
+        yield batch.to_pylist()
+
+
+def count_rows(path: str | Path) -> int:
+    """Rows of a parquet file (from its footer, nothing else read)."""
+    return pq.ParquetFile(path).metadata.num_rows
+
+
+def iter_row_range(path: str | Path, start: int, stop: int, batch_size: int = ROW_GROUP) -> Iterator[pa.Table]:
+    """Rows [start, stop) of a parquet file as Arrow tables of at most `batch_size` rows, reading only the row
+    groups that hold them (a shard of a file on shared storage, read by the worker that processes it)."""
+    handle = pq.ParquetFile(path)
+    meta = handle.metadata
+    first = 0
+    pending: list[pa.Table] = []
+    size = 0
+    for g in range(meta.num_row_groups):
+        rows = meta.row_group(g).num_rows
+        lo, hi = max(start, first), min(stop, first + rows)
+        if lo < hi:
+            pending.append(handle.read_row_group(g).slice(lo - first, hi - lo))
+            size += hi - lo
+            while size >= batch_size:
+                table = pa.concat_tables(pending)
+                yield table.slice(0, batch_size)
+                rest = table.slice(batch_size)
+                pending, size = ([rest] if rest.num_rows else []), rest.num_rows
+        first += rows
+        if first >= stop:
+            break
+    if size:
+        yield pa.concat_tables(pending)
