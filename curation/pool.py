@@ -34,6 +34,7 @@ from typing import Any, Literal
 
 import numpy as np
 
+from curation.labels import seed_prompt_keys
 from curation.traffic import (
     TrafficSeen,
     feedback_schema,
@@ -57,6 +58,7 @@ class PoolSource:
     format: Literal["auto", "jsonl", "parquet", "hf", "hh", "traffic"] = "auto"
     slice: str = "default"  # slice for rows that do not name one
     limit: int | None = None  # take at most this many valid rows from this source
+    license: str | None = None  # the prompts' licence (an SPDX id such as mit), for `curate export`'s dataset card
 
     def __post_init__(self):
         if self.limit is not None and self.limit < 1:
@@ -95,9 +97,11 @@ class IngestResult:
     feedback: list[Feedback] = field(default_factory=list)  # traffic sources: rated served answers
     traffic: list[dict] = field(default_factory=list)  # traffic sources: the responses ingested
     traffic_counts: dict[str, int] = field(default_factory=dict)
+    seed_prompts_removed: int | None = None  # prompts dropped because imported labels cover them (round 0)
 
     def counts(self) -> dict[str, int]:
         return {
+            **({"seed_prompts_removed": self.seed_prompts_removed} if self.seed_prompts_removed is not None else {}),
             "read": self.read,
             "prompts": len(self.prompts),
             "rejected": len(self.rejected),
@@ -171,8 +175,9 @@ def row_to_prompt(row: Any, *, default_slice: str, source: str, hh: bool = False
     return Prompt(id=prompt_id, messages=messages, slice=slice_name, source=source, metadata=metadata)
 
 
-def _iter_rows(path: Path, fmt: str):
-    """Yield (location, row-or-ValueError) for each input row."""
+def iter_rows(path: Path, fmt: str, *, split: str = "train"):
+    """Yield (location, row-or-ValueError) for each input row of a jsonl / parquet / saved HF dataset (`split` of a
+    DatasetDict). The one reader of row files: pools and seed labels (`curation.labels`) read through it."""
     if fmt in ("jsonl", "hh"):
         with open_text(path) as fh:
             for lineno, line in enumerate(fh, 1):
@@ -190,13 +195,16 @@ def _iter_rows(path: Path, fmt: str):
 
         ds = load_from_disk(str(path))
         if isinstance(ds, DatasetDict):
-            if "train" not in ds:
-                raise CurateError(f"{path}: a DatasetDict without a 'train' split (splits: {', '.join(ds)})")
-            ds = ds["train"]
+            if split not in ds:
+                raise CurateError(f"{path}: a DatasetDict without a {split!r} split (splits: {', '.join(ds)})")
+            ds = ds[split]
         for i, row in enumerate(ds):
             yield f"{path}#{i}", row
     else:
         raise CurateError(f"unknown pool format {fmt!r}; expected one of {', '.join(FORMATS)}")
+
+
+_iter_rows = iter_rows  # the former private name
 
 
 def read_source(src: PoolSource, *, strict: bool, max_chars: int) -> tuple[list[Prompt], list[Rejected], int]:
@@ -208,7 +216,7 @@ def read_source(src: PoolSource, *, strict: bool, max_chars: int) -> tuple[list[
         result = read_traffic_source(src, seen=TrafficSeen(), max_chars=max_chars, round_number=0)
         return result.prompts, result.rejected, result.read
     prompts, rejected, read = [], [], 0
-    for where, row in _iter_rows(path, fmt):
+    for where, row in iter_rows(path, fmt):
         read += 1
         try:
             if isinstance(row, ValueError):
@@ -387,6 +395,9 @@ def run_pool(cfg, rnd, *, force: bool = False, progress: bool = True) -> dict:
     inputs = ()
     if previous is not None:
         inputs = tuple(s for s in (previous.step("pool"), previous.step("select"), previous.step("failures")) if s.done)
+    seeds = rnd.project.bootstrap_round().step("labels") if 0 in rnd.project.rounds() else None
+    if seeds is not None and seeds.done:  # imported labels (round 0): their prompts leave the pool
+        inputs += (seeds,)
     run = rnd.start_step("pool", cfg.pool, inputs=inputs, seeds={"seed": cfg.seed}, force=force)
     if run is None:
         return rnd.step("pool").manifest()
@@ -403,6 +414,8 @@ def run_pool(cfg, rnd, *, force: bool = False, progress: bool = True) -> dict:
             result.prompts = [p for p in result.prompts if p.id not in fresh] + new.prompts
             result.rejected += new.rejected
             result.feedback, result.traffic, result.traffic_counts = new.feedback, new.traffic, new.traffic_counts
+        if seeds is not None and seeds.done:
+            drop_seed_prompts(result, seed_prompt_keys(rnd.project.root))
         write_rows(run.path / "prompts.parquet", [p.to_row() for p in result.prompts])
         write_jsonl(run.path / "rejected.jsonl", (r.to_row() for r in result.rejected))
         write_rows(run.path / "feedback.parquet", [f.to_row() for f in result.feedback], schema=feedback_schema())
@@ -412,6 +425,16 @@ def run_pool(cfg, rnd, *, force: bool = False, progress: bool = True) -> dict:
         if result.rejected:
             run.extra["rejected_examples"] = [r.to_row() for r in result.rejected[:5]]
     return rnd.step("pool").manifest()
+
+
+def drop_seed_prompts(result: IngestResult, keys: set[str]) -> None:
+    """Remove the prompts the imported seed labels already cover (`curation.labels.seed_prompt_keys`); counted as
+    `seed_prompts_removed`."""
+    from training.data import prompt_key
+
+    kept = [p for p in result.prompts if prompt_key(p.messages) not in keys]
+    result.seed_prompts_removed = len(result.prompts) - len(kept)
+    result.prompts = kept
 
 
 def carry_over(previous) -> IngestResult:
