@@ -307,12 +307,13 @@ def unpaired_features():
 
 
 def _dataset_dict(rows: list[dict], features, test_share: float):
+    """The rows split by prompt hash; an empty split is left out (a saved DatasetDict cannot hold one)."""
     import datasets
 
     parts = {name: [r for r in rows if split_of(r["prompt"], test_share) == name] for name in SPLITS}
     return datasets.DatasetDict({
         name: datasets.Dataset.from_dict({c: [r[c] for r in part] for c in features}, features=features)
-        for name, part in parts.items()
+        for name, part in parts.items() if part
     })
 
 
@@ -377,7 +378,7 @@ def limitations(cfg, got: Collected) -> list[str]:
 def card_text(cfg, got: Collected, sizes: dict[str, dict[str, int]], licenses: list[str], sources: list[dict]) -> str:
     """The card's markdown body (after the YAML header)."""
     name = cfg.export.pretty_name or Path(cfg.project).name
-    total_pairs = sum(sizes["pairs"].values())
+    total_pairs = sum(sizes.get("pairs", {}).values())
     lines = [f"# {name}", "",
              f"Preference pairs curated with `curate` (active learning with humans in the loop) from the project "
              f"`{Path(cfg.project).name}`: {total_pairs} pairs"
@@ -459,12 +460,13 @@ def make_card(cfg, got: Collected, sizes: dict[str, dict[str, int]]):
     from huggingface_hub import DatasetCard, DatasetCardData
 
     licenses, sources = _licenses(cfg, got.rounds)
-    configs = [{"config_name": "default", "default": True,
-                "data_files": [{"split": s, "path": f"data/pairs/{s}.parquet"} for s in SPLITS]}]
-    if sizes.get("unpaired"):
-        configs.append({"config_name": "unpaired",
-                        "data_files": [{"split": s, "path": f"data/unpaired/{s}.parquet"} for s in SPLITS]})
-    total = sum(sizes["pairs"].values()) + sum((sizes.get("unpaired") or {}).values())
+    configs = []
+    for name, folder in (("default", "pairs"), ("unpaired", "unpaired")):
+        if sizes.get(folder):
+            configs.append({"config_name": name, **({"default": True} if name == "default" else {}),
+                            "data_files": [{"split": s, "path": f"data/{folder}/{s}.parquet"} for s in SPLITS
+                                           if sizes[folder].get(s)]})
+    total = sum(sum(v.values()) for v in sizes.values())
     data = DatasetCardData(
         license=licenses[0] if len(licenses) == 1 else licenses,
         language=list(cfg.export.language) or None,
@@ -512,11 +514,15 @@ def _quiet_datasets():
 
 
 def _write_export(cfg, got: Collected, out: Path) -> dict[str, Any]:
+    if not got.pairs and not got.unpaired:
+        raise CurateError(f"{cfg.project}: the selected rounds hold no pairs or judgements to export")
     staging = out.with_name(f".{out.name}.partial")
     shutil.rmtree(staging, ignore_errors=True)
     staging.mkdir(parents=True)
-    sizes = {"pairs": _write(_dataset_dict(got.pairs, pair_features(), cfg.export.test_share), staging,
-                             staging / "data" / "pairs")}
+    sizes: dict[str, dict[str, int]] = {}
+    if got.pairs:
+        sizes["pairs"] = _write(_dataset_dict(got.pairs, pair_features(), cfg.export.test_share), staging,
+                                staging / "data" / "pairs")
     if got.unpaired:
         sizes["unpaired"] = _write(_dataset_dict(got.unpaired, unpaired_features(), cfg.export.test_share),
                                    staging / "unpaired", staging / "data" / "unpaired")
@@ -524,8 +530,8 @@ def _write_export(cfg, got: Collected, out: Path) -> dict[str, Any]:
     info = {"project": str(cfg.project), "rounds": [r["round"] for r in got.rounds], "sizes": sizes,
             "duplicates_removed": got.duplicates, "contradictions": got.contradictions,
             "test_share": cfg.export.test_share, "exported_at": datetime.now(UTC).isoformat(timespec="seconds"),
-            "summary": (f"{sum(sizes['pairs'].values())} pairs ({sizes['pairs']['train']} train, "
-                        f"{sizes['pairs']['test']} test)"
+            "summary": (f"{sum(sizes.get('pairs', {}).values())} pairs ("
+                        + ", ".join(f"{sizes.get('pairs', {}).get(s, 0)} {s}" for s in SPLITS) + ")"
                         + (f", {sum(sizes['unpaired'].values())} unpaired" if "unpaired" in sizes else "")
                         + f" from rounds {', '.join(str(r['round']) for r in got.rounds)}")}
     write_json(staging / "export.json", info)

@@ -510,7 +510,7 @@ def section_labels(rnd) -> Section:
     lines = [f"labels requested so far: strategy arm {total['strategy']}, random arm {total['random']}"]
     imported = sum(p["imported"] for p in points)
     if imported:
-        lines.append(f"imported seed labels (round 0, `curate bootstrap`): pairs on {imported} prompts")
+        lines.append(f"imported seed labels (round 0, `curate bootstrap`): labels on {imported} prompts")
     curve = learning_curve(rnd)
     lines += forecast_lines(curve)
     figures = [_cross_round_figure(points, curve)] if any(p["heldout_accuracy"] is not None for p in points) else []
