@@ -1,6 +1,9 @@
 """`curate bootstrap`: round 0 — the labels a team already has, and the first champion trained on them.
 
     labels:                  the seed labels (curation/labels.py)
+    embed                    their answers embedded as `curate score` embeds completions (`labels.embed_pairs`), so
+                             round 1 can fit its fast reward ensemble on them (the disagreement of a one-head
+                             champion is 0 everywhere; with `reward.ensemble ≥ 2` the champion's heads serve)
     train_<kind>             every trainer of the table on the imported pairs (and unpaired judgements), with the
                              trainer sections as `labels.train` overrides them (round 0 usually has many more pairs
                              than a round: more steps)
@@ -27,6 +30,7 @@ from training.trainers import TRAINERS
 
 BOOTSTRAP_STEPS: list[tuple[str, str]] = [
     ("labels", "curation.labels.run_labels"),
+    ("embed", "curation.labels.run_embed"),
     *((t.step, f"curation.train_steps.run_{t.step}") for t in TRAINERS.values()),
     ("evaluate", "curation.train_steps.run_evaluate"),
     ("gate", "curation.train_steps.run_gate"),

@@ -202,7 +202,7 @@ def status(config: ConfigOpt, set_: SetOpt = None) -> None:
 
     cfg = load(config, set_)
     project = Project(cfg.project)
-    order = {name: i for i, (name, _) in enumerate([("labels", ""), *STEPS])}
+    order = {name: i for i, (name, _) in enumerate([("labels", ""), ("embed", ""), *STEPS])}
     rows = sorted(project.status(), key=lambda r: (r["round"], order.get(r["step"], len(order)), r["step"]))
     if not rows:
         typer.echo(f"{project.root}: no rounds yet; start with `curate pool -c {config}`")

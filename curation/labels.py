@@ -109,6 +109,9 @@ class LabelsConfig:
 
     sources: list[LabelSource] = field(default_factory=list)
     strict: bool = False  # fail on the first bad row instead of rejecting it with a report
+    # answers of at most this many imported pairs (a seeded sample) are embedded by `scoring.embedding_model`
+    # (round 0's `embed` step), so round 1's selection can fit its fast reward ensemble on them; 0 = none
+    embed_pairs: int = 1000
     # the bootstrap's trainer settings over the trainer sections, e.g. {reward: {max_steps: 60}, dpo: {enabled:
     # false}} (round 0 trains on many more pairs than a round; keys are checked against the trainer sections)
     train: dict[str, dict[str, Any]] = field(default_factory=dict)
@@ -117,6 +120,9 @@ class LabelsConfig:
         from dataclasses import fields
 
         from training.trainers import TRAINERS
+
+        if self.embed_pairs < 0:
+            raise ValueError(f"embed_pairs must be ≥ 0 (0 = none), got {self.embed_pairs}")
 
         for kind, overrides in self.train.items():
             if kind not in TRAINERS:
@@ -617,6 +623,61 @@ def run_labels(cfg, rnd, *, force: bool = False, progress: bool = True) -> dict:
                 print(f"labels: {len(got.rejected)} rows rejected (first: {first['source']}: {first['reason']}); "
                       f"all in {run.path / 'rejected.jsonl'}", flush=True)
     return rnd.step("labels").manifest()
+
+
+def run_embed(cfg, rnd, *, force: bool = False, progress: bool = True) -> dict:
+    """Step `embed` of round 0: the imported pairs' answers embedded as `curate score` embeds a completion (its
+    text alone, by `scoring.embedding_model`) → `embed/completion_scores.parquet` (completion_id, embedding), for
+    at most `labels.embed_pairs` pairs (a seeded sample). Round 1's selection fits its fast Bradley–Terry reward
+    ensemble on earlier rounds' pairs with these embeddings (`curation.select.earlier_pairs`): with a one-head
+    champion (`reward.ensemble: 1`), `selection.reward_source: auto` takes that ensemble's disagreement. Skipped
+    (with a note) when the embedding model is a language model: the score step embeds a completion after its
+    prompt there, which the imported answers cannot match."""
+    import numpy as np
+    from tqdm.auto import tqdm
+
+    from curation.backends import embedding_settings, load_backend
+    from curation.score import embed_texts, resolve_member
+    from training.data import load_round_pairs
+    from training.registry import registry_root
+
+    sc, n = cfg.scoring, cfg.labels.embed_pairs
+    key = {"embedding_model": sc.embedding_model, "backend": sc.backend, "embed_pairs": n,
+           "embed_max_tokens": sc.embed_max_tokens}
+    run = rnd.start_step("embed", key, inputs=(rnd.step("labels"),), seeds={"seed": cfg.seed}, force=force)
+    if run is None:
+        return rnd.step("embed").manifest()
+    with run:
+        pairs = load_round_pairs(rnd)
+        weights = resolve_member(sc.embedding_model, sc.backend.name, registry_root(cfg)) if sc.embedding_model \
+            else None
+        settings = embedding_settings(weights, sc.backend) if weights is not None else None
+        rows: list[dict] = []
+        if n == 0 or not pairs or settings is None or settings.name != "sentence-transformers":
+            run.extra["note"] = ("labels.embed_pairs is 0" if n == 0 else "no imported pairs" if not pairs else
+                                 "scoring.embedding_model is not a sentence embedder: round 1's fast reward ensemble "
+                                 "cannot use the imported pairs (a multi-head champion, reward.ensemble ≥ 2, can)")
+        else:
+            rng = np.random.default_rng([cfg.seed, 0xE3BED])
+            sample = [pairs[i] for i in sorted(rng.choice(len(pairs), size=min(n, len(pairs)), replace=False))]
+            texts = {}
+            for p in sample:
+                texts.setdefault(p.chosen_id, _text(p.chosen))
+                texts.setdefault(p.rejected_id, _text(p.rejected))
+            bar = tqdm(total=len(texts), desc="embed imported answers", unit="text", disable=not progress)
+            with load_backend(weights, settings) as backend:
+                vectors = embed_texts(backend, sorted(texts.items()), run.parts_dir, sc.batch_size, bar,
+                                      sc.embed_max_tokens)
+                run.extra["timings"] = backend.timings
+            bar.close()
+            rows = [{"completion_id": cid, "embedding": vectors[cid].astype(np.float32).tolist()} for cid in texts]
+            run.extra["embedding_model"] = str(sc.embedding_model)
+        import pyarrow as pa
+
+        schema = pa.schema([("completion_id", pa.string()), ("embedding", pa.list_(pa.float32()))])
+        write_rows(run.path / "completion_scores.parquet", rows, schema=schema)
+        run.counts.update(pairs=len(pairs) if rows else 0, texts=len(rows))
+    return rnd.step("embed").manifest()
 
 
 # ------------------------------------------------------------------------------------------------- consumers

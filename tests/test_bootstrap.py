@@ -80,10 +80,10 @@ def test_status_lists_round_zero_and_bootstrap_is_not_redone(seeded):
     status = curate("status", *args)
     assert status.returncode == 0
     rows = [line.split() for line in status.stdout.splitlines()[1:]]
-    assert [r[1] for r in rows if r[0] == "0"][:6] == ["labels", "train_reward", "train_dpo", "train_kto", "evaluate",
-                                                     "gate"]
+    assert [r[1] for r in rows if r[0] == "0"][:7] == ["labels", "embed", "train_reward", "train_dpo", "train_kto",
+                                                     "evaluate", "gate"]
     again = curate("bootstrap", *args, "-q")  # finished: every step skipped
-    assert again.returncode == 0 and again.stdout.count("skipped (finished earlier)") == 6
+    assert again.returncode == 0 and again.stdout.count("skipped (finished earlier)") == 7
     forced = curate("bootstrap", *args, "--force")  # round 1 drew its pool: refused, one line
     assert forced.returncode == 2 and len(forced.stderr.strip().splitlines()) == 1
     assert "already drew its pool: seed labels must be imported before round 1's pool" in forced.stderr
@@ -103,3 +103,34 @@ def test_bootstrap_is_due_only_before_the_loop_without_a_champion(seeded, tmp_pa
     shared = cfg.__class__(**{**cfg.__dict__, "project": fresh.root,
                               "gate": cfg.gate.__class__(**{**cfg.gate.__dict__, "registry": project / "registry"})})
     assert not bootstrap_due(shared, fresh)  # the registry already has a champion
+
+
+def test_embed_step_feeds_the_fast_ensemble_the_imported_pairs(seeded, tiny_sentence_model, tmp_path):
+    """With a sentence embedder, round 0's embed step embeds the imported answers as the score step embeds
+    completions, and selection's `earlier_pairs` finds round 0's pairs with them (the fast reward ensemble that
+    `reward_source: auto` takes over a one-head champion)."""
+    import shutil
+
+    from curation.labels import run_embed
+    from curation.select import earlier_pairs
+    from preference.plumbing.config import replace_path
+
+    project, args, _ = seeded
+    copy = tmp_path / "proj"
+    shutil.copytree(project / "round-0000", copy / "round-0000")
+    cfg = config(args)
+    for key, value in (("project", str(copy)), ("scoring.backend.name", "transformers"),
+                       ("scoring.embedding_model", str(tiny_sentence_model))):
+        cfg = replace_path(cfg, key, value)
+    r0 = Project(copy).bootstrap_round()
+    assert "not a sentence embedder" in read_json(r0.path / "embed" / "manifest.json")["note"]  # the fixture's
+    manifest = run_embed(cfg, r0, force=True, progress=False)
+    pairs = read_rows(r0.path / "labels" / "pairs.parquet")
+    assert manifest["counts"] == {"pairs": len(pairs), "texts": len({p[k] for p in pairs
+                                                                    for k in ("chosen_id", "rejected_id")})}
+    found, missing = earlier_pairs([r0])
+    assert len(found) == len(pairs) and missing == 0 and found.chosen.shape[1] == 32
+    small = replace_path(cfg, "labels.embed_pairs", "5")
+    run_embed(small, r0, force=True, progress=False)
+    found, missing = earlier_pairs([r0])
+    assert len(found) == 5 and missing == len(pairs) - 5
