@@ -456,6 +456,18 @@ def card_text(cfg, got: Collected, sizes: dict[str, dict[str, int]], licenses: l
     return "\n".join(lines) + "\n"
 
 
+def annotation_creators(rounds: list[dict]) -> list[str]:
+    """The Hub's `annotations_creators`: simulated reviewers → machine-generated, people → expert-generated,
+    imported labels → found."""
+    out = set()
+    for r in rounds:
+        if r["kind"] == "imported":
+            out.add("found")
+        else:
+            out.add("machine-generated" if (r.get("reviewers") or {}).get("simulated") else "expert-generated")
+    return sorted(out)
+
+
 def make_card(cfg, got: Collected, sizes: dict[str, dict[str, int]]):
     from huggingface_hub import DatasetCard, DatasetCardData
 
@@ -475,8 +487,7 @@ def make_card(cfg, got: Collected, sizes: dict[str, dict[str, int]]):
         size_categories=[size_category(total)],
         pretty_name=cfg.export.pretty_name or Path(cfg.project).name,
         tags=list(cfg.export.tags),
-        annotations_creators=["machine-generated"] if all(
-            (r.get("reviewers") or {}).get("simulated") for r in got.rounds if r["kind"] == "loop") else ["expert-generated"],
+        annotations_creators=annotation_creators(got.rounds),
         configs=configs,
     )
     return DatasetCard(f"---\n{data.to_yaml()}\n---\n\n" + card_text(cfg, got, sizes, licenses, sources))

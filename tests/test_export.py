@@ -89,6 +89,7 @@ def test_the_card_parses_with_hub_metadata_and_says_what_it_must(exported):
     assert data["size_categories"] == [size_category(sum(sum(v.values()) for v in read_json(out / "export.json")
                                                          ["sizes"].values()))] == ["n<1K"]
     assert data["task_categories"] == ["text-generation", "text-classification"]
+    assert data["annotations_creators"] == ["found", "machine-generated"]  # imported labels, simulated reviewers
     assert [c["config_name"] for c in data["configs"]] == ["default", "unpaired"]
     assert yaml.safe_load(card.content.split("---")[1]) == data  # the header is plain YAML
     text = card.text
