@@ -7,7 +7,7 @@
 
 Points: for every round up to `rnd` whose `evaluate` step finished on the same held-out set as the latest one,
 x = labels used so far (the records reviewers answered, summed over the `pull` steps of that round and the
-earlier ones) and y = the round's held-out reward-model accuracy (`evaluate/metrics.json`: `reward.accuracy`, with
+earlier ones; round 0, the bootstrap, counts the prompts its imported labels cover) and y = the round's held-out reward-model accuracy (`evaluate/metrics.json`: `reward.accuracy`, with
 its bootstrap CI).
 
 Fit: the inverse power law of learning curves, acc(n) = a − b·n^(−c) with a ≤ 1, b ≥ 0 (accuracy does not fall
@@ -40,8 +40,10 @@ def round_points(rnd) -> tuple[list[dict[str, Any]], dict[str, Any] | None]:
     rounds = [*reversed(list(rnd.earlier())), rnd]
     labels, points = 0, []
     heldout = None
+    from training.data import pairs_step
+
     for r in rounds:
-        pull = r.step("pull")
+        pull = pairs_step(r)  # round 0: the imported labels (their prompts count as its records)
         new = int((pull.manifest().get("counts") or {}).get("records", 0)) if pull.done else 0
         labels += new
         evaluate = r.step("evaluate")

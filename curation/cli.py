@@ -6,6 +6,8 @@
     curate generate -c ... ; curate score -c ... ; curate select -c ... ; curate push -c ... ; curate pull -c ...
     curate train reward -c ... ; curate train dpo -c ... (one per trainer) ; curate evaluate -c ... ; curate gate -c ...
     curate round run -c ... ; curate status -c ...
+    curate bootstrap -c ...                   # round 0: import labels.sources, train and register a champion
+    curate export -c ... --out DIR            # every round's pairs as an HF dataset + parquet + dataset card
 
 Every step writes into the project's round store and is skipped when it already finished with the same config.
 Bad input exits with code 2 and one line saying what is wrong.
@@ -113,6 +115,10 @@ def run_step(name: str, fn: Callable, config: Path, round_: int | None, force: b
     step = name.replace(" ", "_")
     with writer(cfg, registry=step in REGISTRY_STEPS):
         rnd = open_round(cfg, round_)
+        if rnd.number == 0:  # the bootstrap's steps run with its trainer settings (labels.train)
+            from curation.bootstrap import bootstrap_config
+
+            cfg = bootstrap_config(cfg)
         with step_console(rnd.step(step), verbose=verbose):
             manifest = fn(cfg, rnd, force=force, progress=not quiet)
     counts = ", ".join(f"{k}={v}" for k, v in (manifest.get("counts") or {}).items())
@@ -242,7 +248,7 @@ def status(config: ConfigOpt, set_: SetOpt = None) -> None:
     writing = current_writer(project.root)
     if writing:
         typer.echo(f"being written by {describe_writer(writing)}")
-    order = {name: i for i, (name, _) in enumerate(STEPS)}
+    order = {name: i for i, (name, _) in enumerate([("labels", ""), ("embed", ""), *STEPS])}
     rows = sorted(project.status(), key=lambda r: (r["round"], order.get(r["step"], len(order)), r["step"]))
     if not rows:
         typer.echo(f"{project.root}: no rounds yet; start with `curate pool -c {config}`")
@@ -285,6 +291,50 @@ def arms_status(project, latest: int, c: float) -> None:
     for a in report["cumulative"]:
         typer.echo(f"{'all':>5}  {arm_line(a)}")
     typer.echo(f"so far: {report['worth']['sentence']}")
+
+
+@app.command()
+def bootstrap(
+    config: ConfigOpt, force: ForceOpt = False, set_: SetOpt = None, quiet: QuietOpt = False,
+    verbose: VerboseOpt = False,
+) -> None:
+    """Round 0: import the seed labels (labels.sources), train, evaluate and register the models on them, so round 1
+    starts with a champion (reward-model suggestions, the champion's ensemble). Resumable; `round run` does it first
+    when seed labels are configured and there is no champion."""
+    from curation.bootstrap import run_bootstrap
+    from preference.plumbing.store import Project
+
+    cfg = load(config, set_)
+    with writer(cfg, registry=True):
+        run_bootstrap(cfg, Project(cfg.project), force=force, progress=not quiet, verbose=verbose, echo=typer.echo)
+
+
+@app.command()
+def export(
+    config: ConfigOpt,
+    out: Annotated[Path, typer.Option("--out", "-o", help="Folder to write (must not exist, unless --force).")],
+    rounds: Annotated[str | None, typer.Option(
+        "--rounds", help="Rounds to export: all (default), or a list/range such as 0-3 or 1,2,5.")] = None,
+    force: Annotated[bool, typer.Option("--force", help="Replace an existing --out folder.")] = False,
+    test_share: Annotated[float, typer.Option(
+        "--test-share", help="Share of prompts in the test split (by prompt hash).")] = 0.1,
+    push_to_hub: Annotated[str | None, typer.Option(
+        "--push-to-hub", help="Also upload to this Hub dataset repo (token: HF_TOKEN or `huggingface-cli login`).")
+    ] = None,
+    private: Annotated[bool, typer.Option("--private", help="With --push-to-hub: create the repo private.")] = False,
+    set_: SetOpt = None,
+) -> None:
+    """Export every round's pairs (and unpaired judgements), deduplicated, split train/test by prompt hash, as an HF
+    DatasetDict (save_to_disk) + parquet in TRL's conversational preference format with provenance columns, and a
+    dataset card (README.md)."""
+    from curation.export import export_project, parse_rounds, push
+
+    cfg = load(config, set_)
+    result = export_project(cfg, out, rounds=parse_rounds(rounds), force=force, test_share=test_share)
+    typer.echo(f"exported {result['summary']} → {out}")
+    if push_to_hub:
+        url = push(out, push_to_hub, private=private)
+        typer.echo(f"pushed to {url}")
 
 
 @round_app.command("status")

@@ -13,7 +13,9 @@ from pathlib import Path
 
 from curation.annotate import AnnotationConfig
 from curation.drift import DriftConfig
+from curation.export import ExportConfig
 from curation.generate import GenerationConfig
+from curation.labels import LabelsConfig
 from curation.pool import PoolConfig
 from curation.score import ScoringConfig
 from curation.select import SelectionConfig
@@ -31,6 +33,7 @@ class RoundSections:
     project: Path = Path("runs/default")  # the round store folder
     seed: int = 0
     description: str = ""
+    labels: LabelsConfig = field(default_factory=LabelsConfig)  # seed labels: round 0 (`curate bootstrap`)
     pool: PoolConfig = field(default_factory=PoolConfig)
     generation: GenerationConfig = field(default_factory=GenerationConfig)
     scoring: ScoringConfig = field(default_factory=ScoringConfig)
@@ -40,6 +43,7 @@ class RoundSections:
     gate: GateConfig = field(default_factory=GateConfig)
     serve: ServeConfig = field(default_factory=ServeConfig)  # `curate serve`: the champion behind a logging layer
     drift: DriftConfig = field(default_factory=DriftConfig)  # `curate drift`, `round run --next --if-drift`
+    export: ExportConfig = field(default_factory=ExportConfig)  # `curate export`: the dataset card's extras
 
 
 # `RoundSections` + one section per trainer of the table, named by its kind: `cfg.reward`, `cfg.dpo`, `cfg.kto`, ...
@@ -53,4 +57,13 @@ RoundConfig = make_dataclass(
 
 
 def load_config(path: str | Path) -> RoundConfig:
-    return load_yaml(path, RoundConfig)
+    cfg = load_yaml(path, RoundConfig)
+    if cfg.labels.train:  # the bootstrap's trainer settings type-check against the trainer sections now
+        from curation.bootstrap import bootstrap_config
+        from preference.plumbing.config import ConfigError
+
+        try:
+            bootstrap_config(cfg)
+        except ConfigError as exc:
+            raise ConfigError(f"{path}: labels.train: {str(exc).removeprefix('--set ')}") from exc
+    return cfg

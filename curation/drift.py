@@ -204,8 +204,10 @@ class Sample:
 
 
 def reference_prompts(cfg) -> tuple[str, list[Sample]]:
-    """(champion version, its training prompts) — see `DriftConfig.reference`."""
+    """(champion version, its training prompts) — see `DriftConfig.reference`. A champion of round 0 (the
+    bootstrap) was trained on imported labels: their prompts are its reference either way."""
     from preference.plumbing.store import Project
+    from training.data import pairs_step
     from training.registry import Registry, registry_root
 
     registry = Registry(registry_root(cfg))
@@ -215,10 +217,10 @@ def reference_prompts(cfg) -> tuple[str, list[Sample]]:
                           "traffic could drift from; run rounds (without --if-drift) until the gate promotes one")
     project = Project(cfg.project)
     samples: dict[str, Sample] = {}
-    if cfg.drift.reference == "pool":
+    number = registry.get(version).get("round")
+    if cfg.drift.reference == "pool" and number != 0:  # round 0 (the bootstrap) has no pool: its labels' prompts
         from curation.pool import load_prompts
 
-        number = registry.get(version).get("round")
         if number is None or number not in project.rounds():
             raise CurateError(f"champion {version} names no round of {project.root}; use drift.reference: trained")
         for p in load_prompts(project.round(number)):
@@ -230,7 +232,7 @@ def reference_prompts(cfg) -> tuple[str, list[Sample]]:
         for key, ids in ((part.get("rounds") if isinstance(part, dict) else None) or {}).items():
             wanted.setdefault(int(key.removeprefix("round-")), set()).update(ids)
     for number, ids in sorted(wanted.items()):
-        step = project.round(number).step("pull") if number in project.rounds() else None
+        step = pairs_step(project.round(number)) if number in project.rounds() else None
         if step is None or not step.done:
             raise CurateError(f"champion {version} was trained on pairs of round {number}, which {project.root} does "
                               "not hold; run drift with the config of the project that trained it")

@@ -35,6 +35,7 @@ from typing import Any, Literal
 
 import numpy as np
 
+from curation.labels import seed_prompt_keys
 from curation.traffic import (
     TrafficSeen,
     feedback_schema,
@@ -58,6 +59,7 @@ class PoolSource:
     format: Literal["auto", "jsonl", "parquet", "hf", "hh", "traffic"] = "auto"
     slice: str = "default"  # slice for rows that do not name one
     limit: int | None = None  # take at most this many valid rows from this source
+    license: str | None = None  # the prompts' licence (an SPDX id such as mit), for `curate export`'s dataset card
 
     def __post_init__(self):
         if self.limit is not None and self.limit < 1:
@@ -97,9 +99,11 @@ class IngestResult:
     traffic: list[dict] = field(default_factory=list)  # traffic sources: the responses ingested
     traffic_counts: dict[str, int] = field(default_factory=dict)
     prompt_count: int | None = None  # prompts written (when they were streamed to a file, not kept in `prompts`)
+    seed_prompts_removed: int | None = None  # prompts dropped because imported labels cover them (round 0)
 
     def counts(self) -> dict[str, int]:
         return {
+            **({"seed_prompts_removed": self.seed_prompts_removed} if self.seed_prompts_removed is not None else {}),
             "read": self.read,
             "prompts": len(self.prompts) if self.prompt_count is None else self.prompt_count,
             "rejected": len(self.rejected),
@@ -173,8 +177,9 @@ def row_to_prompt(row: Any, *, default_slice: str, source: str, hh: bool = False
     return Prompt(id=prompt_id, messages=messages, slice=slice_name, source=source, metadata=metadata)
 
 
-def _iter_rows(path: Path, fmt: str):
-    """Yield (location, row-or-ValueError) for each input row."""
+def iter_file_rows(path: Path, fmt: str, *, split: str = "train"):
+    """Yield (location, row-or-ValueError) for each input row of a jsonl / parquet / saved HF dataset (`split` of a
+    DatasetDict). The one reader of row files: pools and seed labels (`curation.labels`) read through it."""
     if fmt in ("jsonl", "hh"):
         with open_text(path) as fh:
             for lineno, line in enumerate(fh, 1):
@@ -195,9 +200,9 @@ def _iter_rows(path: Path, fmt: str):
 
         ds = load_from_disk(str(path))
         if isinstance(ds, DatasetDict):
-            if "train" not in ds:
-                raise CurateError(f"{path}: a DatasetDict without a 'train' split (splits: {', '.join(ds)})")
-            ds = ds["train"]
+            if split not in ds:
+                raise CurateError(f"{path}: a DatasetDict without a {split!r} split (splits: {', '.join(ds)})")
+            ds = ds[split]
         for i, row in enumerate(ds):
             yield f"{path}#{i}", row
     else:
@@ -216,7 +221,7 @@ def iter_source(src: PoolSource, *, strict: bool, max_chars: int, rejected: list
     counter.setdefault("read", 0)
     reject = on_reject or (rejected.append if rejected is not None else (lambda r: None))
     kept = 0
-    for where, row in _iter_rows(path, fmt):
+    for where, row in iter_file_rows(path, fmt):
         counter["read"] += 1
         try:
             if isinstance(row, ValueError):
@@ -434,7 +439,10 @@ def _merge_traffic(results: list[IngestResult]) -> IngestResult:
 class _Sink:
     """Where ingestion puts its prompts and rejected rows: lists (`ingest`) or streamed files (`run_pool`)."""
 
-    def __init__(self, prompts_path: Path | None = None, rejected_path: Path | None = None):
+    def __init__(self, prompts_path: Path | None = None, rejected_path: Path | None = None,
+                 drop_keys: set[str] | None = None):
+        self.drop_keys = drop_keys  # prompt keys the imported seed labels cover (`training.data.prompt_key`)
+        self.dropped = 0
         self.prompts: list[Prompt] = []
         self.rejected: list[Rejected] = []
         self.rejected_count = 0
@@ -442,6 +450,12 @@ class _Sink:
         self._rejected_fh = open(rejected_path, "w") if rejected_path is not None else None  # noqa: SIM115
 
     def prompt(self, rows: list[dict]) -> None:
+        if self.drop_keys:
+            from training.data import prompt_key
+
+            kept = [r for r in rows if prompt_key(r["messages"]) not in self.drop_keys]
+            self.dropped += len(rows) - len(kept)
+            rows = kept
         if self._writer is not None:
             self._writer.write(rows)
         else:
@@ -598,13 +612,17 @@ def run_pool(cfg, rnd, *, force: bool = False, progress: bool = True) -> dict:
     inputs = ()
     if previous is not None:
         inputs = tuple(s for s in (previous.step("pool"), previous.step("select"), previous.step("failures")) if s.done)
+    seeds = rnd.project.bootstrap_round().step("labels") if 0 in rnd.project.rounds() else None
+    if seeds is not None and seeds.done:  # imported labels (round 0): their prompts leave the pool
+        inputs += (seeds,)
     run = rnd.start_step("pool", cfg.pool, inputs=inputs, seeds={"seed": cfg.seed}, force=force)
     if run is None:
         return rnd.step("pool").manifest()
     with run:
         seen = seen_traffic(rnd.earlier())
         work = run.parts_dir
-        with _Sink(run.path / "prompts.parquet", run.path / "rejected.jsonl") as sink:
+        drop = seed_prompt_keys(rnd.project.root) if seeds is not None and seeds.done else None
+        with _Sink(run.path / "prompts.parquet", run.path / "rejected.jsonl", drop_keys=drop) as sink:
             if previous is None or not previous.step("pool").done:
                 result = _ingest(cfg.pool, sink, work, seen=seen, round_number=rnd.number)
             else:
@@ -616,8 +634,10 @@ def run_pool(cfg, rnd, *, force: bool = False, progress: bool = True) -> dict:
         write_rows(run.path / "feedback.parquet", [f.to_row() for f in result.feedback], schema=feedback_schema())
         if any(is_traffic(src) for src in cfg.pool.sources):
             write_rows(run.path / "traffic.parquet", result.traffic, schema=traffic_schema())
+        if drop is not None:
+            result.seed_prompts_removed = sink.dropped
         run.counts.update(result.counts())
-        run.counts.update(prompts=result.prompt_count, rejected=sink.rejected_count)
+        run.counts.update(prompts=result.prompt_count - sink.dropped, rejected=sink.rejected_count)
         if sink.rejected:
             run.extra["rejected_examples"] = [r.to_row() for r in sink.rejected[:5]]
     return rnd.step("pool").manifest()

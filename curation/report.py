@@ -447,8 +447,8 @@ def _nested(data: dict, dotted: str) -> float | None:
 
 
 def round_points(rnd) -> list[dict]:
-    """Per round (oldest first, up to `rnd`), from what its steps wrote: labels requested per arm (select),
-    cumulative labels, held-out reward accuracy with its CI (evaluate), and per arm the reviewers' mean
+    """Per round (oldest first, up to `rnd`; round 0 = the bootstrap), from what its steps wrote: labels imported
+    (round 0's labels step: its prompts) and requested per arm (select), cumulative labels, held-out reward accuracy with its CI (evaluate), and per arm the reviewers' mean
     Kendall τ (pull/agreement.json items) and the trained reward model's accuracy on that arm's pairs
     (evaluate/pair_scores.parquet, split "train": lower = items the model finds harder); and the round's
     agreement from pull/agreement.json: Kendall τ (ranking.kendall_tau_mean) and Krippendorff α over harm flags
@@ -462,7 +462,8 @@ def round_points(rnd) -> list[dict]:
         labels = {"strategy": 0, "random": 0}
         for arm in arm_of.values():
             labels[arm] = labels.get(arm, 0) + 1
-        cumulative += len(selected)
+        imported = int(_counts(r, "labels").get("records", 0)) if r.number == 0 else 0  # the bootstrap's prompts
+        cumulative += len(selected) + imported
         metrics = _json(r, "evaluate", "metrics.json") or {}
         # the table's first reward-model trainer with metrics (training/trainers.py)
         reward = next((metrics[t.kind] for t in with_role("reward_model") if isinstance(metrics.get(t.kind), dict)),
@@ -470,7 +471,8 @@ def round_points(rnd) -> list[dict]:
         agreement = _json(r, "pull", "agreement.json") or {}
         taus = agreement.get("items") if isinstance(agreement.get("items"), dict) else {}
         pair_rows = [x for x in (_rows(r, "evaluate", "pair_scores.parquet") or []) if x.get("split") == "train"]
-        point = {"round": r.number, "strategy": labels.get("strategy", 0), "random": labels.get("random", 0),
+        point = {"round": r.number, "imported": imported,
+                 "strategy": labels.get("strategy", 0), "random": labels.get("random", 0),
                  "labels_cumulative": cumulative, "heldout_accuracy": reward.get("accuracy"),
                  "heldout_ci": reward.get("ci"), "kendall_tau": _nested(agreement, "ranking.kendall_tau_mean"),
                  "krippendorff_alpha": _nested(agreement, "harm.alpha_nominal_sets")}
@@ -527,10 +529,14 @@ def section_labels(rnd) -> Section:
     points = round_points(rnd)
     total = {k: sum(p[k] for p in points) for k in ("strategy", "random")}
     lines = [f"labels requested so far: strategy arm {total['strategy']}, random arm {total['random']}"]
+    imported = sum(p["imported"] for p in points)
+    if imported:
+        lines.append(f"imported seed labels (round 0, `curate bootstrap`): labels on {imported} prompts")
     curve = learning_curve(rnd)
     lines += forecast_lines(curve)
     figures = [_cross_round_figure(points, curve)] if any(p["heldout_accuracy"] is not None for p in points) else []
-    table = [{"round": p["round"], "strategy": p["strategy"], "random": p["random"],
+    table = [{"round": p["round"], **({"imported": p["imported"]} if any(q["imported"] for q in points) else {}),
+              "strategy": p["strategy"], "random": p["random"],
               "labels used": p["labels_cumulative"],
               "held-out accuracy": "-" if p["heldout_accuracy"] is None else
               f"{p['heldout_accuracy']:.3f}" + (" [{:.3f}, {:.3f}]".format(*p["heldout_ci"]) if p["heldout_ci"] else ""),

@@ -41,13 +41,25 @@ def run_round(cfg, rnd, *, force: bool = False, progress: bool = True, verbose: 
     """Run the round's remaining steps. Returns "done" or "waiting" (for reviewers).
 
     Each step runs inside `step_console`: its progress bar and this loop's one-line summary reach the console,
-    library output goes to `<round>/<step>/log.txt` (`verbose`: everything shows on the console)."""
+    library output goes to `<round>/<step>/log.txt` (`verbose`: everything shows on the console).
+    When `labels.sources` lists seed labels and the project has no champion yet, the bootstrap (round 0,
+    `curation.bootstrap`) runs first."""
+    from curation.bootstrap import bootstrap_due, run_bootstrap
+
+    if rnd.number >= 1 and not rnd.step("pool").done and bootstrap_due(cfg, rnd.project):
+        run_bootstrap(cfg, rnd.project, progress=progress, verbose=verbose, echo=echo)
+    return run_steps(cfg, rnd, STEPS, force=force, progress=progress, verbose=verbose, echo=echo)
+
+
+def run_steps(cfg, rnd, steps: list[tuple[str, str]], *, force: bool = False, progress: bool = True,
+              verbose: bool = False, echo=print, title: str | None = None) -> str:
+    """Run `steps` (name, import path) of round `rnd` in order, each skipped when finished. "done" or "waiting"."""
     from preference.plumbing.console import step_console
 
-    echo(f"round {rnd.number} → {rnd.path}")
+    echo(title or f"round {rnd.number} → {rnd.path}")
     if not verbose:
         echo(f"  (library output of each step: {rnd.path}/<step>/log.txt; --verbose shows it here)")
-    for name, path in STEPS:
+    for name, path in steps:
         step = rnd.step(name)
         was_done = step.done
         t0 = time.monotonic()
@@ -61,5 +73,6 @@ def run_round(cfg, rnd, *, force: bool = False, progress: bool = True, verbose: 
         counts = ", ".join(f"{k}={v}" for k, v in (manifest.get("counts") or {}).items())
         state = "skipped (finished earlier)" if was_done and not force else f"done in {time.monotonic() - t0:.1f}s"
         echo(f"  {name:<13} {state}  {counts}")
-    echo(f"round {rnd.number} finished; artifacts in {rnd.path}")
+    echo(f"round {rnd.number} finished; artifacts in {rnd.path}" if rnd.number else
+         f"bootstrap finished; artifacts in {rnd.path}")
     return "done"

@@ -319,9 +319,11 @@ def earlier_pairs(rounds: list) -> tuple[Pairs | None, int]:
     """Preference pairs of earlier rounds with the embeddings of their answers (from those rounds' scores)."""
     chosen, rejected, missing = [], [], 0
     for r in rounds:
-        if not r.step("score").done:
+        # a loop round's completions are embedded by its score step; round 0's imported answers by its embed step
+        scores = r.step("score") if r.step("score").done else r.step("embed")
+        if not scores.done:
             continue
-        table, emb = read_scores(r.step("score").file("completion_scores.parquet"))
+        table, emb = read_scores(scores.file("completion_scores.parquet"))
         if emb is None:
             continue
         index = {cid: i for i, cid in enumerate(table.column("completion_id").to_pylist())}

@@ -47,7 +47,12 @@ def heldout_pairs(cfg) -> list[PreferencePair]:
 
 
 def _mixed(cfg, rnd, section, new: list, earlier: list, heldout) -> tuple[list, dict, dict]:
-    """`new` + replay of `earlier` (pairs or feedback), held-out prompts dropped, capped at max_train_pairs."""
+    """`new` + replay of `earlier` (pairs or feedback), held-out prompts dropped, capped at max_train_pairs.
+
+    Round 0 (the bootstrap) trains on the imported labels alone, each once per epoch: `replay.new_weight` is for
+    the loop's own labels (later rounds replay the imported ones with `replay.weight`, like any earlier round's)."""
+    import dataclasses
+
     from training.data import drop_heldout_prompts, mix_replay
 
     n_before = len(new) + sum(len(items) for _, items in earlier)
@@ -55,7 +60,10 @@ def _mixed(cfg, rnd, section, new: list, earlier: list, heldout) -> tuple[list, 
     earlier = [(age, drop_heldout_prompts(items, heldout)) for age, items in earlier]
     n_after = len(new) + sum(len(items) for _, items in earlier)
     rng = np.random.default_rng([cfg.seed, rnd.number])
-    mixed = mix_replay(new, earlier, section.replay, rng, round_number=rnd.number) if new else None
+    replay = section.replay
+    if rnd.number == 0:
+        replay = dataclasses.replace(replay, new_weight=1.0)
+    mixed = mix_replay(new, earlier, replay, rng, round_number=rnd.number) if new else None
     items = (mixed.pairs if mixed else [])
     items = items[: section.max_train_pairs] if section.max_train_pairs else items
     counts = {**(mixed.counts if mixed else {"new": 0, "replay": 0, "total": 0, "unique": 0}),
@@ -80,9 +88,13 @@ def _feedback_set(cfg, rnd, section) -> tuple:
 
 
 def _replay_keys(rnd, rounds: int | None, step: str = "pull") -> dict[str, str]:
-    """Manifest keys of earlier rounds' finished `step` (part of a training step's key)."""
-    return {f"round-{prev.number}": prev.step(step).manifest()["key"]
-            for prev in rnd.earlier(rounds) if prev.step(step).done}
+    """Manifest keys of earlier rounds' finished `step` (part of a training step's key): "pull" = the step with
+    a round's pairs, "pool" = the one with its feedback (round 0: `labels` for both)."""
+    from training.data import feedback_step, pairs_step
+
+    which = pairs_step if step == "pull" else feedback_step
+    return {f"round-{prev.number}": which(prev).manifest()["key"]
+            for prev in rnd.earlier(rounds) if which(prev).done}
 
 
 def _heldout_key(cfg) -> dict:
@@ -105,11 +117,14 @@ def run_train(kind: str, cfg, rnd, *, force: bool = False, progress: bool = True
     → train_<kind>/model; a disabled section records a skipped step."""
     entry = trainer(kind)
     section, name = getattr(cfg, kind), entry.step
+    from training.data import feedback_step, pairs_step
+
     config = {kind: section, **_heldout_key(cfg), "replay_inputs": _replay_keys(rnd, section.replay.rounds)}
-    inputs = (rnd.step("pull"),)
+    inputs = (pairs_step(rnd),)  # pull (round 0: the imported labels)
     if entry.uses_feedback:  # feedback comes from the pool step (traffic sources), when it ran
         config["feedback_replay_inputs"] = _replay_keys(rnd, section.replay.rounds, "pool")
-        inputs += (rnd.step("pool"),) if rnd.step("pool").done else ()
+        fb = feedback_step(rnd)
+        inputs += (fb,) if fb.done and fb.name != inputs[0].name else ()
     run = rnd.start_step(name, config, inputs=inputs, seeds={"seed": cfg.seed}, force=force)
     if run is None:
         return rnd.step(name).manifest()
@@ -203,7 +218,8 @@ def run_evaluate(cfg, rnd, *, force: bool = False, progress: bool = True) -> dic
             if evaluation.judge is not None and ctx.judge is None:
                 ctx.judge, judged_by, held_scores = evaluation.judge, kind, evaluation.heldout_scores
         # the round's own pairs: the ones its reward model still orders wrongly become error-based candidates
-        round_pairs = drop_heldout_prompts(load_round_pairs(rnd), heldout)
+        # (round 0's imported pairs are not scored: no failures step and no arms follow the bootstrap)
+        round_pairs = drop_heldout_prompts(load_round_pairs(rnd), heldout) if rnd.number else []
         rows = []
         started = time.perf_counter()
         if ctx.judge is not None:

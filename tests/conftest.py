@@ -82,3 +82,11 @@ def tiny_rounds(tmp_path_factory):
 def tiny_project(tiny_rounds) -> Path:
     """The project folder of `tiny_rounds`."""
     return tiny_rounds.project
+
+
+@pytest.fixture(scope="session")
+def seeded(tmp_path_factory, hh_sample):
+    """A project bootstrapped from seed labels by `curate round run`, then round 1 (tests/seeded_fixture.py)."""
+    from seeded_fixture import make_seeded
+
+    return make_seeded(tmp_path_factory, hh_sample)

@@ -1,8 +1,10 @@
 """Preference pairs for training: loading, the held-out split, replay mixing and pre-truncation.
 
-- `load_round_pairs(rnd)`: the pairs a round's `pull` step produced (`pull/pairs.parquet`, PreferencePair rows).
+- `load_round_pairs(rnd)`: the pairs a round's `pull` step produced (`pull/pairs.parquet`, PreferencePair rows);
+  round 0's are the imported seed labels (`labels/pairs.parquet`, curation/labels.py): `pairs_step(rnd)`.
 - `load_round_feedback(rnd)`: the unpaired thumbs up/down a round's `pool` step collected from traffic
-  (`pool/feedback.parquet`, Feedback rows; none when the file is absent); `unroll_pairs` turns pairs into
+  (`pool/feedback.parquet`, Feedback rows; none when the file is absent); round 0's: the imported unpaired labels
+  (`labels/feedback.parquet`): `feedback_step(rnd)`; `unroll_pairs` turns pairs into
   Feedback (chosen → desirable, rejected → undesirable) for trainers on unpaired data (KTO).
 - `load_hh_pairs(path)`: Anthropic HH transcripts (`{"chosen": "\\n\\nHuman: ...", "rejected": ...}`) as pairs.
 - `split_heldout(pairs, n)`: the deterministic held-out split. Pairs are ordered by `heldout_rank` (a hash of the
@@ -74,20 +76,34 @@ class MixedPairs:
 
 
 # ----------------------------------------------------------------------------------------------------- loading
+def pairs_step(rnd):
+    """The step holding a round's preference pairs: `pull` (reviewers' answers), or `labels` in round 0 (the
+    imported seed labels, curation/labels.py)."""
+    return rnd.step("labels" if rnd.number == 0 else "pull")
+
+
+def feedback_step(rnd):
+    """The step holding a round's unpaired judgements: `pool` (traffic thumbs), or `labels` in round 0."""
+    return rnd.step("labels" if rnd.number == 0 else "pool")
+
+
 def load_round_pairs(rnd) -> list[PreferencePair]:
-    """The preference pairs of a round's finished `pull` step."""
-    return [PreferencePair.from_row(r) for r in read_rows(rnd.step("pull").file("pairs.parquet"))]
+    """The preference pairs of a round's finished `pull` step (round 0: its `labels` step)."""
+    return [PreferencePair.from_row(r) for r in read_rows(pairs_step(rnd).file("pairs.parquet"))]
 
 
 def earlier_round_pairs(rnd, rounds: int | None = None) -> list[tuple[int, list[PreferencePair]]]:
-    """(age, pairs) for earlier rounds with a finished `pull` step, newest first; age 1 = the previous round."""
-    return [(age, load_round_pairs(prev)) for age, prev in enumerate(rnd.earlier(rounds), 1) if prev.step("pull").done]
+    """(age, pairs) for earlier rounds with a finished `pull` step (round 0: `labels`), newest first; age 1 = the
+    previous round."""
+    return [(age, load_round_pairs(prev)) for age, prev in enumerate(rnd.earlier(rounds), 1) if pairs_step(prev).done]
 
 
 def load_round_feedback(rnd) -> list[Feedback]:
-    """The unpaired judgements (thumbs up/down) a round's `pool` step collected; [] when it wrote none."""
-    path = rnd.step("pool").path / FEEDBACK_FILE
-    if not rnd.step("pool").done or not path.is_file():
+    """The unpaired judgements (thumbs up/down) a round's `pool` step collected (round 0: the imported ones); []
+    when it wrote none."""
+    step = feedback_step(rnd)
+    path = step.path / FEEDBACK_FILE
+    if not step.done or not path.is_file():
         return []
     return [Feedback.from_row(r) for r in read_rows(path)]
 

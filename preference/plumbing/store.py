@@ -7,6 +7,11 @@
         generate/  completions.parquet  parts/...   manifest.json
         ...
       round-0002/ ...
+      round-0000/               the bootstrap (`curate bootstrap`): imported seed labels, the models trained on them
+
+Round 0 is not a loop round: it holds the labels a team already had (step `labels`) and the first champion trained
+on them (curation/bootstrap.py). It is the earliest round every loop round looks back to (`Round.earlier`: replay,
+the learning curve, the report), but never "the latest round" a step command works on (`Project.round(None)`).
 
 A step is *finished* exactly when its `manifest.json` exists. The manifest holds the step name, the hash of the
 config and of the upstream manifests it consumed, seeds, package versions, counts and timings. A step that
@@ -86,6 +91,7 @@ class Project:
 
     # rounds -------------------------------------------------------------------------------------------------
     def rounds(self) -> list[int]:
+        """Every round folder's number, oldest first (0, the bootstrap, included when it exists)."""
         found = []
         for p in self.root.glob("round-*"):
             suffix = p.name.removeprefix("round-")
@@ -94,12 +100,13 @@ class Project:
         return sorted(found)
 
     def round(self, number: int | None = None, create: bool = False) -> Round:
-        """Round `number`; `None` means the latest (or round 1 when there is none and `create`)."""
+        """Round `number`; `None` means the latest loop round (or round 1 when there is none and `create`). Round 0
+        is the bootstrap (`bootstrap_round`)."""
         if number is None:
-            existing = self.rounds()
+            existing = [n for n in self.rounds() if n >= 1]
             number = existing[-1] if existing else 1
-        if number < 1:
-            raise CurateError(f"round numbers start at 1, got {number}")
+        if number < 0:
+            raise CurateError(f"round numbers start at 1 (0 is the bootstrap), got {number}")
         rnd = Round(self, number)
         if not rnd.path.exists():
             if not create:
@@ -109,6 +116,10 @@ class Project:
             with self._db() as db:
                 db.execute("INSERT OR IGNORE INTO rounds VALUES (?, ?)", (number, _now()))
         return rnd
+
+    def bootstrap_round(self, create: bool = False) -> Round:
+        """Round 0: the seed labels and the models trained on them (`curate bootstrap`)."""
+        return self.round(0, create=create)
 
     def new_round(self) -> Round:
         existing = self.rounds()
