@@ -1,6 +1,6 @@
 """`curate bootstrap`: round 0 — the labels a team already has, and the first champion trained on them.
 
-    labels:                  the seed labels (curation/labels.py)
+    labels:                  the seed labels (curation/steps/labels.py)
     embed                    their answers embedded as `curate score` embeds completions (`labels.embed_pairs`), so
                              round 1 can fit its fast reward ensemble on them (the disagreement of a one-head
                              champion is 0 everywhere; with `reward.ensemble ≥ 2` the champion's heads serve)
@@ -15,7 +15,7 @@
 The steps live in `<project>/round-0000/`, with the same step/manifest machinery as a loop round: `curate status`
 lists them, later rounds replay round 0's pairs (`training.data.earlier_round_pairs`), the learning curve and the
 report's cross-round table start with round 0, the registry lineage names `round-0`. Round 0's imported prompts leave
-every loop round's pool (`curation.pool.drop_seed_prompts`), so the labels must be in place before round 1 draws its
+every loop round's pool (`curation.steps.pool.drop_seed_prompts`), so the labels must be in place before round 1 draws its
 pool: `curate bootstrap` refuses once a loop round has (start a new project to import labels later).
 
 `curate round run` runs the bootstrap first when `labels.sources` lists files, round 0 has not finished, no loop
@@ -25,15 +25,22 @@ round.
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
+from curation.steps.embed import run_embed
+from curation.steps.evaluate import run_evaluate
+from curation.steps.gate import run_gate
+from curation.steps.labels import run_labels
+from curation.steps.train import train_step
 from preference.plumbing.errors import CurateError
 from training.trainers import TRAINERS
 
-BOOTSTRAP_STEPS: list[tuple[str, str]] = [
-    ("labels", "curation.labels.run_labels"),
-    ("embed", "curation.labels.run_embed"),
-    *((t.step, f"curation.train_steps.run_{t.step}") for t in TRAINERS.values()),
-    ("evaluate", "curation.train_steps.run_evaluate"),
-    ("gate", "curation.train_steps.run_gate"),
+BOOTSTRAP_STEPS: list[Callable] = [
+    run_labels,
+    run_embed,
+    *(train_step(kind) for kind in TRAINERS),
+    run_evaluate,
+    run_gate,
 ]
 
 
@@ -67,7 +74,7 @@ def check_can_bootstrap(cfg, project, *, force: bool = False) -> None:
     """Refuse a bootstrap that cannot be consistent with the project's rounds (one line, exit 2)."""
     if not cfg.labels.sources:
         raise CurateError("labels.sources is empty: list the preference files to start from, e.g. "
-                          "`labels: {sources: [{path: data/pairs.jsonl}]}` (formats: curation/labels.py)")
+                          "`labels: {sources: [{path: data/pairs.jsonl}]}` (formats: curation/steps/labels.py)")
     started = loop_started(project)
     imported = 0 in project.rounds() and project.bootstrap_round().step("labels").done
     if started is not None and (force or not imported):

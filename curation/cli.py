@@ -22,7 +22,7 @@ from typing import Annotated
 
 import typer
 
-from curation.round import STEPS
+from curation.round import STEPS, step_name
 from preference.plumbing.errors import CurateError, WaitingForReviewers
 from training.trainers import TRAINERS
 
@@ -133,9 +133,9 @@ def _step_command(step: str, help_text: str, parent: typer.Typer = app):
         config: ConfigOpt, round_: RoundOpt = None, force: ForceOpt = False, set_: SetOpt = None, quiet: QuietOpt = False,
         verbose: VerboseOpt = False,
     ) -> None:
-        from curation.round import STEPS, step_function
+        from curation.round import step_function
 
-        run_step(name, step_function(dict(STEPS)[step]), config, round_, force, set_, quiet, verbose)
+        run_step(name, step_function(step), config, round_, force, set_, quiet, verbose)
 
     command.__doc__ = help_text
     parent.command(name.split()[-1], help=help_text)(command)
@@ -151,7 +151,7 @@ STEP_HELP = {  # one line per round step of `curation.round.STEPS` (train steps:
     "gate": "Promote the candidate model only if it beats the champion.",
     "failures": "Send the pairs the reward model still gets wrong back to the next round's pool.",
 }
-for _name, _ in STEPS:  # a command per step: `curate <step>`, and `curate train <kind>` per trainer of the table
+for _name in map(step_name, STEPS):  # a command per step: `curate <step>`, and `curate train <kind>` per trainer of the table
     if _name in ("push", "pull", "report"):  # their own commands below (extra option / reviewer summary / a reader)
         continue
     if _name in TRAIN_STEPS:
@@ -168,7 +168,7 @@ def push(
         "questions or labels, which Argilla cannot apply to a published dataset.")] = False,
 ) -> None:
     """Send the selected items to reviewers (Argilla or simulated)."""
-    from curation.annotate import run_push
+    from curation.steps.push import run_push
 
     run_step("push", lambda cfg, rnd, **kw: run_push(cfg, rnd, new_version=new_version, **kw), config, round_,
              force, set_, quiet, verbose)
@@ -181,8 +181,8 @@ def push(
 def pull(config: ConfigOpt, round_: RoundOpt = None, force: ForceOpt = False, set_: SetOpt = None,
          quiet: QuietOpt = False, verbose: VerboseOpt = False) -> None:
     """Fetch reviewers' answers, measure agreement, build preference pairs; print the reviewer report."""
-    from curation.annotate import run_pull
-    from curation.report import section_reviewers
+    from curation.steps.pull import run_pull
+    from curation.steps.report import section_reviewers
 
     run_step("pull", run_pull, config, round_, force, set_, quiet, verbose)
     section = section_reviewers(open_round(load(config, set_), round_))
@@ -198,7 +198,7 @@ def report(config: ConfigOpt, round_: RoundOpt = None, force: ForceOpt = False, 
            quiet: QuietOpt = False, verbose: VerboseOpt = False) -> None:
     """Write the round's HTML report (plots embedded) and print a terminal summary. While another command writes
     the project (e.g. `round run`), it does not wait: it writes a snapshot to <project>/snapshots/round-NNNN/."""
-    from curation.report import run_report, snapshot_report
+    from curation.steps.report import run_report, snapshot_report
     from preference.plumbing.lock import ProjectBusy
 
     try:
@@ -238,7 +238,7 @@ def status(config: ConfigOpt, set_: SetOpt = None) -> None:
     """Show every round's steps: where each stands and its wall time (a running step: time so far)."""
     from datetime import UTC, datetime
 
-    from curation.round import STEPS
+    from curation.bootstrap import BOOTSTRAP_STEPS
     from preference.plumbing.console import wall_time
     from preference.plumbing.lock import current_writer, describe_writer
     from preference.plumbing.store import Project
@@ -248,7 +248,7 @@ def status(config: ConfigOpt, set_: SetOpt = None) -> None:
     writing = current_writer(project.root)
     if writing:
         typer.echo(f"being written by {describe_writer(writing)}")
-    order = {name: i for i, (name, _) in enumerate([("labels", ""), ("embed", ""), *STEPS])}
+    order = {step_name(fn): i for i, fn in enumerate([*BOOTSTRAP_STEPS[:2], *STEPS])}
     rows = sorted(project.status(), key=lambda r: (r["round"], order.get(r["step"], len(order)), r["step"]))
     if not rows:
         typer.echo(f"{project.root}: no rounds yet; start with `curate pool -c {config}`")
@@ -278,8 +278,8 @@ def status(config: ConfigOpt, set_: SetOpt = None) -> None:
 
 def arms_status(project, latest: int, c: float) -> None:
     """`curate status`'s closing lines: per round and cumulatively, the strategy arm(s) vs the random arm on the
-    labels so far, and what they support (`curation.arms`)."""
-    from curation.arms import arm_line, arms_report
+    labels so far, and what they support (`curation.acquisition.arms`)."""
+    from curation.acquisition.arms import arm_line, arms_report
 
     report = arms_report(project.round(latest), c)
     if not report["per_round"]:
@@ -389,7 +389,7 @@ def _round_run(cfg, round_: int | None, force: bool, quiet: bool, verbose: bool,
         latest = project.round(create=True)
         if latest.step("report").done:
             if if_drift and not _drift_warrants_round(cfg, quiet, verbose):
-                raise typer.Exit(10)  # curation.drift.EXIT_NO_DRIFT
+                raise typer.Exit(10)  # curation.serving.drift.EXIT_NO_DRIFT
             latest = project.new_round()
         else:
             typer.echo(f"round {latest.number} has not finished yet; continuing it first")
@@ -404,7 +404,7 @@ def _round_run(cfg, round_: int | None, force: bool, quiet: bool, verbose: bool,
 def _drift_warrants_round(cfg, quiet: bool, verbose: bool = False) -> bool:
     """Run the drift check with a quiet console (library output in <project>/drift/log.txt); print its one-line
     verdict and where its report is. True when it warrants a round."""
-    from curation.drift import check, summary
+    from curation.serving.drift import check, summary
     from preference.plumbing.console import command_console
 
     with command_console(Path(cfg.project) / "drift", "drift", verbose=verbose):
@@ -431,7 +431,7 @@ def serve(
 ) -> None:
     """Serve the registry's champion policy: vLLM's OpenAI-compatible server behind a logging layer that records
     every request, answer and thumbs up/down (POST /v1/feedback) as traffic for the next round's pool."""
-    from curation import serve as serving
+    from curation.serving import serve as serving
     from preference.plumbing.config import replace_path
 
     if stop_ and status_:

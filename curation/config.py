@@ -11,15 +11,15 @@ from __future__ import annotations
 from dataclasses import dataclass, field, make_dataclass
 from pathlib import Path
 
-from curation.annotate import AnnotationConfig
-from curation.drift import DriftConfig
 from curation.export import ExportConfig
-from curation.generate import GenerationConfig
-from curation.labels import LabelsConfig
-from curation.pool import PoolConfig
-from curation.score import ScoringConfig
-from curation.select import SelectionConfig
-from curation.serve import ServeConfig
+from curation.serving.drift import DriftConfig
+from curation.serving.serve import ServeConfig
+from curation.steps.generate import GenerationConfig
+from curation.steps.labels import LabelsConfig
+from curation.steps.pool import PoolConfig
+from curation.steps.push import AnnotationConfig
+from curation.steps.score import ScoringConfig
+from curation.steps.select import SelectionConfig
 from preference.plumbing.config import load_yaml
 from training.evaluate import EvalConfig
 from training.registry import GateConfig

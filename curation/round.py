@@ -8,33 +8,53 @@ With the Argilla backend the round stops after `push` until reviewers have answe
 
 from __future__ import annotations
 
-import importlib
 import time
 from collections.abc import Callable
 
+from curation.steps.evaluate import run_evaluate
+from curation.steps.failures import run_failures
+from curation.steps.gate import run_gate
+from curation.steps.generate import run_generate
+from curation.steps.pool import run_pool
+from curation.steps.pull import run_pull
+from curation.steps.push import run_push
+from curation.steps.report import run_report
+from curation.steps.rewards import run_rewards
+from curation.steps.score import run_score
+from curation.steps.select import run_select
+from curation.steps.train import train_step
 from preference.plumbing.errors import WaitingForReviewers
 from training.trainers import TRAINERS
 
-STEPS: list[tuple[str, str]] = [
-    ("pool", "curation.pool.run_pool"),
-    ("generate", "curation.generate.run_generate"),
-    ("score", "curation.score.run_score"),
-    ("rewards", "curation.rewards.run_rewards"),
-    ("select", "curation.select.run_select"),
-    ("push", "curation.annotate.run_push"),
-    ("pull", "curation.annotate.run_pull"),
-    # one train step per trainer of the table, in its order (train_reward, train_dpo, train_kto, ...)
-    *((t.step, f"curation.train_steps.run_{t.step}") for t in TRAINERS.values()),
-    ("evaluate", "curation.train_steps.run_evaluate"),
-    ("gate", "curation.train_steps.run_gate"),
-    ("failures", "curation.train_steps.run_failures"),
-    ("report", "curation.report.run_report"),
+STEPS: list[Callable] = [
+    run_pool,
+    run_generate,
+    run_score,
+    run_rewards,
+    run_select,
+    run_push,
+    run_pull,
+    *(train_step(kind) for kind in TRAINERS),  # train_reward, train_dpo, train_kto, ...: the trainer table's order
+    run_evaluate,
+    run_gate,
+    run_failures,
+    run_report,
 ]
 
 
-def step_function(import_path: str) -> Callable:
-    module, _, attr = import_path.rpartition(".")
-    return getattr(importlib.import_module(module), attr)
+def step_name(fn: Callable) -> str:
+    """A step function's step name: `run_pool` → "pool" (its folder in the round store and its CLI command)."""
+    return fn.__name__.removeprefix("run_")
+
+
+def step_function(name: str, steps: list[Callable] = STEPS) -> Callable:
+    """The step function named `name` (CurateError naming the steps when unknown)."""
+    by_name = {step_name(fn): fn for fn in steps}
+    if name not in by_name:
+        from preference.plumbing.errors import CurateError
+
+        raise CurateError(f"unknown round step {name!r}; the steps: {', '.join(by_name)}")
+    return by_name[name]
 
 
 def run_round(cfg, rnd, *, force: bool = False, progress: bool = True, verbose: bool = False, echo=print) -> str:
@@ -51,21 +71,22 @@ def run_round(cfg, rnd, *, force: bool = False, progress: bool = True, verbose: 
     return run_steps(cfg, rnd, STEPS, force=force, progress=progress, verbose=verbose, echo=echo)
 
 
-def run_steps(cfg, rnd, steps: list[tuple[str, str]], *, force: bool = False, progress: bool = True,
+def run_steps(cfg, rnd, steps: list[Callable], *, force: bool = False, progress: bool = True,
               verbose: bool = False, echo=print, title: str | None = None) -> str:
-    """Run `steps` (name, import path) of round `rnd` in order, each skipped when finished. "done" or "waiting"."""
+    """Run the step functions `steps` of round `rnd` in order, each skipped when finished. "done" or "waiting"."""
     from preference.plumbing.console import step_console
 
     echo(title or f"round {rnd.number} → {rnd.path}")
     if not verbose:
         echo(f"  (library output of each step: {rnd.path}/<step>/log.txt; --verbose shows it here)")
-    for name, path in steps:
+    for fn in steps:
+        name = step_name(fn)
         step = rnd.step(name)
         was_done = step.done
         t0 = time.monotonic()
         try:
             with step_console(step, verbose=verbose):
-                manifest = step_function(path)(cfg, rnd, force=force, progress=progress)
+                manifest = fn(cfg, rnd, force=force, progress=progress)
         except WaitingForReviewers as exc:
             echo(f"  {name:<13} waiting for reviewers: {exc}")
             echo("  rerun `curate round run` once reviewers have answered; finished steps are kept")

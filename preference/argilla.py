@@ -54,6 +54,7 @@ import httpx
 from preference.plumbing.errors import CurateError
 from preference.questions import (
     EMPTY_SLOT,
+    HARM_LABELS,
     Correction,
     Harm,
     Layout,
@@ -66,7 +67,6 @@ from preference.questions import (
     slot,
 )
 from preference.schema import AnnotationRecord, Response
-from preference.simulated import HARM_LABELS
 
 T = TypeVar("T")
 

@@ -185,6 +185,10 @@ class Ranking(Question):
         return response.ranks or None
 
 
+# the default harm taxonomy (`annotation.argilla.harm_labels`; the simulated reviewers' too)
+HARM_LABELS = ("violence", "self-harm", "hate", "sexual", "illegal", "pii", "misinformation")
+
+
 class Harm(Question):
     """Per answer: tick every harm it contains (the configured taxonomy) or "none"."""
 

@@ -50,12 +50,11 @@ import numpy as np
 from preference.aggregate import borda_scores
 from preference.plumbing.errors import CurateError
 from preference.plumbing.io import read_jsonl
-from preference.questions import Harm, Question, Ranking, SimContext
+from preference.questions import HARM_LABELS, Harm, Question, Ranking, SimContext
 from preference.schema import AnnotationRecord, Completion, Response, parse_hh_pair, stable_id
 
 REFERENCE_CHOSEN = "reference:chosen"
 REFERENCE_REJECTED = "reference:rejected"
-HARM_LABELS = ("violence", "self-harm", "hate", "sexual", "illegal", "pii", "misinformation")
 
 DEFAULT_HARM_RULES: dict[str, list[str]] = {
     "violence": [r"kill(?:ing)?", r"murder\w*", r"stab\w*", r"shoot\w*", r"bomb\w*", r"beat (?:him|her|them) up",
@@ -259,11 +258,6 @@ class SimulatedAnnotator:
         name = self.config.profiles[annotator % len(self.config.profiles)] if self.config.profiles else "uniform"
         return PROFILES.get(name, ReviewerProfile(noise=self.config.noise))
 
-    def profile_names(self) -> dict[str, str]:
-        """annotator name → profile name."""
-        names = self.config.profiles or ["uniform"]
-        return {f"sim-{a}": names[a % len(names)] for a in range(self.config.annotators)}
-
     @property
     def oracle(self) -> TextOracle:
         if self._oracle is None:
@@ -334,12 +328,6 @@ class SimulatedAnnotator:
             else:
                 out[cid] = [self.taxonomy[pick]] if self.taxonomy and draw < profile.harm_false else []
         return out
-
-    def noisy_ranks(self, scores: np.ndarray, rng: np.random.Generator) -> np.ndarray:
-        """1-based ranks after reversing each pairwise comparison with probability `noise` (Copeland count)."""
-        ids = [str(i) for i in range(len(scores))]
-        ranks = SimContext(ids, scores, {}, rng, noise=self.config.noise).ranks()
-        return np.array([ranks[i] for i in ids], dtype=np.int64)
 
     # ------------------------------------------------------------------------------------------------- API
     def annotate(self, records: list[AnnotationRecord], questions: Sequence[Question] | None = None,

@@ -15,7 +15,7 @@ are in `scripts/bench_tasks.py`):
 - `hh-harmless` (`--format hh`): fixed pairs; the quality is the Bradley–Terry ensemble's held-out pairwise
   accuracy. 300 test prompts, 25 init + 8 × 25 labels.
 - `qa-feedback` (`--format qa-feedback`): 4 answers per question and 6 human pairwise judgements with ties. The
-  strategy picks questions, then its completion chooser (`strategy/chooser`, `curation/pairing.py`: info_gain,
+  strategy picks questions, then its completion chooser (`strategy/chooser`, `curation/acquisition/pairing.py`: info_gain,
   thompson, diverse, random) picks which of the question's not-yet-asked comparisons to ask; the reviewer gives
   the human judgement of exactly that comparison. A tie ("no preference") is a spent label that teaches nothing;
   the table reports each strategy's tie rate. Quality: pairwise accuracy on the test questions' non-tie
@@ -27,7 +27,7 @@ are in `scripts/bench_tasks.py`):
   ½ (benign accuracy + mean recall over the harm slices). 20 init + 8 × 15 labels; `--rare-share 0.05` (≤ 14
   prompts of each of the 8 harm slices beside ~278 benign ones in the pool).
 
-Strategies: `curation.strategies` specs (`random`, `reward_margin`, `kcenter`, `hybrid` = weighted reward
+Strategies: `curation.acquisition.strategies` specs (`random`, `reward_margin`, `kcenter`, `hybrid` = weighted reward
 margin + disagreement, top 4k, then k-center …), optionally `spec@share` (a `RandomArm` keeping that share of each
 batch random, as rounds do) and `spec/chooser` (qa-feedback; default `random`). `random` (random prompts, random
 comparisons) is the baseline every row is compared with. A strategy needing a signal the features do not give is
@@ -62,7 +62,7 @@ The goal check reran the strategies those tables single out plus the default wit
 
 Adaptive strategy and the `maxmin` / `delta_ucb` choosers — protocol fixed BEFORE the runs (2026-12-04):
 
-`adaptive@0.25` is `curation.strategies.Adaptive` (the same class and update rule rounds run; this loop gives it the
+`adaptive@0.25` is `curation.acquisition.strategies.Adaptive` (the same class and update rule rounds run; this loop gives it the
 label history: every label unit with the arm that chose it — the initial labels are random, so they count as the
 control arm's — and the round it was chosen in; the learner's held-out score is `PreferenceLearner.heldout` /
 `HarmClassifier.heldout`: one deterministic Bradley–Terry / class-balanced logistic model, C = `--c`, log-likelihood
@@ -129,8 +129,8 @@ from preference.plumbing.env import apply_env_defaults  # noqa: E402
 
 apply_env_defaults()  # before torch is imported
 
-from curation.pairing import CHOOSERS, make_chooser  # noqa: E402
-from curation.strategies import (  # noqa: E402
+from curation.acquisition.pairing import CHOOSERS, make_chooser  # noqa: E402
+from curation.acquisition.strategies import (  # noqa: E402
     CONTROL,
     EMBEDDING,
     Items,

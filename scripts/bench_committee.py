@@ -36,9 +36,9 @@ apply_env_defaults()  # before torch is imported
 import numpy as np  # noqa: E402
 
 from curation.config import load_config  # noqa: E402
-from curation.generate import run_generate  # noqa: E402
-from curation.pool import run_pool  # noqa: E402
-from curation.score import member_name, run_score  # noqa: E402
+from curation.steps.generate import run_generate  # noqa: E402
+from curation.steps.pool import run_pool  # noqa: E402
+from curation.steps.score import member_name, run_score  # noqa: E402
 from preference.plumbing.io import read_rows  # noqa: E402
 from preference.plumbing.store import Project  # noqa: E402
 

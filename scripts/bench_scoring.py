@@ -10,7 +10,7 @@ Scoring tokens/s counts every token of every prompt+answer request; generation t
 Two scoring workloads: one answer per prompt (no shared context), and two answers per prompt, which is what
 `curate score` sees (n completions + references share each prompt; our path reads shared contexts from vLLM's
 prefix cache, raw prompt_logprobs recomputes them). Each engine start (vLLM) and model load (transformers) is
-timed too. On CPU, generation's top-p through `curation.nucleus` is compared with vLLM's own (a vocabulary sort
+timed too. On CPU, generation's top-p through `curation.backends.nucleus` is compared with vLLM's own (a vocabulary sort
 per step) on the same engine and prompts: time and how many samples are identical.
 
 Targets: our vLLM scoring path ≥ 90% of raw vLLM `prompt_logprobs`, and ≥ 1.4× the transformers backend, at the
@@ -35,7 +35,7 @@ from preference.plumbing.env import apply_env_defaults  # noqa: E402
 apply_env_defaults()  # before torch is imported
 
 from curation.backends import BackendSettings, Sampling, TransformersBackend, VLLMBackend, prompt_seed  # noqa: E402
-from curation.score import score_requests  # noqa: E402
+from curation.steps.score import score_requests  # noqa: E402
 from preference.plumbing.hardware import describe, hardware_summary, resolve_dtype  # noqa: E402
 from preference.plumbing.io import read_jsonl  # noqa: E402
 from preference.schema import parse_hh_pair  # noqa: E402
@@ -141,7 +141,7 @@ def bench_dtype(dtype: str, threads: int | None, args, results: dict) -> None:
           f"{tag}")
     print(f"    transformers backend          {g_hf:8.1f} tok/s   ({len(hf_prompts)} prompts, {hf_tokens} tokens)   "
           f"vLLM = {g_ours / g_hf:.2f}×   {tag}")
-    if vl.nucleus_processor:  # CPU: top-p through curation.nucleus vs vLLM's own (a vocabulary sort per step)
+    if vl.nucleus_processor:  # CPU: top-p through curation.backends.nucleus vs vLLM's own (a vocabulary sort per step)
         ids = [vl.encode(p) for p in prompts]
 
         def sample(own_top_p: bool) -> list:
@@ -160,7 +160,7 @@ def bench_dtype(dtype: str, threads: int | None, args, results: dict) -> None:
                 seconds[own].append(time.perf_counter() - t0)
         same = sum(a == b for a, b in zip(samples[False], samples[True], strict=True))
         t_nucleus, t_sort = min(seconds[False]), min(seconds[True])
-        print(f"    top-p via curation.nucleus vs vLLM's sort: {t_sort / t_nucleus:.2f}× faster ({t_nucleus:.1f} s "
+        print(f"    top-p via curation.backends.nucleus vs vLLM's sort: {t_sort / t_nucleus:.2f}× faster ({t_nucleus:.1f} s "
               f"vs {t_sort:.1f} s), {same} of {len(samples[False])} samples identical   {tag}")
     print(f"  torch threads during the run: {torch.get_num_threads()}")
     vl.close()

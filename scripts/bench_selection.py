@@ -19,7 +19,7 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from curation.strategies import (  # noqa: E402
+from curation.acquisition.strategies import (  # noqa: E402
     DropNearDuplicates,
     Items,
     KCenterGreedy,

@@ -10,7 +10,7 @@ Three shapes of data (`--format`), each read into one `Task`:
   item is a prompt with a binary label (harmful = any flag set) and a slice (its rarest flag, or "benign").
 
 Learners (the "current model" acquisition signals come from):
-- preference tasks: `curation.ensemble.BTEnsemble` (bootstrap Bradley–Terry logistic models on answer-feature
+- preference tasks: `curation.acquisition.ensemble.BTEnsemble` (bootstrap Bradley–Terry logistic models on answer-feature
   differences); the quality is held-out pairwise accuracy on the test prompts' non-tie human judgements;
 - moderation: a bootstrap ensemble of class-balanced logistic regressions (a harm classifier); the quality is the
   rare-slice balanced accuracy ½ (accuracy on benign prompts + mean over harm slices of their recall).
@@ -35,7 +35,7 @@ from pathlib import Path
 
 import numpy as np
 
-from curation.ensemble import BTEnsemble, EnsembleConfig, Pairs, heldout_loglik
+from curation.acquisition.ensemble import BTEnsemble, EnsembleConfig, Pairs, heldout_loglik
 from preference.plumbing.errors import CurateError
 from preference.plumbing.io import open_text
 from preference.schema import parse_hh_pair, prompt_text
@@ -376,7 +376,7 @@ class PreferenceLearner:
     def heldout(self, units: list[tuple[int, int, int]]):
         """The adaptive strategy's held-out score over label `units` (comparisons): score(train, test) = mean
         log-likelihood of the test units' non-tie judgements under one Bradley–Terry model fitted on the train
-        units' (`curation.ensemble.heldout_loglik`, as rounds measure it)."""
+        units' (`curation.acquisition.ensemble.heldout_loglik`, as rounds measure it)."""
 
         def pairs(rows) -> Pairs:
             idx = np.array([(a, b) if o == 1 else (b, a) for a, b, o in (units[r] for r in rows) if o != 0],

@@ -5,7 +5,7 @@
     python scripts/simulate_users.py -c configs/production-loop.yaml --prompts data/moderation-dev.jsonl.gz \\
         --n 60 --slice moderation      # traffic that drifts away from what the champion was trained on
 
-Prompts: any pool file (`curation.pool` formats: jsonl `{"prompt"}`/`{"messages"}`, HH transcripts, parquet, …),
+Prompts: any pool file (`curation.steps.pool` formats: jsonl `{"prompt"}`/`{"messages"}`, HH transcripts, parquet, …),
 `--n` drawn at random (seeded), each sent as a chat request with `metadata.slice` (`--slice`, else the prompt's).
 Ratings: a user rates an answer with probability `--rate-share`; the rating comes from a labelled preference set
 (`--labels`, default the HH-harmless dev pairs): the answer is "up" when the text oracle trained on the set
@@ -46,7 +46,7 @@ class SimulatedUsers:
 
 def load_prompts(path: Path, n: int, seed: int):
     """`n` prompts drawn (seeded) from any pool source file."""
-    from curation.pool import PoolSource, read_source
+    from curation.steps.pool import PoolSource, read_source
 
     prompts, _, _ = read_source(PoolSource(path=Path(path)), strict=False, max_chars=8000)
     if not prompts:
@@ -101,7 +101,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args(argv)
     from curation.config import load_config
-    from curation.serve import api_key, status
+    from curation.serving.serve import api_key, status
     from preference.plumbing.errors import CurateError
 
     try:

@@ -11,8 +11,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from curation.arms import arm_line, arm_rows, arms_report, measured_worth, worth_claim
-from curation.strategies import (
+from curation.acquisition.arms import arm_line, arm_rows, arms_report, measured_worth, worth_claim
+from curation.acquisition.strategies import (
     CONTROL,
     Adaptive,
     Items,
@@ -172,8 +172,8 @@ def test_adaptive_in_real_rounds(tiny_rounds, tmp_path):
     and `kcenter`: the arms of both real rounds measured on the other round's random-arm pairs, as the next round's
     select measures them; round 2's select with it stores its state before the manifest, attributes every pick to
     an arm, counts the labels each arm got before and shows all of it in the report."""
-    from curation.report import section_selection
-    from curation.select import adaptive_update, run_select
+    from curation.steps.report import section_selection
+    from curation.steps.select import adaptive_update, run_select
     from preference.plumbing.config import replace_path
     from preference.plumbing.store import Project
     from tests.round_fixture import tiny_config

@@ -127,8 +127,9 @@ def test_config_validation():
 def simulated_round(tmp_path, hh_sample, ann, n: int = 4, round_number: int = 1, offset: int = 0):
     """A round store with pool/generate/select from `n` HH rows from `offset` (reference answers as completions),
     pushed and pulled with annotation config `ann` (backend simulated). Returns the round."""
-    from curation.annotate import run_pull, run_push
     from curation.config import RoundConfig
+    from curation.steps.pull import run_pull
+    from curation.steps.push import run_push
     from preference.plumbing.io import read_jsonl, write_rows
     from preference.plumbing.store import Project
     from preference.schema import split_hh_transcript
@@ -159,8 +160,9 @@ def simulated_round(tmp_path, hh_sample, ann, n: int = 4, round_number: int = 1,
 
 def test_simulated_backend_push_pull_round_trip(tmp_path, hh_sample):
     """backend: simulated — push stores the records, pull asks the simulated annotator and builds pairs."""
-    from curation.annotate import AnnotationConfig, load_records, run_pull, run_push
     from curation.config import RoundConfig
+    from curation.steps.pull import run_pull
+    from curation.steps.push import AnnotationConfig, load_records, run_push
     from preference.plumbing.io import read_json, read_jsonl, read_rows, write_rows
     from preference.plumbing.store import Project
     from preference.schema import split_hh_transcript

@@ -8,7 +8,8 @@ import dataclasses
 import pytest
 from test_aggregate import simulated_round
 
-from curation.annotate import AnnotationConfig, GoldConfig, dedupe, load_records, pull_key, push_key
+from curation.steps.pull import dedupe
+from curation.steps.push import AnnotationConfig, GoldConfig, load_records, pull_key, push_key
 from preference.aggregate import AggregationConfig
 from preference.agreement import ReviewConfig
 from preference.argilla import ArgillaConfig
@@ -102,8 +103,8 @@ def test_gold_source_missing_names_the_gold_setting(tmp_path, hh_sample):
 
 
 def test_selection_completion_ids_decide_what_is_shown(tmp_path, hh_sample):
-    from curation.annotate import build_records
     from curation.config import RoundConfig
+    from curation.steps.push import build_records
 
     ann = AnnotationConfig(backend="simulated", simulated=SimulatedConfig(source=hh_sample))
     rnd = simulated_round(tmp_path, hh_sample, ann, n=3)
@@ -235,7 +236,7 @@ def test_gold_items_are_spread_through_the_queue():
     """Each gold item goes to its own stretch of the queue (n stretches for n items), the rest keep their order."""
     import numpy as np
 
-    from curation.annotate import spread
+    from curation.steps.push import spread
 
     for seed in range(20):
         queue = spread(list(range(18)), ["g1", "g2", "g3"], np.random.default_rng(seed))

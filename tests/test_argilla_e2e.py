@@ -11,8 +11,9 @@ from pathlib import Path
 import httpx
 import pytest
 
-from curation.annotate import AnnotationConfig, load_records, run_pull, run_push
 from curation.config import RoundConfig
+from curation.steps.pull import run_pull
+from curation.steps.push import AnnotationConfig, load_records, run_push
 from preference.aggregate import AggregationConfig
 from preference.argilla import ArgillaClient, ArgillaConfig, ArgillaError, annotation_spec, ensure_dataset
 from preference.plumbing.errors import CurateError

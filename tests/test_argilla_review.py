@@ -10,7 +10,8 @@ import pytest
 from test_argilla_e2e import KEY_ENV, config, harm, make_round, ranking
 
 import preference.argilla as adapter
-from curation.annotate import AnnotationConfig, GoldConfig, load_records, run_pull, run_push
+from curation.steps.pull import run_pull
+from curation.steps.push import AnnotationConfig, GoldConfig, load_records, run_push
 from preference.agreement import ReviewConfig
 from preference.argilla import ArgillaClient
 from preference.plumbing.errors import CurateError, WaitingForReviewers

@@ -5,7 +5,8 @@ from __future__ import annotations
 import pytest
 from test_argilla_e2e import KEY_ENV, config, make_round
 
-from curation.annotate import AnnotationConfig, load_records, run_pull, run_push
+from curation.steps.pull import run_pull
+from curation.steps.push import AnnotationConfig, load_records, run_push
 from preference.aggregate import AggregationConfig
 from preference.argilla import ArgillaClient
 from preference.argilla_reviewers import submit_simulated

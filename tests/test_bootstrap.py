@@ -60,8 +60,8 @@ def test_round_run_bootstraps_first_then_round_one_uses_the_champion(seeded):
 
 
 def test_learning_curve_and_report_start_at_round_zero(seeded):
-    from curation.budget import learning_curve
-    from curation.report import round_points
+    from curation.acquisition.budget import learning_curve
+    from curation.steps.report import round_points
 
     project, _, _ = seeded
     r1 = Project(project).round(1)
@@ -111,8 +111,8 @@ def test_embed_step_feeds_the_fast_ensemble_the_imported_pairs(seeded, tiny_sent
     `reward_source: auto` takes over a one-head champion)."""
     import shutil
 
-    from curation.labels import run_embed
-    from curation.select import earlier_pairs
+    from curation.steps.embed import run_embed
+    from curation.steps.select import earlier_pairs
     from preference.plumbing.config import replace_path
 
     project, args, _ = seeded

@@ -1,4 +1,4 @@
-"""Budgeting: the learning curve over rounds (curation/budget.py), on a real tiny project and on curves whose
+"""Budgeting: the learning curve over rounds (curation/acquisition/budget.py), on a real tiny project and on curves whose
 true shape is known."""
 
 from __future__ import annotations
@@ -6,7 +6,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from curation.budget import curve_from_points, fit_curve, labels_for, learning_curve, power_law
+from curation.acquisition.budget import curve_from_points, fit_curve, labels_for, learning_curve, power_law
 from preference.plumbing.io import read_json
 from preference.plumbing.store import Project
 

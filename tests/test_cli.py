@@ -67,10 +67,10 @@ def test_verbose_on_every_step_command_and_round_run():
     from typer.testing import CliRunner
 
     from curation.cli import app
-    from curation.round import STEPS
+    from curation.round import STEPS, step_name
 
     runner = CliRunner()
-    commands = [step.replace("_", " ").split() for step, _ in STEPS] + [["round", "run"]]
+    commands = [step_name(fn).replace("_", " ").split() for fn in STEPS] + [["round", "run"]]
     for command in commands:
         out = runner.invoke(app, [*command, "--help"], terminal_width=200)
         assert out.exit_code == 0 and "--verbose" in out.output, command

@@ -82,6 +82,15 @@ def test_yaml_errors_name_the_file(tmp_path):
         load_yaml(tmp_path / "missing.yaml", RoundConfig)
 
 
+def test_a_renamed_key_says_its_new_name(tmp_path):
+    path = tmp_path / "old.yaml"
+    path.write_text("project: runs/x\nevaluation:\n  dpo_pairs: 3\n")
+    with pytest.raises(ConfigError, match=r"old\.yaml: evaluation\.dpo_pairs: renamed to 'policy_pairs'"):
+        load_yaml(path, RoundConfig)
+    path.write_text("project: runs/x\nevaluation:\n  policy_pairs: 3\n")
+    assert load_yaml(path, RoundConfig).evaluation.policy_pairs == 3
+
+
 def test_replace_path_and_hash():
     cfg = from_dict(Outer, {"name": "x"})
     new = replace_path(cfg, "inner.rate", "0.5")

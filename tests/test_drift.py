@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 
 from curation.backends import DummyBackend
-from curation.drift import (
+from curation.serving.drift import (
     DriftConfig,
     check,
     embed_and_score,
@@ -21,7 +21,7 @@ from curation.drift import (
     scoring_backends,
     thumbs_down_shift,
 )
-from curation.pool import PoolSource, read_source
+from curation.steps.pool import PoolSource, read_source
 from preference.plumbing.io import read_json
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -114,8 +114,8 @@ def test_perplexity_and_thumbs_down_shifts():
 def _project_with_champion(tmp_path, hh_sample):
     """A project whose round-1 pool (the real pool step) is the champion's training distribution."""
     from curation.config import RoundConfig
-    from curation.pool import PoolConfig, run_pool
-    from curation.score import ScoringConfig
+    from curation.steps.pool import PoolConfig, run_pool
+    from curation.steps.score import ScoringConfig
     from preference.plumbing.store import Project
     from training.registry import Registry, registry_root
 
@@ -132,8 +132,8 @@ def _project_with_champion(tmp_path, hh_sample):
 
 
 def _serve_prompts(cfg, prompts, slice_name, ratings=()):
-    from curation.serve import traffic_dir
-    from curation.traffic import TrafficLog, feedback_record, response_record
+    from curation.serving.serve import traffic_dir
+    from curation.serving.traffic import TrafficLog, feedback_record, response_record
 
     log = TrafficLog(traffic_dir(cfg))
     for i, p in enumerate(prompts):
@@ -177,7 +177,7 @@ def test_real_scoring_model_embeddings_separate_moderation_from_hh(prompts):
     """SmolLM2's embeddings and perplexities (the scoring model) through `scoring_backends`."""
     from curation.backends import BackendSettings
     from curation.config import RoundConfig
-    from curation.score import ScoringConfig
+    from curation.steps.score import ScoringConfig
 
     hh, mod = prompts
     cfg = RoundConfig(scoring=ScoringConfig(backend=BackendSettings(name="transformers", dtype="float32"),
@@ -206,7 +206,7 @@ def test_sentence_embedder_drift_is_calibrated_and_finds_moderation_prompts(prom
     found among HH prompts overall and in their slice."""
     from curation.backends import BackendSettings
     from curation.config import RoundConfig
-    from curation.score import ScoringConfig
+    from curation.steps.score import ScoringConfig
 
     hh, mod = prompts
     cfg = RoundConfig(scoring=ScoringConfig(backend=BackendSettings(name="transformers", dtype="float32"),

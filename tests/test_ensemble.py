@@ -3,7 +3,7 @@
 import numpy as np
 import pytest
 
-from curation.ensemble import BTEnsemble, EnsembleConfig, Pairs, RewardModel, prompt_reward_signals
+from curation.acquisition.ensemble import BTEnsemble, EnsembleConfig, Pairs, RewardModel, prompt_reward_signals
 from preference.plumbing.errors import CurateError
 
 

@@ -97,7 +97,7 @@ def _round_cfg(tmp_path, hh_sample):
         reward=RewardTrainConfig(**small, max_steps=6, learning_rate=5e-3, max_length=64, save_steps=3),
         dpo=DPOTrainConfig(**small, max_steps=3, learning_rate=5e-3, max_prompt_length=48,
                            max_completion_length=16, save_steps=3),
-        evaluation=EvalConfig(heldout=hh_sample, heldout_size=40, bootstrap=100, flip_check_pairs=8, dpo_pairs=6,
+        evaluation=EvalConfig(heldout=hh_sample, heldout_size=40, bootstrap=100, flip_check_pairs=8, policy_pairs=6,
                               win_rate_prompts=2, max_new_tokens=4, threads=1, dtype="float32"),
         gate=GateConfig(min_value=0.0, min_improvement=-1.0, slice_tolerance=1.0),
     )
@@ -110,9 +110,15 @@ def _write_pull(rnd, pairs: list[PreferencePair]) -> None:
 
 
 def test_train_evaluate_gate_end_to_end(tmp_path, hh_sample, tiny_model):
-    from curation.train_steps import run_evaluate, run_failures, run_gate, run_train_dpo, run_train_reward
+    from curation.steps.evaluate import run_evaluate
+    from curation.steps.failures import run_failures
+    from curation.steps.gate import run_gate
+    from curation.steps.train import train_step
     from preference.plumbing.store import Project
     from training.registry import Registry
+
+    run_train_dpo = train_step("dpo")
+    run_train_reward = train_step("reward")
 
     cfg = _round_cfg(tmp_path, hh_sample)
     pairs = load_hh_pairs(hh_sample)

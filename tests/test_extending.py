@@ -45,11 +45,48 @@ def test_every_extension_point_names_real_files_tables_and_bases():
 
 
 def test_the_registries_hold_what_the_loop_runs():
+    from curation.acquisition.strategies import STRATEGIES, make
     from curation.backends import BACKENDS, backend_class
-    from curation.strategies import STRATEGIES, make
     from preference.questions import QUESTIONS
     from training.trainers import TRAINERS
 
     assert {"vllm", "transformers", "dummy"} <= set(BACKENDS) and all(backend_class(n) for n in BACKENDS)
     assert all(make(name).name == name for name in STRATEGIES)
     assert {"ranking", "harm"} <= set(QUESTIONS) and {"reward", "dpo", "kto"} <= set(TRAINERS)
+
+
+def test_the_layout_shows_the_loop():
+    """Each step function lives in `curation/steps/<step>.py` (the trainers' steps in `train.py`), and STEPS and
+    the bootstrap's steps are plain lists of them."""
+    from curation.bootstrap import BOOTSTRAP_STEPS
+    from curation.round import STEPS, step_name
+
+    for fn in [*BOOTSTRAP_STEPS, *STEPS]:
+        name = step_name(fn)
+        module = "curation.steps.train" if name.startswith("train_") else f"curation.steps.{name}"
+        assert fn.__module__ == module, (name, fn.__module__)
+        assert (ROOT / (module.replace(".", "/") + ".py")).is_file()
+
+
+def imports_of(path: Path) -> set[str]:
+    """Every module `path` imports (top level or inside functions)."""
+    out = set()
+    for node in ast.walk(ast.parse(path.read_text())):
+        if isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
+            out.add(node.module)
+        elif isinstance(node, ast.Import):
+            out |= {a.name for a in node.names}
+    return out
+
+
+def test_no_import_points_back_up():
+    """preference ← training ← curation, and inside curation the libraries (acquisition, backends) never import
+    the steps, serving or the CLI."""
+    above = {"preference": ("training", "curation", "scripts"), "training": ("curation", "scripts"),
+             "curation/acquisition": ("curation.steps", "curation.serving", "curation.cli", "curation.round"),
+             "curation/backends": ("curation.steps", "curation.serving", "curation.cli", "curation.round",
+                                   "curation.acquisition")}
+    for folder, forbidden in above.items():
+        for path in (ROOT / folder).rglob("*.py"):
+            bad = sorted(m for m in imports_of(path) if m.split(".")[0] in forbidden or m.startswith(forbidden))
+            assert not bad, (path.relative_to(ROOT), bad)

@@ -9,8 +9,8 @@ import pytest
 
 from curation import backends as B
 from curation.config import RoundConfig
-from curation.generate import GenerationConfig, prepare_prompt, run_generate
-from curation.pool import PoolConfig, PoolSource, run_pool
+from curation.steps.generate import GenerationConfig, prepare_prompt, run_generate
+from curation.steps.pool import PoolConfig, PoolSource, run_pool
 from preference.plumbing.config import ConfigError, from_dict, load_yaml
 from preference.plumbing.errors import CurateError
 from preference.plumbing.io import read_jsonl, read_rows, write_rows

@@ -129,13 +129,19 @@ def test_round_feedback_is_read_from_the_pool_step(tmp_path, hh_pairs):
 # --------------------------------------------------------------------------------------------- round trip
 def test_kto_round_trip_train_evaluate_gate(tmp_path, hh_sample, hh_pairs, tiny_model):
     from curation.config import RoundConfig
-    from curation.train_steps import run_evaluate, run_gate, run_train_dpo, run_train_kto, run_train_reward
+    from curation.steps.evaluate import run_evaluate
+    from curation.steps.gate import run_gate
+    from curation.steps.train import train_step
     from preference.plumbing.store import Project
     from training.data import prompt_key, split_heldout
     from training.dpo import DPOTrainConfig
     from training.evaluate import EvalConfig
     from training.registry import GateConfig, Registry
     from training.reward import RewardTrainConfig
+
+    run_train_dpo = train_step("dpo")
+    run_train_kto = train_step("kto")
+    run_train_reward = train_step("reward")
 
     small = dict(base_model="tiny-llama", grad_accum=1, warmup_ratio=0.0, threads=1, lora_r=4, lora_alpha=8,
                  learning_rate=5e-3, save_steps=3, report_to=[])
@@ -145,7 +151,7 @@ def test_kto_round_trip_train_evaluate_gate(tmp_path, hh_sample, hh_pairs, tiny_
         dpo=DPOTrainConfig(**small, enabled=False),
         kto=KTOTrainConfig(**small, enabled=True, batch_size=4, max_steps=3, max_prompt_length=48,
                            max_completion_length=16),
-        evaluation=EvalConfig(heldout=hh_sample, heldout_size=40, bootstrap=50, flip_check_pairs=0, dpo_pairs=6,
+        evaluation=EvalConfig(heldout=hh_sample, heldout_size=40, bootstrap=50, flip_check_pairs=0, policy_pairs=6,
                               win_rate_prompts=2, max_new_tokens=4, threads=1, dtype="float32"),
         gate=GateConfig(metrics=["reward.accuracy", "kto.implicit_accuracy"], min_value=0.0, min_improvement=-1.0,
                         slice_tolerance=1.0),

@@ -1,4 +1,4 @@
-"""Seed labels (curation/labels.py): every format a team's existing preference data comes in, written by the
+"""Seed labels (curation/steps/labels.py): every format a team's existing preference data comes in, written by the
 libraries that write it (`datasets` for TRL formats, Argilla's SDK for its export), bad rows rejected by file and
 line, provenance on every pair, held-out prompts dropped, and the one-line errors of `curate bootstrap`."""
 
@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 
 from curation.config import load_config
-from curation.labels import IMPORTED, LabelSource, import_labels, read_label_source
+from curation.steps.labels import IMPORTED, LabelSource, import_labels, read_label_source
 from preference.aggregate import AggregationConfig
 from preference.plumbing.config import replace_path
 from preference.plumbing.errors import CurateError
@@ -169,7 +169,7 @@ def test_import_drops_heldout_prompts_and_duplicates(tmp_path, hh_sample):
     assert by_source["again"]["duplicates"] + by_source["again"].get("heldout_prompts_dropped", 0) == 10
     dropped = by_source["hh-harmless-sample.jsonl.gz"]["heldout_prompts_dropped"]
     assert dropped > 0 and len(got.pairs) == 120 - dropped  # `limit` counts usable rows
-    from curation.train_steps import heldout_pairs
+    from curation.steps.train import heldout_pairs
     from training.data import prompt_key
 
     held = {prompt_key(p.prompt) for p in heldout_pairs(cfg)}

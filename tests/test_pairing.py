@@ -1,9 +1,9 @@
-"""Completion choice: which completions of a prompt reviewers see (curation/pairing.py)."""
+"""Completion choice: which completions of a prompt reviewers see (curation/acquisition/pairing.py)."""
 
 import numpy as np
 import pytest
 
-from curation.pairing import CHOOSERS, make_chooser, pair_information
+from curation.acquisition.pairing import CHOOSERS, make_chooser, pair_information
 from preference.plumbing.errors import CurateError
 
 

@@ -3,7 +3,7 @@ import json
 
 import pytest
 
-from curation.pool import PoolConfig, PoolSource, dedup, ingest, load_prompts, row_to_prompt, run_pool
+from curation.steps.pool import PoolConfig, PoolSource, dedup, ingest, load_prompts, row_to_prompt, run_pool
 from preference.plumbing.errors import CurateError
 from preference.plumbing.io import read_jsonl, write_rows
 from preference.plumbing.store import Project

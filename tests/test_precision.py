@@ -188,7 +188,7 @@ def test_policy_logps_and_evaluation_at_each_precision(dtype, dpo_dir, reward_di
     assert np.isfinite(got).all()
     # summed log-probs of ≤ 64 tokens: fp32 to rounding; bf16 a few percent of the sum
     np.testing.assert_allclose(got, ref, rtol={"float32": 1e-5, "bfloat16": 0.05}[dtype])
-    cfg = EvalConfig(heldout_size=4, bootstrap=20, dpo_pairs=4, win_rate_prompts=2, max_new_tokens=4, threads=1,
+    cfg = EvalConfig(heldout_size=4, bootstrap=20, policy_pairs=4, win_rate_prompts=2, max_new_tokens=4, threads=1,
                      batch_size=4, dtype=dtype)
     out = evaluate_policy(dpo_dir / "model", tiny_model, RewardModel.load(reward_dir, dtype=dtype), pairs, cfg,
                           dtype=dtype, max_prompt=32, max_answer=16)

@@ -77,7 +77,7 @@ def test_a_new_question_type_reaches_push_pull_simulation_and_agreement(monkeypa
 
     from test_aggregate import simulated_round
 
-    from curation.annotate import AnnotationConfig, push_key
+    from curation.steps.push import AnnotationConfig, push_key
     from preference.plumbing.io import read_json, read_jsonl
     from preference.simulated import SimulatedConfig
 

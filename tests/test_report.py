@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 
 from curation.config import RoundConfig
-from curation.report import run_report
+from curation.steps.report import run_report
 from preference.plumbing.io import read_json, read_jsonl, read_rows, write_json, write_rows
 from preference.plumbing.store import Project
 
@@ -32,7 +32,7 @@ def real_pull(tmp_path, hh_sample):
     """A pull step written by the real pull (simulated backend; 3 reviewers, one of them adversarial)."""
     from test_aggregate import simulated_round
 
-    from curation.annotate import AnnotationConfig
+    from curation.steps.push import AnnotationConfig
     from preference.simulated import SimulatedConfig
 
     ann = AnnotationConfig(backend="simulated", simulated=SimulatedConfig(
@@ -153,7 +153,7 @@ def test_report_fits_a_1200px_browser_with_every_figure(tiny_rounds, tmp_path):
 
 
 def test_report_shows_snippets_timings_agreement_and_rounds(tiny_rounds):
-    from curation.report import _log_scale, snippet
+    from curation.steps.report import _log_scale, snippet
     from preference.plumbing.console import wall_time
 
     r1, r2 = tiny_rounds.round(1), tiny_rounds.round(2)
@@ -181,8 +181,8 @@ def test_report_shows_snippets_timings_agreement_and_rounds(tiny_rounds):
         assert f"{accuracy:.3f}" in row.group(1) and f"{tau:.3f}" in row.group(1)
         assert (f"{alpha:.3f}" if alpha is not None else "<td class='short'>-</td>") in row.group(1)
     assert "labels requested so far: strategy arm 12, random arm 4" in page
-    # the learning-curve forecast (curation.budget) in words: next round's expected gain, labels to reach X
-    from curation.budget import learning_curve
+    # the learning-curve forecast (curation.acquisition.budget) in words: next round's expected gain, labels to reach X
+    from curation.acquisition.budget import learning_curve
     from preference.plumbing.store import Project
 
     curve = learning_curve(Project(tiny_rounds.project).round(2))

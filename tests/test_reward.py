@@ -127,7 +127,7 @@ def test_ensemble_members_differ_and_expose_disagreement(tmp_path, hh_pairs, tin
     assert not np.allclose(per_member[0], per_member[1])
     np.testing.assert_allclose(rm.reward(items), per_member.mean(0), rtol=1e-5, atol=1e-7)  # adapters merged per call
     assert (rm.disagreement(items) > 0).all()
-    from curation.ensemble import prompt_reward_signals
+    from curation.acquisition.ensemble import prompt_reward_signals
 
     signals = prompt_reward_signals(per_member, np.array([0, 0, 0, 1, 1, 1, 1]), 2)
     assert (signals["reward_disagreement"] > 0).all()

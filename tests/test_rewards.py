@@ -8,8 +8,8 @@ import pyarrow.parquet as pq
 import pytest
 from round_fixture import tiny_config
 
-from curation.ensemble import prompt_reward_signals
-from curation.rewards import OUTPUT, RewardCache, cache_identity, run_rewards, score_completions
+from curation.acquisition.ensemble import prompt_reward_signals
+from curation.steps.rewards import OUTPUT, RewardCache, cache_identity, run_rewards, score_completions
 from preference.plumbing.errors import CurateError
 from preference.plumbing.io import read_rows
 from preference.plumbing.store import Project
@@ -41,7 +41,7 @@ def test_round_two_scores_with_the_champion_and_select_reads_it(tiny_project, ti
     assert np.allclose([r["reward_std"] for r in rows], members.std(axis=0))
     assert np.isfinite(members).all() and (members.std(axis=0) > 0).any()  # two heads that really differ
     # the scores are the champion's own: rescoring a few conversations directly gives the same numbers
-    from curation.pool import load_prompts
+    from curation.steps.pool import load_prompts
     from training.reward import RewardModel
 
     prompts = {p.id: p for p in load_prompts(second)}

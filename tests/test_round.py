@@ -109,8 +109,8 @@ def test_crash_during_push_resumes_without_duplicate_records(tmp_path, monkeypat
     """A push that dies after its first batch (no manifest) and is rerun: same records, none twice."""
     server = argilla_server
     import preference.argilla as adapter
-    from curation.annotate import AnnotationConfig, run_push
     from curation.config import load_config
+    from curation.steps.push import AnnotationConfig, run_push
     from preference.argilla import ArgillaClient, ArgillaConfig
     from preference.plumbing.config import replace_path
     from preference.plumbing.store import Project
@@ -190,10 +190,10 @@ def test_round_end_to_end_on_real_argilla(argilla_round):
 def test_champion_suggestions_appear_on_the_real_server(argilla_server, request, monkeypatch):
     """Round 2 after a promoted round 1: the champion reward model scores the completions (the `rewards` step)
     and its ranking is each record's suggestion on the server (agent = the registry version)."""
-    from curation.annotate import load_records
     from curation.config import load_config
     from curation.round import STEPS as ROUND_STEPS
-    from curation.round import step_function
+    from curation.round import step_name
+    from curation.steps.push import load_records
     from preference.argilla import ArgillaClient, ArgillaConfig
     from preference.plumbing.config import replace_path
     from preference.plumbing.store import Project
@@ -205,9 +205,9 @@ def test_champion_suggestions_appear_on_the_real_server(argilla_server, request,
     monkeypatch.setenv("ARGILLA_API_URL", argilla_server.url)
     monkeypatch.setenv("ARGILLA_API_KEY", env["ARGILLA_API_KEY"])
     rnd = Project(project).new_round()
-    for name, path in ROUND_STEPS:  # round 2 up to and including push, in-process
-        step_function(path)(cfg, rnd, progress=False)
-        if name == "push":
+    for fn in ROUND_STEPS:  # round 2 up to and including push, in-process
+        fn(cfg, rnd, progress=False)
+        if step_name(fn) == "push":
             break
     push = read_json(rnd.step("push").manifest_path)
     assert push["reward_model"] == "v0001" and push["counts"]["with_suggestions"] > 0

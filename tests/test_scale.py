@@ -15,11 +15,11 @@ import pytest
 from curation import pool as P
 from curation import score as S
 from curation import strategies as T
+from curation.acquisition.strategies import Items, KCenterGreedy, KMeansPlusPlus, UnderDenseClusters
 from curation.config import RoundConfig
-from curation.generate import GenerationConfig, run_generate
-from curation.pool import PoolConfig, PoolSource, ingest, run_pool
-from curation.score import ScoringConfig, run_score
-from curation.strategies import Items, KCenterGreedy, KMeansPlusPlus, UnderDenseClusters
+from curation.steps.generate import GenerationConfig, run_generate
+from curation.steps.pool import PoolConfig, PoolSource, ingest, run_pool
+from curation.steps.score import ScoringConfig, run_score
 from preference.plumbing.io import iter_row_range, read_jsonl, read_rows
 from preference.plumbing.store import Project
 

@@ -14,9 +14,9 @@ from safetensors.torch import load_file
 from curation import backends as B
 from curation.backends import fit_request
 from curation.config import RoundConfig
-from curation.generate import GenerationConfig, run_generate
-from curation.pool import PoolConfig, PoolSource, run_pool
-from curation.score import (
+from curation.steps.generate import GenerationConfig, run_generate
+from curation.steps.pool import PoolConfig, PoolSource, run_pool
+from curation.steps.score import (
     ScoringConfig,
     member_name,
     noisy_variant,
@@ -268,7 +268,7 @@ def test_champion_policy_is_its_adapter_merged_into_the_base(tmp_path, hh_sample
     from peft import PeftModel
     from transformers import AutoModelForCausalLM
 
-    from curation.score import champion_policy, resolve_member
+    from curation.steps.score import champion_policy, resolve_member
     from training.data import load_hh_pairs
     from training.dpo import DPOTrainConfig, train_dpo
     from training.registry import Registry
@@ -326,7 +326,7 @@ def test_a_sentence_embedder_embeds_and_the_committee_scores_the_prompts(tmp_pat
     the same way (embedder + a scoring member)."""
     from sentence_transformers import SentenceTransformer
 
-    from curation.drift import embed_and_score, scoring_backends
+    from curation.serving.drift import embed_and_score, scoring_backends
 
     committee = (str(tiny_model),)
     cfg, rnd = scored_round(tmp_path, hh_sample, backend="transformers", models=(str(tiny_model),),

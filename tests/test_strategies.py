@@ -3,7 +3,7 @@
 import numpy as np
 import pytest
 
-from curation.strategies import (
+from curation.acquisition.strategies import (
     STRATEGIES,
     Budget,
     DropNearDuplicates,

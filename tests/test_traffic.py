@@ -14,24 +14,24 @@ from pathlib import Path
 import pytest
 
 from curation.config import RoundConfig
-from curation.generate import GenerationConfig, load_completions, run_generate
-from curation.pool import PoolConfig, PoolSource, detect_format, load_prompts, run_pool
-from curation.score import ScoringConfig, run_score
-from curation.select import (
-    SelectionConfig,
-    error_score,
-    failure_reasons,
-    pool_prompts,
-    run_select,
-    thumbs_down_counts,
-)
-from curation.traffic import (
+from curation.serving.traffic import (
     THUMBS_DOWN_REASON,
     TrafficLog,
     feedback_record,
     read_traffic,
     response_record,
     traffic_files,
+)
+from curation.steps.generate import GenerationConfig, load_completions, run_generate
+from curation.steps.pool import PoolConfig, PoolSource, detect_format, load_prompts, run_pool
+from curation.steps.score import ScoringConfig, run_score
+from curation.steps.select import (
+    SelectionConfig,
+    error_score,
+    failure_reasons,
+    pool_prompts,
+    run_select,
+    thumbs_down_counts,
 )
 from preference.plumbing.io import read_jsonl, read_rows, write_rows
 from preference.plumbing.store import Project
@@ -73,7 +73,7 @@ def test_log_rotates_never_reopens_and_reads_back_in_order(tmp_path):
 WRITER = """
 import sys, uuid
 sys.path.insert(0, {root!r})
-from curation.traffic import TrafficLog, response_record
+from curation.serving.traffic import TrafficLog, response_record
 log = TrafficLog({folder!r})
 i = 0
 while True:
@@ -233,7 +233,7 @@ def test_traffic_lines_that_are_valid_json_but_malformed_are_rejected_with_reaso
 
 @pytest.mark.parametrize("bad", ["", "short"])
 def test_serve_needs_an_api_key_of_8_characters(tmp_path, monkeypatch, bad):
-    from curation.serve import api_key
+    from curation.serving.serve import api_key
     from preference.plumbing.errors import CurateError
 
     monkeypatch.setenv("CURATE_API_KEY", bad)

@@ -1,7 +1,7 @@
 """Preference pairs for training: loading, the held-out split, replay mixing and pre-truncation.
 
 - `load_round_pairs(rnd)`: the pairs a round's `pull` step produced (`pull/pairs.parquet`, PreferencePair rows);
-  round 0's are the imported seed labels (`labels/pairs.parquet`, curation/labels.py): `pairs_step(rnd)`.
+  round 0's are the imported seed labels (`labels/pairs.parquet`, curation/steps/labels.py): `pairs_step(rnd)`.
 - `load_round_feedback(rnd)`: the unpaired thumbs up/down a round's `pool` step collected from traffic
   (`pool/feedback.parquet`, Feedback rows; none when the file is absent); round 0's: the imported unpaired labels
   (`labels/feedback.parquet`): `feedback_step(rnd)`; `unroll_pairs` turns pairs into
@@ -78,7 +78,7 @@ class MixedPairs:
 # ----------------------------------------------------------------------------------------------------- loading
 def pairs_step(rnd):
     """The step holding a round's preference pairs: `pull` (reviewers' answers), or `labels` in round 0 (the
-    imported seed labels, curation/labels.py)."""
+    imported seed labels, curation/steps/labels.py)."""
     return rnd.step("labels" if rnd.number == 0 else "pull")
 
 

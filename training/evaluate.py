@@ -30,7 +30,7 @@ import dataclasses
 import math
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 import numpy as np
 
@@ -44,6 +44,8 @@ from training.trainers import TRAINERS
 class EvalConfig:
     """`evaluation:` section."""
 
+    RENAMED: ClassVar[dict[str, str]] = {"dpo_pairs": "policy_pairs"}  # it serves every policy trainer (DPO, KTO)
+
     heldout: Path = Path("data/hh-harmless-dev.jsonl.gz")  # HH jsonl(.gz) file; never trained on (see split)
     heldout_size: int = 300  # pairs held out from `heldout` (first in hash order)
     bootstrap: int = 1000  # bootstrap resamples for CIs
@@ -52,7 +54,8 @@ class EvalConfig:
     long_tail_share: float = 0.1  # the longest share of pairs forms the `length:long` slice
     flip_check_pairs: int = 32  # pairs re-scored swapped (0 = off)
     compare_champion: bool = True  # also score the registry's champion on the same held-out set
-    dpo_pairs: int = 64  # held-out pairs for a policy's implicit-reward accuracy / perplexity (4 passes per pair)
+    # held-out pairs for each policy's (DPO, KTO, ...) implicit-reward accuracy / perplexity (4 passes per pair)
+    policy_pairs: int = 64
     win_rate_prompts: int = 16  # held-out prompts for the win rate vs the previous policy (0 = off)
     max_new_tokens: int = 64
     batch_size: int = 8  # sequences per forward pass (policy log-probs and generation)
@@ -66,7 +69,7 @@ class EvalConfig:
             raise ValueError(f"confidence must be in (0.5, 1), got {self.confidence}")
         if not 0 < self.long_tail_share < 1:
             raise ValueError(f"long_tail_share must be in (0, 1), got {self.long_tail_share}")
-        for name in ("flip_check_pairs", "dpo_pairs", "win_rate_prompts", "max_new_tokens"):
+        for name in ("flip_check_pairs", "policy_pairs", "win_rate_prompts", "max_new_tokens"):
             if getattr(self, name) < 0:
                 raise ValueError(f"{name} must be ≥ 0, got {getattr(self, name)}")
         if self.batch_size < 1 or (self.threads is not None and self.threads < 1):
@@ -241,7 +244,7 @@ def evaluate_policy(
 
     rng = np.random.default_rng(cfg.seed)
     policy = Policy.load(policy_dir, dtype=dtype, batch_size=cfg.batch_size)
-    subset = pairs[: cfg.dpo_pairs]
+    subset = pairs[: cfg.policy_pairs]
     prompts = [p.prompt for p in subset]
     chosen = [answer_text(p.chosen) for p in subset]
     rejected = [answer_text(p.rejected) for p in subset]

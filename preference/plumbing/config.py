@@ -112,6 +112,9 @@ def from_dict(cls: type[T], data: Any, where: str = "") -> T:
     unknown = sorted(set(data) - set(fields))
     if unknown:
         prefix = f"{where}." if where else ""
+        renamed = getattr(cls, "RENAMED", {})  # a class's old key → its new name, for configs written before
+        if unknown[0] in renamed:
+            raise ConfigError(f"{prefix}{unknown[0]}: renamed to {renamed[unknown[0]]!r}; rename the key in your config")
         raise ConfigError(
             f"{prefix}{unknown[0]}: unknown key for {cls.__name__}; known keys: {', '.join(sorted(fields))}"
         )
@@ -128,14 +131,16 @@ def from_dict(cls: type[T], data: Any, where: str = "") -> T:
         raise ConfigError(f"{label}: {exc}") from exc
 
 
-def to_dict(obj: Any) -> Any:
-    """Dataclass → plain JSON/YAML-able structure (Paths become strings)."""
+def to_dict(obj: Any, skip: tuple[str, ...] = ()) -> Any:
+    """Dataclass → plain JSON/YAML-able structure (Paths become strings). `skip`: leave out the dataclass fields
+    whose metadata carries any of these tags (e.g. "operational": how to reach a server, not what a step makes)."""
     if dataclasses.is_dataclass(obj) and not isinstance(obj, type):
-        return {f.name: to_dict(getattr(obj, f.name)) for f in dataclasses.fields(obj)}
+        return {f.name: to_dict(getattr(obj, f.name), skip) for f in dataclasses.fields(obj)
+                if not any(f.metadata.get(tag) for tag in skip)}
     if isinstance(obj, dict):
-        return {k: to_dict(v) for k, v in obj.items()}
+        return {k: to_dict(v, skip) for k, v in obj.items()}
     if isinstance(obj, (list, tuple)):
-        return [to_dict(v) for v in obj]
+        return [to_dict(v, skip) for v in obj]
     if isinstance(obj, Path):
         return str(obj)
     return obj

@@ -14,10 +14,13 @@ import sqlite3
 import tempfile
 from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import pyarrow as pa
 import pyarrow.parquet as pq
+
+if TYPE_CHECKING:
+    import numpy as np
 
 
 @contextlib.contextmanager
@@ -257,3 +260,38 @@ def iter_row_range(path: str | Path, start: int, stop: int, batch_size: int = RO
             break
     if size:
         yield pa.concat_tables(pending)
+
+
+def read_scores(path: Path) -> tuple[pa.Table, np.ndarray | None]:
+    """A scores parquet → (table without the embedding column, (N, D) float32 embeddings or None). The
+    embeddings are read batch by batch into one preallocated array (no Arrow or Python copy of them)."""
+    import numpy as np
+    import pyarrow.compute as pc
+
+    from preference.plumbing.errors import CurateError
+
+    handle = pq.ParquetFile(path)
+    names = handle.schema_arrow.names
+    if handle.metadata.num_rows == 0 and not names:  # an empty step output written without a schema
+        return pq.read_table(path), None
+    if "prompt_id" not in names and "completion_id" not in names:
+        raise CurateError(f"{path}: no prompt_id/completion_id column (columns: {', '.join(names)})")
+    table = pq.read_table(path, columns=[c for c in names if c != "embedding"])
+    if "embedding" not in names:
+        return table, None
+    out: np.ndarray | None = None
+    row = 0
+    for batch in handle.iter_batches(batch_size=ROW_GROUP, columns=["embedding"]):
+        col = batch.column(0)
+        if col.null_count:
+            raise CurateError(f"{path}: {col.null_count} rows have no embedding; rerun `curate score`")
+        lengths = np.asarray(pc.list_value_length(col))
+        if out is None:
+            dim = int(lengths[0]) if len(lengths) else 0
+            out = np.empty((table.num_rows, dim), dtype=np.float32)
+        if len(lengths) and (lengths != out.shape[1]).any():
+            raise CurateError(f"{path}: embeddings have different lengths "
+                              f"({sorted({out.shape[1], *lengths.tolist()})[:4]})")
+        out[row : row + len(col)] = col.flatten().to_numpy(zero_copy_only=False).reshape(len(col), out.shape[1])
+        row += len(col)
+    return table, out if out is not None else np.zeros((0, 0), dtype=np.float32)

@@ -188,7 +188,7 @@ def prompt_reward_signals(rewards: np.ndarray, prompt_index: np.ndarray, n_promp
 
 def heldout_loglik(train: Pairs, test: Pairs, c: float) -> float:
     """Mean log-likelihood of the `test` pairs' preferences under ONE Bradley–Terry model (no bootstrap: the same
-    data give the same number) fitted on `train`: the held-out score `curation.strategies.measure_round` compares
+    data give the same number) fitted on `train`: the held-out score `curation.acquisition.strategies.measure_round` compares
     with and without an arm's batch. NaN when either side has fewer than 2 pairs (resp. 1)."""
     if len(train) < 2 or len(test) < 1:
         return float("nan")

@@ -12,7 +12,7 @@ Accepted row shapes (jsonl lines, parquet rows, dataset rows):
   (the simulated annotator and evaluation use them).
 Optional keys: `id` (else a content hash), `slice` or `category` (else the source's `slice`), `metadata`.
 
-`format: traffic`: the log folder (or one file) `curate serve` writes (see `curation.traffic`): served prompts
+`format: traffic`: the log folder (or one file) `curate serve` writes (see `curation.serving.traffic`): served prompts
 with the answer users saw (`served_completion` metadata) and their thumbs; thumbs-down items carry
 `failure_reason: "feedback: thumbs down"` (error-based candidates). The step also writes `feedback.parquet`
 (`preference.schema.Feedback` rows, always, possibly empty) and `traffic.parquet` (the responses it ingested).
@@ -35,8 +35,7 @@ from typing import Any, Literal
 
 import numpy as np
 
-from curation.labels import seed_prompt_keys
-from curation.traffic import (
+from curation.serving.traffic import (
     TrafficSeen,
     feedback_schema,
     new_responses,
@@ -46,6 +45,7 @@ from curation.traffic import (
     traffic_items,
     traffic_schema,
 )
+from curation.steps.labels import seed_prompt_keys
 from preference.plumbing.errors import CurateError
 from preference.plumbing.io import RowWriter, count_rows, iter_rows, open_text, read_rows, write_rows
 from preference.schema import Feedback, Prompt, parse_hh, prompt_text, stable_id, validate_messages
@@ -179,7 +179,7 @@ def row_to_prompt(row: Any, *, default_slice: str, source: str, hh: bool = False
 
 def iter_file_rows(path: Path, fmt: str, *, split: str = "train"):
     """Yield (location, row-or-ValueError) for each input row of a jsonl / parquet / saved HF dataset (`split` of a
-    DatasetDict). The one reader of row files: pools and seed labels (`curation.labels`) read through it."""
+    DatasetDict). The one reader of row files: pools and seed labels (`curation.steps.labels`) read through it."""
     if fmt in ("jsonl", "hh"):
         with open_text(path) as fh:
             for lineno, line in enumerate(fh, 1):

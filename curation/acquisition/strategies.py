@@ -295,7 +295,7 @@ class SemanticSpread(SignalStrategy):
 
 class RewardMargin(SignalStrategy):
     """Small reward margin between the top-2 completions under the current reward model (`reward_margin`,
-    from `curation.ensemble.prompt_reward_signals`): the reward model cannot tell the best two apart."""
+    from `curation.acquisition.ensemble.prompt_reward_signals`): the reward model cannot tell the best two apart."""
 
     name, family, column, higher_is_informative = "reward_margin", "uncertainty", "reward_margin", False
 

@@ -16,13 +16,13 @@ serving layer answers only after that, so an acknowledged request or feedback is
 appended to after a restart, so a line cut by a crash stays the last line of its file; readers skip it (and any
 other corrupt line) and report it with its file and line number.
 
-As a pool source (`format: traffic`, see `curation.pool`): every served response is a prompt (grouped by
+As a pool source (`format: traffic`, see `curation.steps.pool`): every served response is a prompt (grouped by
 conversation), with
 - metadata `served_completion` (the answer users saw: the thumbs-down one if any, else the latest), which the
   generate step adds to the candidates as the completion of model "served" (`generation.include_references`),
   plus `served_response_id`, `model_version`, `thumbs_up`, `thumbs_down`, `feedback_comment`;
 - metadata `failure_reason: "feedback: thumbs down"` when a user rated an answer down: an error-based candidate
-  (`curation.select.failure_reasons` gives it `error_score` 1.0);
+  (`curation.steps.select.failure_reasons` gives it `error_score` 1.0);
 - one `preference.schema.Feedback` row per rated response (the latest rating wins), label True = thumbs up.
 Each round ingests only what earlier rounds' pools have not seen (`seen_traffic`): new responses, and old
 responses that received new feedback.

@@ -10,13 +10,13 @@ says, per round and cumulatively:
 - per arm: items asked, pairs back, the share of items that came back without any pair (a tie or no answer: a
   spent label that teaches nothing), the reviewers' mean Kendall τ on the arm's items, the reward model's accuracy
   on the arm's pairs — each with a 95 % interval (Wilson for shares, t for means);
-- the measured value of a label: `curation.strategies.measure_round` — a Bradley–Terry model's held-out
+- the measured value of a label: `curation.acquisition.strategies.measure_round` — a Bradley–Terry model's held-out
   log-likelihood on the random arm's labels with vs without the arm's batch, per label spent — and from it one
   sentence that claims no more than the data support: "so far the N selected labels are worth M ± E random ones"
   only when the selected labels' value differs from the random ones' with the 95 % interval excluding 0 (and the
   random labels' value is itself measurably positive), else "not yet distinguishable from random".
 
-`round_label_log` is also what the `adaptive` strategy's select step measures its arms on (`curation.select`).
+`round_label_log` is also what the `adaptive` strategy's select step measures its arms on (`curation.steps.select`).
 """
 
 from __future__ import annotations
@@ -25,8 +25,8 @@ import math
 
 import numpy as np
 
-from curation.ensemble import Pairs, heldout_loglik
-from curation.strategies import CONTROL, Heldout, LabelLog, measure_round
+from curation.acquisition.ensemble import Pairs, heldout_loglik
+from curation.acquisition.strategies import CONTROL, Heldout, LabelLog, measure_round
 from preference.plumbing.io import read_json, read_rows
 
 STRATEGY = "strategy"  # every non-random arm pooled
@@ -50,7 +50,7 @@ def round_label_log(rounds: list) -> tuple[LabelLog, Pairs | None]:
     pair that came back, its arm and round, and per (round, arm) the items asked; with the pairs' answer
     embeddings (from each round's scores; rounds whose embeddings have another dimension than the newest's are
     left out)."""
-    from curation.select import read_scores
+    from preference.plumbing.io import read_scores
 
     arms, numbers, chosen, rejected, spent = [], [], [], [], {}
     dim = None
@@ -81,7 +81,7 @@ def round_label_log(rounds: list) -> tuple[LabelLog, Pairs | None]:
 
 
 def pair_heldout(pairs: Pairs | None, c: float) -> Heldout:
-    """score(train, test) over the units of a label log built with `pairs` (`curation.ensemble.heldout_loglik`)."""
+    """score(train, test) over the units of a label log built with `pairs` (`curation.acquisition.ensemble.heldout_loglik`)."""
 
     def score(train: np.ndarray, test: np.ndarray) -> float:
         if pairs is None:

@@ -1,42 +1,13 @@
-"""`curate score`: perplexities, committee disagreement and embeddings for generated completions.
+"""Step `score`: perplexities, committee disagreement and embeddings for the generated completions.
 
-Every completion of the round's `generate` step is scored under every committee member: the log-probability of
-each completion token given the chat-rendered prompt and the earlier completion tokens (vLLM `prompt_logprobs`
-on prompt+completion; only completion tokens are scored). A finished completion (finish_reason != "length")
-is scored with its end-of-turn token appended, as the generator produced it. The prompt itself is scored as
-plain text (`Prompt.text`) after a single end-of-text token (lm-eval's rolling-loglikelihood convention).
-Requests longer than the model context keep the completion and drop the start of the prompt (`fit_request`).
-
-Committee members are model specs, `<model>[:noise=<scale>[:seed=<int>]][:system=<name>]`:
-- `<model>`: a built-in name, an HF model folder, or `champion`: the model registry champion's policy (its
-  DPO/KTO LoRA adapter merged into its base, materialized once into the model cache; `champion_policy`). When
-  the registry has no champion with a policy the member is skipped, with a note in the manifest and on the
-  console (the committee is then smaller, as in a project's first round).
-- `noise=<scale>`: a weight-noise variant, materialized once into the model cache (`noisy_variant`: Gaussian
-  noise of `scale` × each weight matrix's std). A cheap perturbation, but a weak committee member: its votes
-  mostly copy the base model's.
-- `system=<name>`: the model reading every prompt under the system prompt `system_prompts[<name>]` (e.g. a
-  cautious and a compliant persona); same weights, different judgement of what a good answer is.
-A member's column name is its spec with a folder shown by its name (`/models/rm-3:noise=0.02` → `rm-3:noise=0.02`).
-
-Less work for the same numbers:
-- A completion's log-likelihood under the model that generated it (same weights and dtype: the generate
-  step's `generators` fingerprints, same context length, no system prompt) is the generator's own logprob of
-  its sampled tokens (`Completion.mean_logprob`; references were scored under the first generator in the
-  generate step), so it is reused, not recomputed (`reuse_generation_logprobs`; `extra.reused` counts them).
-  The value differs from a fresh pass only by kernel rounding (tested: vLLM fp32, 1e-2 relative).
-- Members sharing weights (the model and its `system=` variants) share one backend, and identical requests
-  (the prompt texts) are computed once.
-- Embeddings come from `embedding_model` (default: the first committee member's weights): a completion is
-  embedded as its text alone, a prompt as `Prompt.text`. A language model embeds a text as the mean last
-  hidden state over its tokens (at most `embed_max_tokens`) after one end-of-text token; the prompt's
-  embedding and its perplexity under that model come from the same forward pass
-  (`Backend.loglikelihood_and_embed`), and the vLLM backend runs these on a transformers twin of the same
-  folder (vLLM's generate runner returns no hidden states), so when every completion's log-likelihood under
-  the embedding member is reused, that member needs no vLLM engine. A sentence-transformers folder (the
-  built-in `all-minilm-l6-v2`) embeds on the `sentence-transformers` backend, a 22M-parameter encoder trained
-  for semantic similarity: ~6× less compute than SmolLM2's hidden states, and the committee members score
-  the prompts' perplexities.
+Every completion is scored under every committee member (vLLM `prompt_logprobs` on prompt+completion; only
+completion tokens count; a finished completion with its end-of-turn token); the prompt as plain text after one
+end-of-text token (lm-eval's convention); over-long requests drop the start of the prompt (`fit_request`).
+Members are specs `<model>[:noise=<scale>[:seed=<int>]][:system=<name>]`: a model name or folder or `champion`
+(the registry champion's merged policy; skipped with a note when there is none), a weight-noise variant, or the
+model under a system prompt of `system_prompts`. The generator's own logprobs are reused where they are the
+same numbers (`reuse_generation_logprobs`), members sharing weights share a backend, and embeddings come from
+`embedding_model` (a sentence-transformers folder, or a language model's mean last hidden state).
 
 Outputs (column directions):
 

@@ -219,7 +219,7 @@ def reference_prompts(cfg) -> tuple[str, list[Sample]]:
     samples: dict[str, Sample] = {}
     number = registry.get(version).get("round")
     if cfg.drift.reference == "pool" and number != 0:  # round 0 (the bootstrap) has no pool: its labels' prompts
-        from curation.pool import load_prompts
+        from curation.steps.pool import load_prompts
 
         if number is None or number not in project.rounds():
             raise CurateError(f"champion {version} names no round of {project.root}; use drift.reference: trained")
@@ -252,13 +252,13 @@ def read_json_if(path: Path) -> dict:
 
 def scoring_backends(cfg):
     """(embedder, scorer) as `curate score` embeds prompts and scores their perplexity (`scoring.embedding_model`,
-    else the first committee member; `curation.score.prompt_backends`), as a context manager, on the backend's
+    else the first committee member; `curation.steps.score.prompt_backends`), as a context manager, on the backend's
     `small_jobs` one where it has one (transformers in place of vLLM: a few hundred prompts need no engine).
     `scorer` is None when the embedder scores too."""
     from dataclasses import replace
 
     from curation.backends import backend_class
-    from curation.score import prompt_backends
+    from curation.steps.score import prompt_backends
     from training.registry import registry_root
 
     sc = cfg.scoring
@@ -308,8 +308,8 @@ def embed_and_score(backend, traffic: list[str], reference: list[str], progress:
 # ------------------------------------------------------------------------------------------------- the check
 def check(cfg, *, progress: bool = True, echo=print) -> tuple[dict, Path]:
     """Run the drift check for a round config; returns (the report, its folder)."""
-    from curation.serve import traffic_dir
-    from curation.traffic import new_responses, read_traffic, seen_traffic
+    from curation.serving.serve import traffic_dir
+    from curation.serving.traffic import new_responses, read_traffic, seen_traffic
     from preference.plumbing.store import Project
 
     d: DriftConfig = cfg.drift

@@ -67,7 +67,7 @@ from preference.plumbing.io import read_json, read_rows, write_json, write_rows
 from preference.schema import Completion, Prompt, stable_id
 
 # model name → prompt metadata key of a known answer that joins the candidates (`include_references: true`):
-# HH reference answers, and the answer a served model gave (traffic pools, see curation.traffic)
+# HH reference answers, and the answer a served model gave (traffic pools, see curation.serving.traffic)
 REFERENCE_KEYS = {"reference:chosen": "reference_chosen", "reference:rejected": "reference_rejected",
                   "served": "served_completion"}
 
@@ -298,7 +298,7 @@ def generator_info(backend: Backend) -> dict:
 def run_generate(cfg, rnd, *, force: bool = False, progress: bool = True) -> dict:
     """Round step `generate` (see the module docstring). Streams the pool in shards of `batch_size` prompts;
     `completions.parquet` is written as it goes, grouped by prompt in pool order (bounded memory)."""
-    from curation.pool import count_prompts
+    from curation.steps.pool import count_prompts
 
     gen: GenerationConfig = cfg.generation
     pool = rnd.step("pool")

@@ -177,7 +177,7 @@ def _answer(value: Any, what: str) -> list[dict[str, str]]:
     return messages
 
 
-def _text(messages: list[dict[str, str]]) -> str:
+def messages_text(messages: list[dict[str, str]]) -> str:
     return "\n".join(m["content"] for m in messages)
 
 
@@ -221,18 +221,18 @@ def unknown_shape_message(where: str, row: Any) -> str:
         parts.append(f"{name} {{{', '.join(needed)}}}" + (f" lacks {', '.join(missing)}" if missing else ""))
     got = ", ".join(sorted(keys)) if keys else f"a {type(row).__name__}, not an object"
     return (f"{where}: the row matches no seed-label format (its keys: {got}); formats: " + "; ".join(parts)
-            + " — convert the file to one of them (see curation/labels.py) or remove it from labels.sources")
+            + " — convert the file to one of them (see curation/steps/labels.py) or remove it from labels.sources")
 
 
 def _pair(prompt: list[dict], chosen: list[dict], rejected: list[dict], *, source: str, slice_name: str,
           margin: float = 1.0, rejected_harmful: bool = False, annotators: list[str] | None = None) -> PreferencePair:
-    if _text(chosen).strip() == _text(rejected).strip():
+    if messages_text(chosen).strip() == messages_text(rejected).strip():
         raise ValueError("chosen and rejected are the same answer; a pair needs two different answers")
     if not margin > 0:
         raise ValueError(f"margin must be > 0, got {margin}")
-    prompt_id = stable_id(prompt, prefix="p")  # the pool's id scheme (curation/pool.py)
-    chosen_id = stable_id(prompt_id, _text(chosen), prefix="c-")
-    rejected_id = stable_id(prompt_id, _text(rejected), prefix="c-")
+    prompt_id = stable_id(prompt, prefix="p")  # the pool's id scheme (curation/steps/pool.py)
+    chosen_id = stable_id(prompt_id, messages_text(chosen), prefix="c-")
+    rejected_id = stable_id(prompt_id, messages_text(rejected), prefix="c-")
     return PreferencePair(id=PreferencePair.make_id(prompt_id, chosen_id, rejected_id), prompt_id=prompt_id,
                           prompt=prompt, chosen=chosen, rejected=rejected, margin=float(margin), slice=slice_name,
                           chosen_id=chosen_id, rejected_id=rejected_id, source=source, round=0,
@@ -289,7 +289,7 @@ def parse_unpaired(row: dict, source: str) -> Feedback:
     if not isinstance(row["label"], bool):
         raise ValueError(f"'label' must be true or false, got {row['label']!r:.40}")
     prompt_id = stable_id(prompt, prefix="p")
-    return Feedback(id=Feedback.make_id(prompt_id, _text(completion), source), prompt_id=prompt_id, prompt=prompt,
+    return Feedback(id=Feedback.make_id(prompt_id, messages_text(completion), source), prompt_id=prompt_id, prompt=prompt,
                     completion=completion, label=row["label"], source=source, round=0)
 
 
@@ -445,7 +445,7 @@ def _argilla_rows(path: Path):
 # ------------------------------------------------------------------------------------------------- reading
 def storage_format(src: LabelSource) -> str:
     """jsonl, parquet, hf or argilla for a source (its `format`, or told from the path)."""
-    from curation.pool import detect_format
+    from curation.steps.pool import detect_format
 
     path = Path(src.path)
     if src.format != "auto":
@@ -470,7 +470,7 @@ def file_digest(path: Path) -> str:
 
 def read_label_source(src: LabelSource, *, strict: bool, questions, aggregation) -> Imported:
     """One source's pairs and feedback (rows that fail are rejected with file:line, or raise with `strict`)."""
-    from curation.pool import iter_file_rows
+    from curation.steps.pool import iter_file_rows
 
     path = Path(src.path)
     if not path.exists():
@@ -535,7 +535,7 @@ def read_label_source(src: LabelSource, *, strict: bool, questions, aggregation)
 
 def import_labels(cfg) -> Imported:
     """Every `labels.sources` entry read, deduplicated (first occurrence wins), held-out prompts dropped."""
-    from curation.train_steps import heldout_pairs
+    from curation.steps.train import heldout_pairs
     from training.data import prompt_key
 
     lab: LabelsConfig = cfg.labels
@@ -560,7 +560,7 @@ def import_labels(cfg) -> Imported:
                 out.pairs.append(p)
                 counts["pairs"] += 1
         for f in got.feedback:
-            key = (f.prompt_id, _text(f.completion), f.label)
+            key = (f.prompt_id, messages_text(f.completion), f.label)
             if prompt_key(f.prompt) in held:
                 counts["heldout_prompts_dropped"] += 1
             elif stable_id(*key) in feedback_ids:
@@ -584,7 +584,7 @@ def import_labels(cfg) -> Imported:
 def _key(cfg) -> dict:
     """What the labels step depends on: the sources (and their bytes), strictness, the held-out set and the
     consensus settings Argilla exports are aggregated with."""
-    from curation.train_steps import _heldout_key
+    from curation.steps.train import _heldout_key
 
     lab: LabelsConfig = cfg.labels
     return {"sources": lab.sources, "strict": lab.strict, **_heldout_key(cfg),
@@ -594,8 +594,8 @@ def _key(cfg) -> dict:
 
 def run_labels(cfg, rnd, *, force: bool = False, progress: bool = True) -> dict:
     """Step `labels` of round 0: import `labels.sources` → pairs.parquet, feedback.parquet, rejected.jsonl."""
-    from curation.annotate import pair_schema
-    from curation.traffic import feedback_schema
+    from curation.serving.traffic import feedback_schema
+    from curation.steps.pull import pair_schema
 
     if rnd.number != 0:
         raise CurateError(f"the labels step belongs to round 0 (the bootstrap), not round {rnd.number}; run "
@@ -623,61 +623,6 @@ def run_labels(cfg, rnd, *, force: bool = False, progress: bool = True) -> dict:
                 print(f"labels: {len(got.rejected)} rows rejected (first: {first['source']}: {first['reason']}); "
                       f"all in {run.path / 'rejected.jsonl'}", flush=True)
     return rnd.step("labels").manifest()
-
-
-def run_embed(cfg, rnd, *, force: bool = False, progress: bool = True) -> dict:
-    """Step `embed` of round 0: the imported pairs' answers embedded as `curate score` embeds a completion (its
-    text alone, by `scoring.embedding_model`) → `embed/completion_scores.parquet` (completion_id, embedding), for
-    at most `labels.embed_pairs` pairs (a seeded sample). Round 1's selection fits its fast Bradley–Terry reward
-    ensemble on earlier rounds' pairs with these embeddings (`curation.select.earlier_pairs`): with a one-head
-    champion (`reward.ensemble: 1`), `selection.reward_source: auto` takes that ensemble's disagreement. Skipped
-    (with a note) when the embedding model is a language model: the score step embeds a completion after its
-    prompt there, which the imported answers cannot match."""
-    import numpy as np
-    from tqdm.auto import tqdm
-
-    from curation.backends import embedding_settings, load_backend
-    from curation.score import embed_texts, resolve_member
-    from training.data import load_round_pairs
-    from training.registry import registry_root
-
-    sc, n = cfg.scoring, cfg.labels.embed_pairs
-    key = {"embedding_model": sc.embedding_model, "backend": sc.backend, "embed_pairs": n,
-           "embed_max_tokens": sc.embed_max_tokens}
-    run = rnd.start_step("embed", key, inputs=(rnd.step("labels"),), seeds={"seed": cfg.seed}, force=force)
-    if run is None:
-        return rnd.step("embed").manifest()
-    with run:
-        pairs = load_round_pairs(rnd)
-        weights = resolve_member(sc.embedding_model, sc.backend.name, registry_root(cfg)) if sc.embedding_model \
-            else None
-        settings = embedding_settings(weights, sc.backend) if weights is not None else None
-        rows: list[dict] = []
-        if n == 0 or not pairs or settings is None or settings.name != "sentence-transformers":
-            run.extra["note"] = ("labels.embed_pairs is 0" if n == 0 else "no imported pairs" if not pairs else
-                                 "scoring.embedding_model is not a sentence embedder: round 1's fast reward ensemble "
-                                 "cannot use the imported pairs (a multi-head champion, reward.ensemble ≥ 2, can)")
-        else:
-            rng = np.random.default_rng([cfg.seed, 0xE3BED])
-            sample = [pairs[i] for i in sorted(rng.choice(len(pairs), size=min(n, len(pairs)), replace=False))]
-            texts = {}
-            for p in sample:
-                texts.setdefault(p.chosen_id, _text(p.chosen))
-                texts.setdefault(p.rejected_id, _text(p.rejected))
-            bar = tqdm(total=len(texts), desc="embed imported answers", unit="text", disable=not progress)
-            with load_backend(weights, settings) as backend:
-                vectors = embed_texts(backend, sorted(texts.items()), run.parts_dir, sc.batch_size, bar,
-                                      sc.embed_max_tokens)
-                run.extra["timings"] = backend.timings
-            bar.close()
-            rows = [{"completion_id": cid, "embedding": vectors[cid].astype(np.float32).tolist()} for cid in texts]
-            run.extra["embedding_model"] = str(sc.embedding_model)
-        import pyarrow as pa
-
-        schema = pa.schema([("completion_id", pa.string()), ("embedding", pa.list_(pa.float32()))])
-        write_rows(run.path / "completion_scores.parquet", rows, schema=schema)
-        run.counts.update(pairs=len(pairs) if rows else 0, texts=len(rows))
-    return rnd.step("embed").manifest()
 
 
 # ------------------------------------------------------------------------------------------------- consumers

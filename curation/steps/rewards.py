@@ -208,7 +208,7 @@ def version_rewards(cfg, version: str, conversations: list[list[dict]]) -> list[
 def _score_round(cfg, rnd, run, champion: tuple[str, Path, Path], *, progress: bool) -> None:
     """The champion's rewards of every completion, streamed by chunks of prompts (`score.prompt_groups`: bounded
     memory) into the output file."""
-    from curation.score import prompt_groups
+    from curation.steps.score import prompt_groups
     from preference.plumbing.io import RowWriter, count_rows
 
     version, root, folder = champion

@@ -12,7 +12,7 @@ rewards when it has any, and `generate/completions.parquet` (texts, for exact du
 - `score` is the strategy's score of the item (higher = more informative; also filled for the random arm, so
   arms can be compared), `rank` the 1-based pick order within its arm, `reason` a human-readable why (the
   signal that stands out most, its value and its percentile in the pool, in the direction the strategy states).
-- The pipeline is the strategy wrapped by composition (`curation.strategies`): `DropNearDuplicates`,
+- The pipeline is the strategy wrapped by composition (`curation.acquisition.strategies`): `DropNearDuplicates`,
   `SliceQuotas`, then `RandomArm` — `round(k · random_share)` of the k items drawn uniformly from the same
   eligible pool, excluding the strategy's picks, so every round measures the strategy against random honestly —
   inside `ExcludeIds` (items selected in any earlier round, `rnd.earlier()`, unless they came back as failures or
@@ -21,15 +21,15 @@ rewards when it has any, and `generate/completions.parquet` (texts, for exact du
 - Error-based signals: pool prompts whose `source` starts with "failure:" or whose metadata names a failure
   (`failure` / `failure_reason`: "harm_flagged", "human_disagreement", "low_ranked", ...), plus an optional
   feedback file (jsonl of {"prompt_id": ..., "reason": ...}) give an `error_score` in [0, 1] (0 = none).
-- Reward signals (`reward_margin`, `reward_disagreement`, `reward_mean`; `curation.ensemble.prompt_reward_signals`)
+- Reward signals (`reward_margin`, `reward_disagreement`, `reward_mean`; `curation.acquisition.ensemble.prompt_reward_signals`)
   come from the champion reward model's member rewards (the `rewards` step: a TRL LoRA reward model, an ensemble
-  when trained with `reward.ensemble: K`), else from the fast Bradley–Terry ensemble (`curation.ensemble`)
+  when trained with `reward.ensemble: K`), else from the fast Bradley–Terry ensemble (`curation.acquisition.ensemble`)
   fitted on earlier rounds' pairs with their completion embeddings (`selection.reward_source`; `auto` also takes
   the fast ensemble over a single-model champion, whose disagreement is 0 everywhere). In the first round there
   is neither: a plain reward strategy refuses clearly, `S|kcenter` and `hybrid` start with k-center alone.
 - `completion_ids`: the completions to show for the prompt (`selection.completions_per_record`, default
   `annotation.completions_per_record`; 2 for a pairwise question), chosen by `selection.completion_choice`
-  (`curation.pairing`: the uncertainty of the reward difference, with near-duplicates skipped), except for
+  (`curation.acquisition.pairing`: the uncertainty of the reward difference, with near-duplicates skipped), except for
   round(n · completion_random_share) records drawn at random (`completion_choice` = "random"), in a seeded
   shuffled display order.
 """
@@ -48,9 +48,9 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
-from curation.ensemble import BTEnsemble, EnsembleConfig, Pairs, prompt_reward_signals
-from curation.pairing import CHOOSERS, make_chooser
-from curation.strategies import (
+from curation.acquisition.ensemble import BTEnsemble, EnsembleConfig, Pairs, prompt_reward_signals
+from curation.acquisition.pairing import CHOOSERS, make_chooser
+from curation.acquisition.strategies import (
     Budget,
     DropNearDuplicates,
     ExcludeIds,
@@ -63,7 +63,16 @@ from curation.strategies import (
     find_adaptive,
 )
 from preference.plumbing.errors import CurateError
-from preference.plumbing.io import ROW_GROUP, atomic_path, iter_batches, read_json, read_jsonl, read_rows, write_json
+from preference.plumbing.io import (
+    ROW_GROUP,
+    atomic_path,
+    iter_batches,
+    read_json,
+    read_jsonl,
+    read_rows,
+    read_scores,
+    write_json,
+)
 from preference.schema import stable_id
 
 REWARD_SIGNALS = frozenset({"reward_margin", "reward_disagreement"})
@@ -95,7 +104,7 @@ class SelectionConfig:
     # pairs (a single reward model gives no disagreement), else a single champion; champion = require the
     # champion; ensemble = always the fast ensemble (the rewards step then loads no model)
     reward_source: Literal["auto", "champion", "ensemble"] = "auto"
-    # which completions of a picked prompt reviewers see (curation/pairing.py): info_gain, thompson, maxmin,
+    # which completions of a picked prompt reviewers see (curation/acquisition/pairing.py): info_gain, thompson, maxmin,
     # delta_ucb, diverse, random
     completion_choice: str = "info_gain"
     completion_random_share: float = 0.15  # share of records whose completions are drawn at random (control arm)
@@ -136,36 +145,6 @@ class SelectionConfig:
 
 
 # ------------------------------------------------------------------------------------------------ reading
-def read_scores(path: Path) -> tuple[pa.Table, np.ndarray | None]:
-    """A scores parquet → (table without the embedding column, (N, D) float32 embeddings or None). The
-    embeddings are read batch by batch into one preallocated array (no Arrow or Python copy of them)."""
-    handle = pq.ParquetFile(path)
-    names = handle.schema_arrow.names
-    if handle.metadata.num_rows == 0 and not names:  # an empty step output written without a schema
-        return pq.read_table(path), None
-    if "prompt_id" not in names and "completion_id" not in names:
-        raise CurateError(f"{path}: no prompt_id/completion_id column (columns: {', '.join(names)})")
-    table = pq.read_table(path, columns=[c for c in names if c != "embedding"])
-    if "embedding" not in names:
-        return table, None
-    out: np.ndarray | None = None
-    row = 0
-    for batch in handle.iter_batches(batch_size=ROW_GROUP, columns=["embedding"]):
-        col = batch.column(0)
-        if col.null_count:
-            raise CurateError(f"{path}: {col.null_count} rows have no embedding; rerun `curate score`")
-        lengths = np.asarray(pc.list_value_length(col))
-        if out is None:
-            dim = int(lengths[0]) if len(lengths) else 0
-            out = np.empty((table.num_rows, dim), dtype=np.float32)
-        if len(lengths) and (lengths != out.shape[1]).any():
-            raise CurateError(f"{path}: embeddings have different lengths "
-                              f"({sorted({out.shape[1], *lengths.tolist()})[:4]})")
-        out[row : row + len(col)] = col.flatten().to_numpy(zero_copy_only=False).reshape(len(col), out.shape[1])
-        row += len(col)
-    return table, out if out is not None else np.zeros((0, 0), dtype=np.float32)
-
-
 def signal_columns(table: pa.Table) -> list[str]:
     skip = {"prompt_id", "completion_id", "slice", "model"}
     return [
@@ -224,7 +203,7 @@ def pool_prompts(rnd) -> list:
     """The round's pool prompts (empty before the pool step): read once for the pool-derived signals below."""
     if not rnd.step("pool").done:
         return []
-    from curation.pool import load_prompts
+    from curation.steps.pool import load_prompts
 
     return load_prompts(rnd)
 
@@ -393,7 +372,7 @@ def load_completions(rnd, prompt_ids: set[str] | None = None) -> Completions:
 
 
 def _mapped(step, name: str) -> np.ndarray | None:
-    from curation.score import memmap_embeddings
+    from curation.steps.score import memmap_embeddings
 
     return memmap_embeddings(step, name)
 
@@ -437,7 +416,7 @@ def attach_rewards(comps: Completions, sel: SelectionConfig, rnd, rounds: list, 
     """Fill `comps.rewards` (K, C) from the champion (the `rewards` step) or, when there is none, the fast
     Bradley–Terry ensemble fitted on earlier rounds' pairs (`selection.reward_source` decides). False when
     neither is available (the first round)."""
-    from curation.rewards import load_completion_rewards
+    from curation.steps.rewards import load_completion_rewards
 
     champion = load_completion_rewards(rnd) if sel.reward_source != "ensemble" else None
     single = None  # a one-model champion set aside for the ensemble (auto)
@@ -735,10 +714,10 @@ def run_select(cfg, rnd, *, force: bool = False, progress: bool = True) -> dict:
 # ----------------------------------------------------------------------------------------------- adaptive
 def adaptive_update(adaptive, rounds: list, sel: SelectionConfig, seed: int) -> dict[str, int]:
     """Carry the measurements of the newest earlier `select/adaptive.json`, then measure every earlier round's
-    arms not measured yet on the pairs that came back (`curation.arms.round_label_log`: each pair's arm from its
+    arms not measured yet on the pairs that came back (`curation.acquisition.arms.round_label_log`: each pair's arm from its
     round's `strategy` column; the learner is one Bradley–Terry model on the answers' embeddings, C =
     selection.ensemble_c). Returns the labels (items asked) each arm got in earlier rounds."""
-    from curation.arms import pair_heldout, round_label_log
+    from curation.acquisition.arms import pair_heldout, round_label_log
 
     for r in rounds:  # newest first
         path = r.step("select").path / "adaptive.json"

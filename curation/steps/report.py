@@ -21,7 +21,7 @@ from typing import Any
 
 import numpy as np
 
-from curation.budget import learning_curve
+from curation.acquisition.budget import learning_curve
 from preference.plumbing.console import wall_time
 from preference.plumbing.io import read_json, read_rows, write_text
 
@@ -72,9 +72,9 @@ def _counts(rnd, step: str) -> dict:
 
 def section_steps(rnd) -> Section:
     """Every step of the round: status and wall time (the manifests' `seconds`), with its share of the total."""
-    from curation.round import STEPS
+    from curation.round import STEPS, step_name
 
-    order = [name for name, _ in STEPS]
+    order = [step_name(fn) for fn in STEPS]
     present = sorted((p.name for p in rnd.path.iterdir() if p.is_dir()) if rnd.path.is_dir() else [],
                      key=lambda n: (order.index(n) if n in order else len(order), n))
     rows, total = [], 0.0
@@ -412,7 +412,7 @@ def section_evaluation(rnd) -> Section:
 
 
 def forecast_lines(curve: dict) -> list[str]:
-    """`curation.budget.learning_curve` in words: expected gain of the next round, labels to reach X, warnings."""
+    """`curation.acquisition.budget.learning_curve` in words: expected gain of the next round, labels to reach X, warnings."""
     def interval(low, high, fmt: str) -> str:
         return "" if low is None or high is None else f" (interval {low:{fmt}} to {high:{fmt}})"
 
@@ -496,7 +496,7 @@ def _cross_round_figure(points: list[dict], curve: dict | None = None) -> bytes:
     for p in measured:
         ax_acc.annotate(f"r{p['round']}", (p["labels_cumulative"], p["heldout_accuracy"]), fontsize=7,
                         textcoords="offset points", xytext=(4, 4))
-    if curve and curve.get("forecast"):  # the fitted learning curve ahead, with its interval (curation.budget)
+    if curve and curve.get("forecast"):  # the fitted learning curve ahead, with its interval (curation.acquisition.budget)
         f = curve["forecast"]
         ax_acc.plot([q["labels"] for q in f], [q["accuracy"] for q in f], ls="--", color="#357", label="forecast")
         ax_acc.fill_between([q["labels"] for q in f], [q["low"] for q in f], [q["high"] for q in f], color="#357",
@@ -551,8 +551,8 @@ def section_labels(rnd) -> Section:
 
 def arm_claim_lines(rnd) -> list[str]:
     """Strategy arm(s) vs the random arm on the labels so far, per round and cumulatively
-    (`curation.arms.arms_report`), and the one sentence the data support."""
-    from curation.arms import arm_line, arms_report
+    (`curation.acquisition.arms.arms_report`), and the one sentence the data support."""
+    from curation.acquisition.arms import arm_line, arms_report
 
     report = arms_report(rnd)
     lines = [f"round {p['round']} — " + arm_line(a) for p in report["per_round"] for a in p["arms"]]
