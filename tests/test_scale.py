@@ -12,11 +12,11 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from curation import pool as P
-from curation import score as S
-from curation import strategies as T
+from curation.acquisition import strategies as T
 from curation.acquisition.strategies import Items, KCenterGreedy, KMeansPlusPlus, UnderDenseClusters
 from curation.config import RoundConfig
+from curation.steps import pool as P
+from curation.steps import score as S
 from curation.steps.generate import GenerationConfig, run_generate
 from curation.steps.pool import PoolConfig, PoolSource, ingest, run_pool
 from curation.steps.score import ScoringConfig, run_score
