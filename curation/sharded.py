@@ -14,7 +14,8 @@ with pickle: each shard's result is written by the caller with the project's par
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any, Literal, TypeVar
 
@@ -56,6 +57,32 @@ def _ray():
     return ray
 
 
+@contextmanager
+def session(cfg: ShardingConfig) -> Iterator[None]:
+    """Several `map_shards` calls in one Ray session (started here unless one is running; stopped after)."""
+    if cfg.backend == "none":
+        yield
+        return
+    ray = _ray()
+    started_here = False
+    if not ray.is_initialized():
+        _init(ray, cfg, cfg.num_shards)
+        started_here = True
+    try:
+        yield
+    finally:
+        if started_here:
+            ray.shutdown()
+
+
+def _init(ray, cfg: ShardingConfig, shards: int) -> None:
+    if cfg.address == "local":
+        ray.init(num_cpus=max(1, int(cfg.num_cpus_per_shard * shards)), include_dashboard=False,
+                 log_to_driver=False, configure_logging=False)
+    else:
+        ray.init(address=cfg.address, log_to_driver=False)
+
+
 def map_shards(fn: Callable[..., Any], items: Sequence[Any], cfg: ShardingConfig, **kwargs: Any) -> list[Any]:
     """Apply `fn(shard, **kwargs)` to each shard of `items`; results in shard order.
 
@@ -67,11 +94,7 @@ def map_shards(fn: Callable[..., Any], items: Sequence[Any], cfg: ShardingConfig
     ray = _ray()
     started_here = False
     if not ray.is_initialized():
-        if cfg.address == "local":
-            ray.init(num_cpus=max(1, int(cfg.num_cpus_per_shard * len(shards))), include_dashboard=False,
-                     log_to_driver=False, configure_logging=False)
-        else:
-            ray.init(address=cfg.address, log_to_driver=False)
+        _init(ray, cfg, len(shards))
         started_here = True
     try:
         remote = ray.remote(num_cpus=cfg.num_cpus_per_shard, num_gpus=cfg.num_gpus_per_shard)(fn)

@@ -26,6 +26,10 @@ Protocol (fixed before the runs):
   round of N prompts (random signals; embeddings from 64 Gaussian clusters in 384 dimensions, L2-normalized;
   3 completions per prompt), written through the round store like the real steps' outputs: the select target
   at 1M without running generate and score at 1M.
+- `--select-only N --select-shards S`: after that row, the same select with `selection.sharding: {backend: ray,
+  address: local, num_shards: S}` (curation/steps/select_shards.py: each shard reduced on a Ray worker process). Its
+  row gives the driver process's peak RSS (the workers are other processes: not counted) and the rows the workers
+  sent back; the check is that they sent fewer rows than the pool has and the step selected k rows.
 - Targets (2 cores, 24 GB), printed as PASS/FAIL at the largest size ≥ 1M that ran: peak RSS ≤ 4 GB in every
   step; per step, time per prompt at 1M ≤ 1.3 × that at 10k (the step's own time; the process start is a constant,
   not a per-prompt cost); select over 1M × 384 ≤ 60 s (its own time).
@@ -207,12 +211,12 @@ runpy.run_module('curation.cli', run_name='__main__')
 """
 
 
-def run_step(step: str, config: Path, env: dict, log: Path) -> dict:
+def run_step(step: str, config: Path, env: dict, log: Path, *extra: str) -> dict:
     """One step in its own process: wall seconds and peak RSS (bytes) of that process (its VmHWM)."""
     hwm = log.with_suffix(".hwm")
     t0 = time.monotonic()
     with open(log, "w") as out:
-        proc = subprocess.run([sys.executable, "-c", LAUNCHER, step, "-c", str(config), "-q"], cwd=ROOT,
+        proc = subprocess.run([sys.executable, "-c", LAUNCHER, step, "-c", str(config), "-q", *extra], cwd=ROOT,
                               env={**env, "CURATE_BENCH_HWM": str(hwm)}, stdout=out, stderr=subprocess.STDOUT)
     wall = time.monotonic() - t0
     if proc.returncode != 0:
@@ -237,6 +241,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--select-only", type=int, default=None, metavar="N",
                     help="time `curate select` alone over a synthetic scored round of N prompts × 384 (see "
                          "synthetic_scored_round) and exit")
+    ap.add_argument("--select-shards", type=int, default=0, metavar="S",
+                    help="with --select-only: also select with the pool reduced on S local Ray workers")
     args = ap.parse_args(argv)
     if args.select_only:
         return select_only(args)
@@ -329,6 +335,18 @@ def select_only(args) -> int:
           f"{1e6 * manifest['seconds'] / n:.0f} | {got['rss'] / GB:.2f} | {loadavg()} | "
           f"selected={manifest['counts']['selected']}, scored={manifest['counts']['scored']} |")
     ok = manifest["counts"]["selected"] == k and manifest["counts"]["scored"] == n
+    if args.select_shards:
+        text = config.read_text().replace("selection:\n", "selection:\n  sharding: {backend: ray, address: local, "
+                                          f"num_shards: {args.select_shards}}}\n")
+        config.write_text(text)
+        got = run_step("select", config, env, base / "select-sharded.log", "--force")
+        sharded = json.loads((base / "project" / "round-0001" / "select" / "manifest.json").read_text())
+        info = sharded.get("sharding", {})
+        print(f"| {n:,} | select, {args.select_shards} Ray shards (driver RSS) | {got['wall']:.1f} | "
+              f"{sharded['seconds']:.1f} | {1e6 * sharded['seconds'] / n:.0f} | {got['rss'] / GB:.2f} | {loadavg()} | "
+              f"selected={sharded['counts']['selected']}, rows sent back={info.get('rows_returned')} |")
+        ok = ok and sharded["counts"]["selected"] == k and info.get("shards") == args.select_shards \
+            and info.get("rows_returned", n) < n
     print(f"target select over {n:,} × 384 ≤ 60 s: {'PASS' if manifest['seconds'] <= 60 else 'FAIL'} "
           f"({manifest['seconds']:.1f} s); peak RSS ≤ 4 GB: {'PASS' if got['rss'] <= 4 * GB else 'FAIL'}")
     if not args.keep:

@@ -60,6 +60,9 @@ class Items:
     embeddings: np.ndarray | None = None
     slices: np.ndarray | None = None
     labelled: np.ndarray | None = None
+    # (D,) the point diversity strategies measure coverage from while nothing is labelled; None = these items' own
+    # mean (a shard of a sharded pool carries the whole pool's mean here)
+    center: np.ndarray | None = None
     cache: dict = field(default_factory=dict, init=False, repr=False, compare=False)  # derived data (partitions)
 
     def __post_init__(self):
@@ -124,7 +127,7 @@ class Items:
             labelled = extra if labelled is None else np.concatenate([labelled, extra])
         if len(idx) == len(self) and (len(idx) == 0 or (idx[0] == 0 and (np.diff(idx) == 1).all())):
             same = Items(ids=self.ids, signals=self.signals, embeddings=self.embeddings, slices=self.slices,
-                         labelled=labelled)
+                         labelled=labelled, center=self.center)
             if labelled is self.labelled:
                 same.cache = self.cache  # same rows, same context: derived data (partitions) carries over
             return same
@@ -134,6 +137,7 @@ class Items:
             embeddings=None if self.embeddings is None else self.embeddings[idx],
             slices=self.slices[idx],
             labelled=labelled,
+            center=self.center,
         )
 
 
@@ -239,6 +243,15 @@ class Strategy:
 
     def pick_arms(self, items: Items, k: int, rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
         return self.pick(items, k, rng), np.zeros(0, dtype=np.int64)
+
+    def candidates(self, items: Items, m: int, rng: np.random.Generator) -> np.ndarray:
+        """Rows of `items` — one shard of a pool, reduced on its worker — to send to the driver, which runs this
+        strategy on the union of every shard's candidates (`curation.steps.select_shards`); `m` ≥ the picks the driver
+        will ask for. Default: the strategy's own m picks in the shard — exact for a score strategy (the pool's
+        top k lie in the union of the shards' top k), and for k-center the composable core-set (k-center over
+        the union of the parts' k-center picks stays a constant-factor approximation for any partition:
+        Malkomes et al. 2015). Samplers (k-means++, under_dense) and rank-normalized sums are approximated."""
+        return self.select(items, m, rng)
 
     def __repr__(self) -> str:
         return f"{type(self).__name__}({self.name!r})"
@@ -388,7 +401,8 @@ def coverage_sq_dist(items: Items) -> np.ndarray:
     x = items.embedding_matrix()
     labelled = items.labelled_matrix()
     if labelled is None:
-        labelled = x.mean(axis=0, keepdims=True)
+        labelled = x.mean(axis=0, keepdims=True) if items.center is None else \
+            np.asarray(items.center, dtype=np.float32).reshape(1, -1)
     if labelled.shape[1] != x.shape[1]:
         raise CurateError(f"labelled embeddings have dim {labelled.shape[1]}, pool embeddings {x.shape[1]}")
     if float(len(x)) * len(labelled) * x.shape[1] <= EXACT_BUDGET or len(labelled) <= 64 or len(x) < 128:
@@ -729,6 +743,11 @@ class TopThenDiverse(Strategy):
     def directions(self) -> dict[str, bool]:
         return {**self.diverse.directions(), **self.first.directions()}
 
+    def candidates(self, items: Items, m: int, rng: np.random.Generator) -> np.ndarray:
+        if self.cold(items):
+            return self.diverse.candidates(items, m, rng)
+        return self.first.candidates(items, max(m, math.ceil(self.factor * m)), rng)  # ⊇ the shard's shortlist
+
     def pick(self, items: Items, k: int, rng: np.random.Generator) -> np.ndarray:
         if self.cold(items):
             return self.diverse.select(items, k, rng)
@@ -765,6 +784,9 @@ class ColdStart(Strategy):
     def pick(self, items: Items, k: int, rng: np.random.Generator) -> np.ndarray:
         return self.active(items).select(items, k, rng)
 
+    def candidates(self, items: Items, m: int, rng: np.random.Generator) -> np.ndarray:
+        return self.active(items).candidates(items, m, rng)
+
 
 # ------------------------------------------------------------------------------------------------- wrappers
 class Wrapper(Strategy):
@@ -784,6 +806,9 @@ class Wrapper(Strategy):
 
     def usable_without(self, columns: set[str]) -> bool:
         return self.base.usable_without(columns)
+
+    def candidates(self, items: Items, m: int, rng: np.random.Generator) -> np.ndarray:
+        return self.base.candidates(items, m, rng)
 
     def _select_within(self, items: Items, allowed: np.ndarray, k: int, rng, covered=None) -> np.ndarray:
         """Let the base pick k among rows `allowed` (int indices) and map the picks back to `items` rows."""
@@ -843,6 +868,15 @@ class SliceQuotas(Wrapper):
             chosen = np.concatenate([chosen, self._select_within(items, rest, k - len(chosen), rng, chosen)])
         return chosen.astype(np.int64)
 
+    def candidates(self, items: Items, m: int, rng: np.random.Generator) -> np.ndarray:
+        """Each quota slice's candidates (up to m) and the whole shard's (the fill)."""
+        found = [self.base.candidates(items, m, rng)] if self.fill else []
+        for name in sorted(self.quotas):
+            rows = np.flatnonzero(items.slices == name).astype(np.int64)
+            if len(rows) and self.quotas[name] > 0:
+                found.append(rows[self.base.candidates(items.subset(rows), min(m, len(rows)), rng)])
+        return np.unique(np.concatenate(found)) if found else np.zeros(0, dtype=np.int64)
+
 
 class DropNearDuplicates(Wrapper):
     """Skip items whose embedding has cosine similarity ≥ `threshold` with a labelled item or with an item
@@ -888,6 +922,28 @@ class DropNearDuplicates(Wrapper):
                 chosen += block[accepted].tolist()
                 reference = np.concatenate([reference, units[accepted]])
         return np.asarray(chosen, dtype=np.int64)
+
+    def candidates(self, items: Items, m: int, rng: np.random.Generator) -> np.ndarray:
+        """The base's candidates, in its order, without near-duplicates of labelled items or of each other."""
+        rows = np.asarray(self.base.candidates(items, m, rng), dtype=np.int64)
+        if len(rows) == 0:
+            return rows
+        units = self._unit(items.embedding_matrix()[rows])
+        labelled = items.labelled_matrix()
+        near_ref = (units @ self._unit(labelled).T).max(axis=1) >= self.threshold if labelled is not None else \
+            np.zeros(len(rows), dtype=bool)
+        accepted: list[int] = []
+        for start in range(0, len(rows), self.BLOCK):  # against the accepted rows, a block at a time
+            block = np.arange(start, min(start + self.BLOCK, len(rows)))
+            before = len(accepted)
+            sims = units[block] @ units[accepted + block.tolist()].T
+            cols = list(range(before))  # columns of `sims` holding accepted rows
+            for j, row in enumerate(block):
+                if near_ref[row] or (cols and float(sims[j, cols].max()) >= self.threshold):
+                    continue
+                accepted.append(int(row))
+                cols.append(before + j)
+        return rows[accepted]
 
 
 class Budget(Wrapper):

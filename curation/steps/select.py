@@ -62,6 +62,7 @@ from curation.acquisition.strategies import (
     build_strategy,
     find_adaptive,
 )
+from curation.sharded import ShardingConfig
 from preference.plumbing.errors import CurateError
 from preference.plumbing.io import (
     ROW_GROUP,
@@ -110,8 +111,14 @@ class SelectionConfig:
     completion_random_share: float = 0.15  # share of records whose completions are drawn at random (control arm)
     completions_per_record: int | None = None  # null = annotation.completions_per_record (2 = a pairwise question)
     seed: int | None = None  # null = the round config's seed
+    # Ray: reduce the pool shard by shard on workers (curation/steps/select_shards.py); the driver gets each shard's
+    # candidates, a uniform sample for the random arm and score sketches, never the whole pool
+    sharding: ShardingConfig = field(default_factory=ShardingConfig)
+    shard_candidates: float = 1.5  # with sharding: each shard sends ceil(shard_candidates · k) candidates (≥ 1)
 
     def __post_init__(self):
+        if self.shard_candidates < 1.0:
+            raise ValueError(f"shard_candidates must be ≥ 1, got {self.shard_candidates}")
         if self.k < 1:
             raise ValueError(f"k must be ≥ 1, got {self.k}")
         if not 0.0 <= self.random_share < 1.0:
@@ -595,6 +602,22 @@ def run_select(cfg, rnd, *, force: bool = False, progress: bool = True) -> dict:
     run = rnd.start_step("select", key, inputs=inputs, seeds={"seed": seed}, force=force)
     if run is None:
         return rnd.step("select").manifest()
+    if sel.sharding.backend != "none":
+        needs_rewards = bool(REWARD_SIGNALS & set(strategy.inputs)) or make_chooser(sel.completion_choice).needs_rewards
+        why_not = ("the adaptive strategy" if adaptive is not None else
+                   "reward signals (computed on the driver)" if needs_rewards and rewards_possible(sel, rnd, rounds)
+                   else None)
+        if why_not is None:
+            from curation.steps.select_shards import select_sharded
+
+            with run:
+                labelled_ids, labelled_emb = previously_selected(rounds)
+                reasons, unmatched, thumbs = pool_signals(rnd, sel.feedback_file)
+                select_sharded(run, cfg, rnd, strategy=strategy, seed=seed, m_shown=m, rounds=rounds,
+                               labelled_ids=labelled_ids, labelled_emb=labelled_emb, reasons=reasons,
+                               unmatched=unmatched, thumbs=thumbs, progress=progress)
+            return rnd.step("select").manifest()
+        run.extra["sharding"] = {"backend": "none", "why": f"not sharded: {why_not} (curation/steps/select_shards.py)"}
     with run:
         labels_so_far = adaptive_update(adaptive, rounds, sel, seed) if adaptive is not None else {}
         pool = load_items(score_step.file("prompt_scores.parquet"), _mapped(score_step, "prompt_scores.parquet"))
