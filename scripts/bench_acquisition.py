@@ -42,7 +42,7 @@ CI above 0 (every such strategy is listed, with how many were compared: one of m
 shipped configs' default (`CONFIG_DEFAULT`: `reward_disagreement|kcenter@0.25`, `/info_gain` on multi-completion
 data) is never significantly worse than random (ΔAUC CI below 0).
 
-The README's tables were made with (2 CPU cores, shared machine, `nice -n 10`; then `--report` prints the tables
+The tables in scripts/README.md were made with (2 CPU cores under load from other work, `nice -n 10`; then `--report` prints the tables
 and the goals). SmolLM2 features first (computed once per dataset, cached, resumable; the default strategy lists
 plus the LM strategies, `under_dense` left out for time):
 
@@ -58,7 +58,7 @@ plus the LM strategies, `under_dense` left out for time):
 
 The goal check reran the strategies those tables single out plus the default with 30 seeds (`--seeds 30`, one
 `--json runs/bench/smollm2-<dataset>-30seeds.json` per dataset, and the default's own rows in
-`runs/bench/smollm2-<dataset>-default-30seeds.json`; the lists are in the README).
+`runs/bench/smollm2-<dataset>-default-30seeds.json`; the lists are in scripts/README.md).
 
 Adaptive strategy and the `maxmin` / `delta_ucb` choosers — protocol fixed BEFORE the runs (2026-12-04):
 
@@ -91,7 +91,7 @@ qa-feedback):
   rows with the configs' chooser `/info_gain`, so the comparison is of strategies, not choosers;
 - G3 savings ≥ 30 % with the savings CI's low end > 0 on at least two datasets.
 Decision rule: all three met → `adaptive` becomes the shipped default (configs/*.yaml, `SelectionConfig.strategy`,
-`CONFIG_DEFAULT = "adaptive@0.25"`). Otherwise the README says which goal failed, and the default becomes, of the
+`CONFIG_DEFAULT = "adaptive@0.25"`). Otherwise scripts/README.md says which goal failed, and the default becomes, of the
 shipped-form candidates run on all three datasets (`DEFAULT_CANDIDATES`: `low_logprob@0.25`, `entropy@0.25`,
 `kcenter@0.25`, `reward_disagreement|kcenter@0.25`, `adaptive@0.25`), one never significantly worse than random on
 any dataset — the one with the highest worst-dataset ΔAUC (a tie keeps the current default). Choosers: the

@@ -86,7 +86,7 @@ class SelectionConfig:
     # a name (entropy, kcenter, ...), "weighted", "hybrid", "A>B" or "S|C" (see strategies.py). The default is the
     # configuration scripts/bench_acquisition.py supports (its CONFIG_DEFAULT, `reward_disagreement|kcenter@0.25`:
     # the reward ensemble's disagreement, k-center until a reward model exists, a 25 % random arm, as every
-    # shipped config): ΔAUC above random's with the CI above 0 on all three benchmark datasets (README tables)
+    # shipped config): ΔAUC above random's with the CI above 0 on all three benchmark datasets (scripts/README.md)
     strategy: str = "reward_disagreement|kcenter"
     k: int = 16  # items per round (strategy arm + random arm)
     random_share: float = 0.25  # share of k drawn at random from the same pool (the control arm)
