@@ -46,10 +46,8 @@ import time
 import warnings
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from typing import Any, TypeVar
+from typing import TYPE_CHECKING, Any, TypeVar
 from urllib.parse import urlparse
-
-import httpx
 
 from preference.plumbing.errors import CurateError
 from preference.questions import (
@@ -67,6 +65,9 @@ from preference.questions import (
     slot,
 )
 from preference.schema import AnnotationRecord, Response
+
+if TYPE_CHECKING:
+    import httpx
 
 T = TypeVar("T")
 
@@ -193,6 +194,8 @@ class ArgillaError(CurateError):
 
 def _status(exc: BaseException) -> int | None:
     """The HTTP status behind an SDK or httpx error (following the `raise ... from` chain)."""
+    import httpx
+
     seen = 0
     while exc is not None and seen < 5:
         status = getattr(exc, "status_code", None)
@@ -207,6 +210,8 @@ def _status(exc: BaseException) -> int | None:
 
 def _detail(exc: BaseException) -> str:
     """The server's own explanation (`detail`) behind an SDK or httpx error, on one line."""
+    import httpx
+
     if isinstance(exc, httpx.HTTPStatusError):
         try:
             detail = exc.response.json().get("detail", exc.response.text)
@@ -264,6 +269,8 @@ class ArgillaClient:
     # ------------------------------------------------------------------------------------------------ calls
     def call(self, what: str, fn: Callable[[], T]) -> T:
         """Run `fn` (idempotent), retrying connection errors, 5xx and 429; other errors become one line."""
+        import httpx
+
         last = ""
         for attempt in range(self.retries + 1):
             if attempt:

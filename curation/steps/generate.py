@@ -46,8 +46,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal
 
-from tqdm.auto import tqdm
-
 from curation.backends import (
     Backend,
     BackendSettings,
@@ -370,6 +368,8 @@ def generate_shard(ranges: list[tuple[int, int]], *, config: dict, model: str, m
     rows from shared storage): its own backend, the resumable parts and the cache. The rows go to a stream file
     in `parts` (per shard of `batch_size` prompts: the model's samples, then its references), the rejected prompts
     to a jsonl beside it; what comes back is small (paths, rows per chunk, counts)."""
+    from tqdm.auto import tqdm
+
     from preference.plumbing.io import RowWriter, iter_row_range
 
     gen = from_dict(GenerationConfig, config)

@@ -26,7 +26,6 @@ from pathlib import Path
 
 import numpy as np
 import pyarrow as pa
-from tqdm.auto import tqdm
 
 from preference.plumbing.errors import CurateError
 from preference.plumbing.io import read_rows, sqlite_transaction, write_rows
@@ -122,6 +121,8 @@ def score_completions(model, conversations: list[list[dict]], cache: RewardCache
                       progress: bool = True) -> tuple[np.ndarray, int]:
     """(K, N) member rewards of the conversations, from the cache where present, else from `model` in chunks
     (each chunk cached as soon as it is scored). Returns (rewards, number computed now)."""
+    from tqdm.auto import tqdm
+
     keys = [cache.key(c) for c in conversations]
     known = cache.get(list(dict.fromkeys(keys)))
     todo = list(dict.fromkeys(k for k in keys if k not in known))
@@ -208,6 +209,8 @@ def version_rewards(cfg, version: str, conversations: list[list[dict]]) -> list[
 def _score_round(cfg, rnd, run, champion: tuple[str, Path, Path], *, progress: bool) -> None:
     """The champion's rewards of every completion, streamed by chunks of prompts (`score.prompt_groups`: bounded
     memory) into the output file."""
+    from tqdm.auto import tqdm
+
     from curation.steps.score import prompt_groups
     from preference.plumbing.io import RowWriter, count_rows
 

@@ -51,7 +51,6 @@ from pathlib import Path
 
 import numpy as np
 import pyarrow as pa
-from tqdm.auto import tqdm
 
 from curation.backends import (
     Backend,
@@ -748,6 +747,8 @@ def score_range(ranges: list[dict], *, config: dict, members: list[dict], parts:
     first (its results go to `parts/`, and one engine runs at a time), then one pass computes the last backend's
     and reads the others' from `parts/`, chunk by chunk, into this shard's two output files. What comes back is
     small (file paths and counts)."""
+    from tqdm.auto import tqdm
+
     sc = from_dict(ScoringConfig, config)
     ((shard,),) = (ranges,)
     resolved = [Member(**m) for m in members]
