@@ -112,3 +112,12 @@ def test_argilla_data_folder_has_one_writer(tmp_path, capsys):
         assert f"error: Argilla data folder {data} is being written by `curate argilla up` (pid {os.getpid()})" in err
         assert argilla_server.main(["down", "--data-dir", str(data)]) == EXIT_BUSY
     assert argilla_server.main(["down", "--data-dir", str(data)]) == 0  # free again: nothing was running
+
+
+def test_bootstrap_waits_for_no_one_while_another_writer_holds_the_project(tmp_path):
+    """`curate bootstrap` writes round 0 and the registry: with the project held it exits 12 and writes nothing."""
+    project = tmp_path / "p"
+    with project_lock(project, "curate round run -c other.yaml"):
+        out = run("bootstrap", "-c", TINY, "--set", f"project={project}")
+    assert out.returncode == EXIT_BUSY and "curate round run -c other.yaml" in out.stderr + out.stdout, out.stderr
+    assert not (project / "round-0000").exists()
