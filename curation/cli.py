@@ -116,7 +116,7 @@ def run_step(name: str, fn: Callable, config: Path, round_: int | None, force: b
     with writer(cfg, registry=step in REGISTRY_STEPS):
         rnd = open_round(cfg, round_)
         if rnd.number == 0:  # the bootstrap's steps run with its trainer settings (labels.train)
-            from curation.bootstrap import bootstrap_config
+            from curation.config import bootstrap_config
 
             cfg = bootstrap_config(cfg)
         with step_console(rnd.step(step), verbose=verbose):
@@ -238,7 +238,7 @@ def status(config: ConfigOpt, set_: SetOpt = None) -> None:
     """Show every round's steps: where each stands and its wall time (a running step: time so far)."""
     from datetime import UTC, datetime
 
-    from curation.bootstrap import BOOTSTRAP_STEPS
+    from curation.round import BOOTSTRAP_STEPS
     from preference.plumbing.console import wall_time
     from preference.plumbing.lock import current_writer, describe_writer
     from preference.plumbing.store import Project
@@ -301,7 +301,7 @@ def bootstrap(
     """Round 0: import the seed labels (labels.sources), train, evaluate and register the models on them, so round 1
     starts with a champion (reward-model suggestions, the champion's ensemble). Resumable; `round run` does it first
     when seed labels are configured and there is no champion."""
-    from curation.bootstrap import run_bootstrap
+    from curation.round import run_bootstrap
     from preference.plumbing.store import Project
 
     cfg = load(config, set_)
@@ -389,7 +389,7 @@ def _round_run(cfg, round_: int | None, force: bool, quiet: bool, verbose: bool,
         latest = project.round(create=True)
         if latest.step("report").done:
             if if_drift and not _drift_warrants_round(cfg, quiet, verbose):
-                raise typer.Exit(10)  # curation.serving.drift.EXIT_NO_DRIFT
+                raise typer.Exit(10)  # curation.drift.EXIT_NO_DRIFT
             latest = project.new_round()
         else:
             typer.echo(f"round {latest.number} has not finished yet; continuing it first")
@@ -404,7 +404,7 @@ def _round_run(cfg, round_: int | None, force: bool, quiet: bool, verbose: bool,
 def _drift_warrants_round(cfg, quiet: bool, verbose: bool = False) -> bool:
     """Run the drift check with a quiet console (library output in <project>/drift/log.txt); print its one-line
     verdict and where its report is. True when it warrants a round."""
-    from curation.serving.drift import check, summary
+    from curation.drift import check, summary
     from preference.plumbing.console import command_console
 
     with command_console(Path(cfg.project) / "drift", "drift", verbose=verbose):

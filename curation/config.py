@@ -11,8 +11,8 @@ from __future__ import annotations
 from dataclasses import dataclass, field, make_dataclass
 from pathlib import Path
 
+from curation.drift import DriftConfig
 from curation.export import ExportConfig
-from curation.serving.drift import DriftConfig
 from curation.serving.serve import ServeConfig
 from curation.steps.generate import GenerationConfig
 from curation.steps.labels import LabelsConfig
@@ -20,7 +20,7 @@ from curation.steps.pool import PoolConfig
 from curation.steps.push import AnnotationConfig
 from curation.steps.score import ScoringConfig
 from curation.steps.select import SelectionConfig
-from preference.plumbing.config import load_yaml
+from preference.plumbing.config import load_yaml, replace_path
 from training.evaluate import EvalConfig
 from training.registry import GateConfig
 from training.trainers import TRAINERS
@@ -56,10 +56,17 @@ RoundConfig = make_dataclass(
 )
 
 
+def bootstrap_config(cfg):
+    """The round config round 0 runs with: `labels.train` applied over the trainer sections (type-checked)."""
+    for kind, overrides in cfg.labels.train.items():
+        for key, value in overrides.items():
+            cfg = replace_path(cfg, f"{kind}.{key}", value)
+    return cfg
+
+
 def load_config(path: str | Path) -> RoundConfig:
     cfg = load_yaml(path, RoundConfig)
     if cfg.labels.train:  # the bootstrap's trainer settings type-check against the trainer sections now
-        from curation.bootstrap import bootstrap_config
         from preference.plumbing.config import ConfigError
 
         try:

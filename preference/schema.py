@@ -266,3 +266,16 @@ class AnnotationRecord:
     @property
     def record_id(self) -> str:
         return self.prompt.id
+
+
+def pair_schema():
+    """Arrow schema of `PreferencePair` rows (so an empty pairs.parquet still has its columns)."""
+    import pyarrow as pa
+
+    msgs = pa.list_(pa.struct([("role", pa.string()), ("content", pa.string())]))
+    return pa.schema([
+        ("id", pa.string()), ("prompt_id", pa.string()), ("prompt", msgs), ("chosen", msgs), ("rejected", msgs),
+        ("margin", pa.float64()), ("slice", pa.string()), ("chosen_id", pa.string()), ("rejected_id", pa.string()),
+        ("source", pa.string()), ("round", pa.int64()), ("annotators", pa.list_(pa.string())),
+        ("rejected_harmful", pa.bool_()), ("stage", pa.string()),
+    ])

@@ -90,7 +90,7 @@ def test_status_lists_round_zero_and_bootstrap_is_not_redone(seeded):
 
 
 def test_bootstrap_is_due_only_before_the_loop_without_a_champion(seeded, tmp_path):
-    from curation.bootstrap import bootstrap_due
+    from curation.round import bootstrap_due
 
     project, args, _ = seeded
     cfg = config(args)

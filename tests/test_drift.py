@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 
 from curation.backends import DummyBackend
-from curation.serving.drift import (
+from curation.drift import (
     DriftConfig,
     check,
     embed_and_score,

@@ -58,8 +58,7 @@ def test_the_registries_hold_what_the_loop_runs():
 def test_the_layout_shows_the_loop():
     """Each step function lives in `curation/steps/<step>.py` (the trainers' steps in `train.py`), and STEPS and
     the bootstrap's steps are plain lists of them."""
-    from curation.bootstrap import BOOTSTRAP_STEPS
-    from curation.round import STEPS, step_name
+    from curation.round import BOOTSTRAP_STEPS, STEPS, step_name
 
     for fn in [*BOOTSTRAP_STEPS, *STEPS]:
         name = step_name(fn)
@@ -80,12 +79,13 @@ def imports_of(path: Path) -> set[str]:
 
 
 def test_no_import_points_back_up():
-    """preference ← training ← curation, and inside curation the libraries (acquisition, backends) never import
-    the steps, serving or the CLI."""
+    """preference ← training ← curation, and inside curation the libraries (acquisition, backends) and serving
+    (which the pool step reads traffic through) never import the steps, the loop or the CLI."""
     above = {"preference": ("training", "curation", "scripts"), "training": ("curation", "scripts"),
              "curation/acquisition": ("curation.steps", "curation.serving", "curation.cli", "curation.round"),
              "curation/backends": ("curation.steps", "curation.serving", "curation.cli", "curation.round",
-                                   "curation.acquisition")}
+                                   "curation.acquisition"),
+             "curation/serving": ("curation.steps", "curation.cli", "curation.round", "curation.drift")}
     for folder, forbidden in above.items():
         for path in (ROOT / folder).rglob("*.py"):
             bad = sorted(m for m in imports_of(path) if m.split(".")[0] in forbidden or m.startswith(forbidden))

@@ -326,7 +326,7 @@ def test_a_sentence_embedder_embeds_and_the_committee_scores_the_prompts(tmp_pat
     the same way (embedder + a scoring member)."""
     from sentence_transformers import SentenceTransformer
 
-    from curation.serving.drift import embed_and_score, scoring_backends
+    from curation.drift import embed_and_score, scoring_backends
 
     committee = (str(tiny_model),)
     cfg, rnd = scored_round(tmp_path, hh_sample, backend="transformers", models=(str(tiny_model),),

@@ -7,7 +7,7 @@
         - path: ultrafeedback.parquet            # rating sets: pairs by score, ties dropped
           score_field: overall_score
         - path: exports/argilla-demo-r0003       # a folder Argilla's `Dataset.to_disk` wrote
-      train: {reward: {max_steps: 60}}           # the bootstrap's trainer settings (see curation/bootstrap.py)
+      train: {reward: {max_steps: 60}}           # the bootstrap's trainer settings (see curation/round.py, round 0)
 
 Storage (`format`): jsonl (gz ok), parquet, a saved HF dataset folder (`split`, default "train", of a
 DatasetDict), or `argilla`: a folder written by Argilla's `Dataset.to_disk` (`records.json` +
@@ -43,7 +43,7 @@ fails on the first one instead). Pairs whose prompt is a held-out prompt (`evalu
 The step writes `labels/pairs.parquet` (`PreferencePair` rows), `labels/feedback.parquet` (`Feedback` rows),
 `labels/rejected.jsonl`, and its manifest (counts, and per source: name, path, format, licence, sha256, counts).
 Round 0's pairs feed the trainers like any round's (`training.data.load_round_pairs`): the bootstrap trains on
-them, later rounds replay them; their prompts leave every round's pool (`seed_prompt_keys`).
+them, later rounds replay them; their prompts leave every round's pool (`curation.steps.pool.seed_prompt_keys`).
 """
 
 from __future__ import annotations
@@ -56,7 +56,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 from preference.plumbing.errors import CurateError
-from preference.plumbing.io import read_json, read_rows, write_jsonl, write_rows
+from preference.plumbing.io import read_json, write_jsonl, write_rows
 from preference.schema import Feedback, PreferencePair, parse_hh_pair, stable_id, validate_messages
 
 IMPORTED = "imported"  # the `stage` of an imported pair
@@ -595,7 +595,7 @@ def _key(cfg) -> dict:
 def run_labels(cfg, rnd, *, force: bool = False, progress: bool = True) -> dict:
     """Step `labels` of round 0: import `labels.sources` → pairs.parquet, feedback.parquet, rejected.jsonl."""
     from curation.serving.traffic import feedback_schema
-    from curation.steps.pull import pair_schema
+    from preference.schema import pair_schema
 
     if rnd.number != 0:
         raise CurateError(f"the labels step belongs to round 0 (the bootstrap), not round {rnd.number}; run "
@@ -626,20 +626,6 @@ def run_labels(cfg, rnd, *, force: bool = False, progress: bool = True) -> dict:
 
 
 # ------------------------------------------------------------------------------------------------- consumers
-def seed_prompt_keys(project_root: Path) -> set[str]:
-    """Content keys (`training.data.prompt_key`) of the prompts round 0 imported labels for; empty without."""
-    from training.data import prompt_key
-
-    step = Path(project_root) / "round-0000" / "labels"
-    if not (step / "manifest.json").is_file():
-        return set()
-    keys = set()
-    for name in ("pairs.parquet", "feedback.parquet"):
-        if (step / name).is_file():
-            keys |= {prompt_key(r["prompt"]) for r in read_rows(step / name)}
-    return keys
-
-
 def imported_sources(project_root: Path) -> list[dict]:
     """The label sources round 0 imported (name, path, format, licence, sha256, counts); [] without."""
     manifest = Path(project_root) / "round-0000" / "labels" / "manifest.json"
@@ -647,4 +633,4 @@ def imported_sources(project_root: Path) -> list[dict]:
 
 
 __all__ = ["IMPORTED", "LabelSource", "LabelsConfig", "import_labels", "imported_sources", "row_shape",
-           "run_labels", "seed_prompt_keys"]
+           "run_labels"]

@@ -45,7 +45,6 @@ from curation.serving.traffic import (
     traffic_items,
     traffic_schema,
 )
-from curation.steps.labels import seed_prompt_keys
 from preference.plumbing.errors import CurateError
 from preference.plumbing.io import RowWriter, count_rows, iter_rows, open_text, read_rows, write_rows
 from preference.schema import Feedback, Prompt, parse_hh, prompt_text, stable_id, validate_messages
@@ -672,6 +671,20 @@ def _carry_over(previous, new: IngestResult, sink: _Sink) -> IngestResult:
                           traffic_counts=new.traffic_counts)
     result.prompt_count = kept + len(extra)
     return result
+
+
+def seed_prompt_keys(project_root: Path) -> set[str]:
+    """Content keys (`training.data.prompt_key`) of the prompts round 0 imported labels for; empty without."""
+    from training.data import prompt_key
+
+    step = Path(project_root) / "round-0000" / "labels"
+    if not (step / "manifest.json").is_file():
+        return set()
+    keys = set()
+    for name in ("pairs.parquet", "feedback.parquet"):
+        if (step / name).is_file():
+            keys |= {prompt_key(r["prompt"]) for r in read_rows(step / name)}
+    return keys
 
 
 def load_prompts(rnd) -> list[Prompt]:

@@ -61,7 +61,7 @@ from preference.plumbing.errors import CurateError, WaitingForReviewers
 from preference.plumbing.io import atomic_path, read_json, write_json, write_jsonl, write_rows
 from preference.questions import review_questions
 from preference.reliability import annotator_quality
-from preference.schema import AnnotationRecord, Response
+from preference.schema import AnnotationRecord, Response, pair_schema
 from preference.simulated import SimulatedAnnotator
 
 
@@ -358,17 +358,4 @@ def run_pull(cfg, rnd, *, force: bool = False, progress: bool = True) -> dict:
     return rnd.step("pull").manifest()
 
 
-def pair_schema():
-    """Arrow schema of `PreferencePair` rows (so an empty pairs.parquet still has its columns)."""
-    import pyarrow as pa
-
-    msgs = pa.list_(pa.struct([("role", pa.string()), ("content", pa.string())]))
-    return pa.schema([
-        ("id", pa.string()), ("prompt_id", pa.string()), ("prompt", msgs), ("chosen", msgs), ("rejected", msgs),
-        ("margin", pa.float64()), ("slice", pa.string()), ("chosen_id", pa.string()), ("rejected_id", pa.string()),
-        ("source", pa.string()), ("round", pa.int64()), ("annotators", pa.list_(pa.string())),
-        ("rejected_harmful", pa.bool_()), ("stage", pa.string()),
-    ])
-
-
-__all__ = ["dedupe", "pair_schema", "run_pull", "who_is_pending"]
+__all__ = ["dedupe", "run_pull", "who_is_pending"]

@@ -71,14 +71,13 @@ def _counts(rnd, step: str) -> dict:
 
 
 def section_steps(rnd) -> Section:
-    """Every step of the round: status and wall time (the manifests' `seconds`), with its share of the total."""
-    from curation.round import STEPS, step_name
-
-    order = [step_name(fn) for fn in STEPS]
-    present = sorted((p.name for p in rnd.path.iterdir() if p.is_dir()) if rnd.path.is_dir() else [],
-                     key=lambda n: (order.index(n) if n in order else len(order), n))
+    """Every step the round has started: status and wall time (the manifests' `seconds`), with its share of the
+    total, in the order the steps started (a step's folder appears when it starts)."""
+    started = {r["step"]: r.get("started_at") or "~" for r in rnd.project.status() if r["round"] == rnd.number}
+    present = [p.name for p in rnd.path.iterdir() if p.is_dir()] if rnd.path.is_dir() else []
+    order = sorted(set(present) | set(started), key=lambda n: (started.get(n, "~"), n))
     rows, total = [], 0.0
-    for name in dict.fromkeys([*order, *present]):
+    for name in order:
         step = rnd.step(name)
         seconds = step.manifest().get("seconds") if step.done else None
         total += seconds or 0.0

@@ -10,7 +10,7 @@
       round-0000/               the bootstrap (`curate bootstrap`): imported seed labels, the models trained on them
 
 Round 0 is not a loop round: it holds the labels a team already had (step `labels`) and the first champion trained
-on them (curation/bootstrap.py). It is the earliest round every loop round looks back to (`Round.earlier`: replay,
+on them (curation/round.py). It is the earliest round every loop round looks back to (`Round.earlier`: replay,
 the learning curve, the report), but never "the latest round" a step command works on (`Project.round(None)`).
 
 A step is *finished* exactly when its `manifest.json` exists. The manifest holds the step name, the hash of the
