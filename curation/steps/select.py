@@ -347,6 +347,8 @@ def load_completions(rnd, prompt_ids: set[str] | None = None) -> Completions:
     """`score/completion_scores.parquet` (+ texts from `generate/completions.parquet` when it finished); with
     `prompt_ids`, only those prompts' completions, streamed (a pool's completion embeddings can be gigabytes)."""
     path = rnd.step("score").file("completion_scores.parquet")
+    from curation.steps.score import gather_rows
+
     mapped = _mapped(rnd.step("score"), "completion_scores.parquet")
     if prompt_ids is None and mapped is not None:  # every completion: the memory map itself (paged in on use)
         table = pq.read_table(path, columns=[c for c in pq.ParquetFile(path).schema_arrow.names if c != "embedding"])
@@ -358,7 +360,7 @@ def load_completions(rnd, prompt_ids: set[str] | None = None) -> Completions:
         rows = np.flatnonzero(np.asarray(pc.is_in(table.column("prompt_id"),
                                                   value_set=pa.array(sorted(prompt_ids), pa.string()))
                                          .to_numpy(zero_copy_only=False)))
-        table, emb = table.take(rows), np.asarray(mapped[rows])  # only the picked prompts' rows leave the disk
+        table, emb = table.take(rows), gather_rows(mapped, rows)  # only the picked prompts' rows leave the disk
     else:
         table, emb = _read_filtered(path, prompt_ids)
     if table.num_rows == 0:
