@@ -27,7 +27,7 @@ Protocol (fixed before the runs):
   3 completions per prompt), written through the round store like the real steps' outputs: the select target
   at 1M without running generate and score at 1M.
 - `--select-only N --select-shards S`: after that row, the same select with `selection.sharding: {backend: ray,
-  address: local, num_shards: S}` (curation/steps/select_shards.py: each shard reduced on a Ray worker process). Its
+  address: local, num_shards: S}` (curation/steps/select.py, its Ray part: each shard reduced on a Ray worker process). Its
   row gives the driver process's peak RSS (the workers are other processes: not counted) and the rows the workers
   sent back; the check is that they sent fewer rows than the pool has and the step selected k rows.
 - Targets (2 cores, 24 GB), printed as PASS/FAIL at the largest size ≥ 1M that ran: peak RSS ≤ 4 GB in every

@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 
 from curation.acquisition.strategies import Entropy, Items, KCenterGreedy, SliceQuotas, TopThenDiverse
-from curation.steps import select_shards as SS
+from curation.steps import select as SS
 
 
 def test_sample_counts_follow_the_shard_sizes_and_the_seed():
@@ -108,7 +108,6 @@ def test_select_reduced_on_two_ray_workers(tmp_path, hh_sample, monkeypatch):
     candidates and the sample, not the pool."""
     pytest.importorskip("ray", reason="Ray is an optional extra: pip install -e '.[ray]'")
     import curation.steps.select as S
-    import curation.steps.select_shards as mod
     from curation.sharded import ShardingConfig, map_shards, session
 
     returned = []
@@ -118,7 +117,7 @@ def test_select_reduced_on_two_ray_workers(tmp_path, hh_sample, monkeypatch):
         returned.append((fn.__name__, results))
         return results
 
-    monkeypatch.setattr(mod, "map_shards", recording)
+    monkeypatch.setattr(S, "map_shards", recording)
     cfg, rnd = _scored_round(tmp_path / "proj", hh_sample)
     ray_cfg = ShardingConfig(backend="ray", address="local", num_shards=2)
     whole_pool_reads = []

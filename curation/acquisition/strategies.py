@@ -246,7 +246,7 @@ class Strategy:
 
     def candidates(self, items: Items, m: int, rng: np.random.Generator) -> np.ndarray:
         """Rows of `items` — one shard of a pool, reduced on its worker — to send to the driver, which runs this
-        strategy on the union of every shard's candidates (`curation.steps.select_shards`); `m` ≥ the picks the driver
+        strategy on the union of every shard's candidates (`curation.steps.select`, its "Ray" part); `m` ≥ the picks the driver
         will ask for. Default: the strategy's own m picks in the shard — exact for a score strategy (the pool's
         top k lie in the union of the shards' top k), and for k-center the composable core-set (k-center over
         the union of the parts' k-center picks stays a constant-factor approximation for any partition:
