@@ -90,3 +90,17 @@ def test_no_import_points_back_up():
         for path in (ROOT / folder).rglob("*.py"):
             bad = sorted(m for m in imports_of(path) if m.split(".")[0] in forbidden or m.startswith(forbidden))
             assert not bad, (path.relative_to(ROOT), bad)
+
+
+def test_every_public_name_list_names_what_the_module_has():
+    """`__all__` holds strings naming the module's attributes (so `from X import *` works)."""
+    import importlib
+
+    for path in sorted([*(ROOT / "curation").rglob("*.py"), *(ROOT / "preference").rglob("*.py"),
+                        *(ROOT / "training").rglob("*.py")]):
+        if "__all__" not in path.read_text():
+            continue
+        name = ".".join(path.relative_to(ROOT).with_suffix("").parts).removesuffix(".__init__")
+        module = importlib.import_module(name)
+        bad = [n for n in getattr(module, "__all__", []) if not isinstance(n, str) or not hasattr(module, n)]
+        assert not bad, (name, bad)
